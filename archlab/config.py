@@ -1,0 +1,345 @@
+"""ArchConfig: a validated, typed description of a SnapGen-family UNet, loaded from YAML.
+
+A config is plain data. `archlab.decompose` turns it into the list of blocks that everything else
+(builder, cost, latency, search) uses. Stage indices are 0-based: stage 0 is the highest resolution.
+
+YAML shape (every key optional except `stages`; see search_spaces/snapgen_ablation.yaml)::
+
+    name: my-unet
+    latent: {channels: 4, resolution: 32}
+    width_mult: 1.0            # proxy-scale copies: channels and head_dim are multiplied by it
+    time_embed_mult: 4         # time-embedding width = time_embed_mult * channels of stage 0
+    norm_groups: 32            # GroupNorm uses gcd(norm_groups, channels) groups
+    attention: {head_dim: 64, qk_norm: false, rope: false}
+    conditioning: {context_dim: 2048, context_len: 77, first_stage: 1, inject: add}
+    mid_depth: 4               # transformer blocks in the mid block (default: last stage's depth)
+    stage_defaults: {res_blocks: 2, conv: standard, expansion: 1, ffn_ratio: 4, ...}
+    stages:
+      - {channels: 256, transformer_depth: 0}
+      - {channels: 512, transformer_depth: 2, self_attention: false}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from archlab.errors import ArchlabError
+
+Number = Union[int, float]
+KVHeads = Union[int, Literal["mhsa", "mqa"]]
+
+
+@dataclass(frozen=True)
+class LatentConfig:
+    channels: int = 4
+    resolution: int = 32
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    head_dim: int = 64
+    qk_norm: bool = False  # RMSNorm on per-head q and k
+    rope: bool = False  # 2D rotary embedding (row, col) in self-attention
+
+
+@dataclass(frozen=True)
+class ConditioningConfig:
+    context_dim: int = 2048  # width of the text/class context tokens
+    context_len: int = 77  # number of context tokens
+    first_stage: int = 1  # 0-based: transformers of stages >= first_stage get cross-attention
+    # A conditioned stage with no transformer blocks of its own gets one CA+FFN block (no
+    # self-attention) per layer: `add` puts it after the residual block, `replace` puts it instead
+    # of the down-path residual block wherever channels do not change (SnapGen's "the first-stage
+    # residual block is turned into a transformer block with cross-attention + FFN").
+    inject: Literal["add", "replace"] = "add"
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    channels: int
+    transformer_depth: int = 0  # transformer blocks after each residual block
+    res_blocks: int = 2  # per down layer; the up path has res_blocks + 1 (SDXL layout)
+    self_attention: bool = True
+    conv: Literal["standard", "separable"] = "standard"  # separable = DW 3x3 + PW 1x1
+    expansion: Number = 1  # hidden channels of the residual block = expansion * channels
+    ffn_ratio: Number = 4
+    ffn_activation: Literal["gelu", "geglu"] = "geglu"
+    kv_heads: KVHeads = "mhsa"  # mhsa = one K/V head per query head, mqa = 1, an int = GQA
+
+
+STAGE_KEYS = tuple(f.name for f in fields(StageConfig))
+
+
+@dataclass(frozen=True)
+class ArchConfig:
+    stages: tuple[StageConfig, ...]
+    name: str = "unet"
+    latent: LatentConfig = field(default_factory=LatentConfig)
+    width_mult: Number = 1.0
+    time_embed_mult: int = 4
+    norm_groups: int = 32
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
+    mid_depth: int | None = None  # None: the last stage's transformer_depth
+
+    # ---- loading -------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "") -> "ArchConfig":
+        """Build and validate; raises ArchlabError naming the field (prefixed by `where`)."""
+        data = _require_mapping(data, where or "config")
+        data = dict(data)
+        defaults = _require_mapping(data.pop("stage_defaults", {}) or {}, _join(where, "stage_defaults"))
+        for key in defaults:
+            if key not in STAGE_KEYS or key == "channels":
+                raise ArchlabError(f"{_join(where, 'stage_defaults')}: unknown key {key!r} (allowed: {', '.join(k for k in STAGE_KEYS if k != 'channels')})")
+        stages = data.get("stages")
+        if not isinstance(stages, list) or not stages:
+            raise ArchlabError(f"{_join(where, 'stages')}: must be a non-empty list of stages, got {stages!r}")
+        data["stages"] = [{**defaults, **_require_mapping(s, _join(where, f"stages[{i}]"))} for i, s in enumerate(stages)]
+        cfg = _build(cls, data, where, "")
+        cfg.validate(where)
+        return cfg
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ArchConfig":
+        return cls.from_dict(read_yaml(path), where=str(path))
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["stages"] = list(out["stages"])
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def with_values(self, values: dict[str, Any], where: str = "") -> "ArchConfig":
+        """A copy with dotted-path values set (``stages.1.conv``, ``attention.rope``), validated."""
+        data = self.to_dict()
+        for path, value in values.items():
+            set_path(data, path, value, where)
+        return ArchConfig.from_dict(data, where)
+
+    # ---- derived, effective (width-scaled) values ---------------------------------------------
+    @property
+    def n_stages(self) -> int:
+        return len(self.stages)
+
+    def channels(self, i: int) -> int:
+        return _scaled(self.stages[i].channels, self.width_mult)
+
+    @property
+    def head_dim(self) -> int:
+        return _scaled(self.attention.head_dim, self.width_mult)
+
+    @property
+    def time_embed_dim(self) -> int:
+        return self.time_embed_mult * self.channels(0)
+
+    @property
+    def effective_mid_depth(self) -> int:
+        return self.stages[-1].transformer_depth if self.mid_depth is None else self.mid_depth
+
+    def heads(self, i: int) -> int:
+        return self.channels(i) // self.head_dim
+
+    def kv_heads(self, i: int) -> int:
+        kv = self.stages[i].kv_heads
+        return {"mhsa": self.heads(i), "mqa": 1}.get(kv, kv)  # type: ignore[arg-type]
+
+    def has_transformers(self, i: int) -> bool:
+        """True if stage i holds transformer blocks (its own, or injected conditioning blocks)."""
+        return self.stages[i].transformer_depth > 0 or i >= self.conditioning.first_stage
+
+    # ---- validation ------------------------------------------------------------------------
+    def validate(self, where: str = "") -> None:
+        def fail(path: str, msg: str) -> None:
+            raise ArchlabError(f"{_join(where, path)}: {msg}")
+
+        w = self.width_mult
+        if w <= 0:
+            fail("width_mult", f"must be > 0, got {w}")
+        for path, value in (("latent.channels", self.latent.channels), ("latent.resolution", self.latent.resolution),
+                            ("time_embed_mult", self.time_embed_mult), ("norm_groups", self.norm_groups),
+                            ("attention.head_dim", self.attention.head_dim),
+                            ("conditioning.context_dim", self.conditioning.context_dim),
+                            ("conditioning.context_len", self.conditioning.context_len)):
+            if value < 1:
+                fail(path, f"must be >= 1, got {value}")
+        if self.mid_depth is not None and self.mid_depth < 0:
+            fail("mid_depth", f"must be >= 0, got {self.mid_depth}")
+        if not 0 <= self.conditioning.first_stage < self.n_stages:
+            fail("conditioning.first_stage", f"must be a stage index in 0..{self.n_stages - 1}, got {self.conditioning.first_stage}")
+        down = 2 ** (self.n_stages - 1)
+        if self.latent.resolution % down:
+            fail("latent.resolution", f"{self.latent.resolution} is not divisible by {down} ({self.n_stages} stages halve it {self.n_stages - 1} times)")
+        if not _is_int(self.attention.head_dim * w):
+            fail("width_mult", f"{w} makes attention.head_dim {self.attention.head_dim} * {w} = {self.attention.head_dim * w}, not an integer")
+        if self.attention.rope and self.head_dim % 4:
+            fail("attention.rope", f"2D RoPE needs head_dim divisible by 4, got {self.head_dim}")
+        for i, s in enumerate(self.stages):
+            p = f"stages[{i}]"
+            if s.channels < 1:
+                fail(f"{p}.channels", f"must be >= 1, got {s.channels}")
+            if not _is_int(s.channels * w):
+                fail("width_mult", f"{w} makes {p}.channels {s.channels} * {w} = {s.channels * w}, not an integer")
+            for key in ("transformer_depth",):
+                if getattr(s, key) < 0:
+                    fail(f"{p}.{key}", f"must be >= 0, got {getattr(s, key)}")
+            if s.res_blocks < 1:
+                fail(f"{p}.res_blocks", f"must be >= 1, got {s.res_blocks}")
+            for key in ("expansion", "ffn_ratio"):
+                r = getattr(s, key)
+                if r <= 0:
+                    fail(f"{p}.{key}", f"must be > 0, got {r}")
+                if not _is_int(r * self.channels(i)):
+                    fail(f"{p}.{key}", f"{r} * {self.channels(i)} channels is not an integer")
+            uses_attention = self.has_transformers(i) or (i == self.n_stages - 1 and self.effective_mid_depth > 0)
+            if not uses_attention:
+                continue
+            c = self.channels(i)
+            if c % self.head_dim:
+                fail(f"{p}.channels", f"{c} is not divisible by attention.head_dim {self.head_dim}")
+            kv = s.kv_heads
+            if isinstance(kv, int) and (kv < 1 or self.heads(i) % kv):
+                fail(f"{p}.kv_heads", f"{kv} does not divide the {self.heads(i)} heads of stage {i} ({c} channels / head_dim {self.head_dim})")
+
+
+# ---- YAML and dotted paths ---------------------------------------------------------------------
+
+def read_yaml(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise ArchlabError(f"{path}: no such file")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ArchlabError(f"{path}: invalid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+
+
+def set_path(data: dict, path: str, value: Any, where: str = "") -> None:
+    """Set ``a.b.0.c`` in nested dicts/lists; ``*`` sets every element of a list
+    (``stages.*.conv``). Every step must already exist, so a typo is an error, not a new key."""
+    _set(data, path.split("."), 0, value, where, path)
+
+
+def _set(node: Any, parts: list[str], depth: int, value: Any, where: str, path: str) -> None:
+    part, here, last = parts[depth], ".".join(parts[: depth + 1]), depth == len(parts) - 1
+    if isinstance(node, list):
+        if part == "*":
+            keys: list[Any] = list(range(len(node)))
+        elif part.isdigit() and int(part) < len(node):
+            keys = [int(part)]
+        else:
+            raise ArchlabError(f"{_join(where, path)}: no list element {part!r} at {here!r} (the list has {len(node)} items)")
+    elif isinstance(node, dict):
+        if part not in node:
+            raise ArchlabError(f"{_join(where, path)}: unknown key {part!r} at {here!r}")
+        keys = [part]
+    else:
+        raise ArchlabError(f"{_join(where, path)}: {'.'.join(parts[:depth])!r} is not a mapping or list")
+    for key in keys:
+        if last:
+            node[key] = value
+        else:
+            _set(node[key], parts, depth + 1, value, where, path)
+
+
+# ---- generic typed construction ---------------------------------------------------------------
+
+def _build(cls: type, data: Any, where: str, prefix: str) -> Any:
+    data = _require_mapping(data, _join(where, prefix or cls.__name__))
+    hints = get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    for key in data:
+        if key not in known:
+            raise ArchlabError(f"{_join(where, _dot(prefix, str(key)))}: unknown key (allowed: {', '.join(known)})")
+    kwargs = {}
+    for name, f in known.items():
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ArchlabError(f"{_join(where, _dot(prefix, name))}: missing required key")
+            continue
+        kwargs[name] = _coerce(hints[name], data[name], where, _dot(prefix, name))
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, where: str, path: str) -> Any:
+    def bad(msg: str) -> ArchlabError:
+        return ArchlabError(f"{_join(where, path)}: {msg}")
+
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where, path)
+    if origin is tuple:  # tuple[StageConfig, ...]
+        if not isinstance(value, (list, tuple)):
+            raise bad(f"must be a list, got {value!r}")
+        return tuple(_coerce(get_args(tp)[0], v, where, f"{path}[{i}]") for i, v in enumerate(value))
+    if origin is Literal:
+        if isinstance(value, bool) or value not in get_args(tp):
+            raise bad(f"{value!r} is not one of {', '.join(map(str, get_args(tp)))}")
+        return value
+    if origin in (Union, types.UnionType):
+        options = get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        for opt in options:
+            if opt is not type(None):
+                try:
+                    return _coerce(opt, value, where, path)
+                except ArchlabError:
+                    pass
+        raise bad(f"{value!r} is not {' or '.join(_type_name(o) for o in options)}")
+    checks = {
+        bool: (lambda v: isinstance(v, bool), "true or false"),
+        int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+        float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v), "a number"),
+        str: (lambda v: isinstance(v, str), "a string"),
+    }
+    ok, name = checks[tp]
+    if not ok(value):
+        raise bad(f"must be {name}, got {value!r}")
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return " or ".join(repr(a) for a in get_args(tp))
+    return {int: "an integer", float: "a number", type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _require_mapping(value: Any, path: str) -> dict:
+    if not isinstance(value, dict):
+        raise ArchlabError(f"{path}: must be a mapping, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _join(where: str, path: str) -> str:
+    return f"{where}: {path}" if where else path
+
+
+def _dot(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _is_int(x: float) -> bool:
+    return abs(x - round(x)) < 1e-9
+
+
+def _scaled(value: int, mult: float) -> int:
+    return int(round(value * mult))
+
+
+def with_width(cfg: ArchConfig, width_mult: float) -> ArchConfig:
+    """The same design at another width (proxy scale); validated."""
+    out = replace(cfg, width_mult=width_mult)
+    out.validate(f"{cfg.name} at width {width_mult}")
+    return out

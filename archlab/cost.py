@@ -1,0 +1,143 @@
+"""Cost accounting: exact params and fvcore MACs per block, cached by block signature, summed.
+
+Convention: fvcore counts one multiply-add as one flop, so its totals are MACs; we report
+FLOPs = 2 x MACs beside them. fvcore also charges normalisation layers (~5 per element) and
+nearest upsampling (1 per output element); we add handles for scaled_dot_product_attention
+(q.k^T and attn.v: 2 * B * heads * N * M * d) and rms_norm (as fvcore's layer_norm). Pure
+elementwise ops (add, mul, activations, softmax inside SDPA, ...) are not MACs and are not
+counted; any other op fvcore cannot count is an error, never a silent zero.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from fvcore.nn import FlopCountAnalysis
+from fvcore.nn.jit_handles import get_shape, norm_flop_counter
+
+from tqdm import tqdm
+
+from archlab.config import ArchConfig
+from archlab.decompose import BlockSpec, decompose
+from archlab.ladder import Ladder
+
+CONVENTION = "MACs by fvcore (1 multiply-add = 1 MAC, plus fvcore's norm/upsample estimates); FLOPs = 2 x MACs"
+
+# Ops that are not multiply-adds: not counted by the MAC convention.
+ELEMENTWISE_OPS = frozenset(
+    f"aten::{op}" for op in (
+        "add", "add_", "sub", "mul", "mul_", "div", "neg", "rsub", "silu", "gelu", "sigmoid", "exp", "cos", "sin",
+        "pow", "sqrt", "rsqrt", "mean", "sum", "softmax", "pad", "constant_pad_nd", "fill_", "zeros_like",
+        "ones_like", "rand", "randn", "arange", "repeat_interleave", "repeat", "expand", "stack", "cat", "chunk",
+        "split", "view", "reshape", "flatten", "transpose", "permute", "contiguous", "unsqueeze", "squeeze",
+        "to", "type_as", "index", "slice", "select", "clone", "floor_divide", "reciprocal",
+    )
+)
+
+
+def _sdpa_macs(inputs, outputs) -> int:
+    q, k, v = (get_shape(inputs[i]) for i in range(3))
+    *batch, n, d = q
+    m, dv = k[-2], v[-1]
+    b = 1
+    for x in batch:
+        b *= x
+    return b * n * m * (d + dv)
+
+
+@dataclass(frozen=True)
+class BlockCost:
+    params: int
+    macs: int
+
+    @property
+    def flops(self) -> int:
+        return 2 * self.macs
+
+
+@dataclass(frozen=True)
+class NetworkCost:
+    name: str
+    blocks: tuple[tuple[BlockSpec, BlockCost], ...]
+
+    @property
+    def params(self) -> int:
+        return sum(c.params for _, c in self.blocks)
+
+    @property
+    def macs(self) -> int:
+        return sum(c.macs for _, c in self.blocks)
+
+    @property
+    def flops(self) -> int:
+        return 2 * self.macs
+
+
+def count_macs(module: torch.nn.Module, inputs: tuple) -> int:
+    """fvcore MACs of one forward call, with the lab's handles; unknown ops raise."""
+    logging.getLogger("fvcore.nn.jit_analysis").setLevel(logging.ERROR)
+    analysis = FlopCountAnalysis(module, inputs)
+    analysis.set_op_handle("aten::scaled_dot_product_attention", _sdpa_macs)
+    analysis.set_op_handle("aten::rms_norm", norm_flop_counter(2))
+    analysis.unsupported_ops_warnings(False)
+    analysis.uncalled_modules_warnings(False)
+    total = analysis.total()
+    unknown = sorted(set(analysis.unsupported_ops()) - ELEMENTWISE_OPS)
+    if unknown:
+        raise RuntimeError(f"fvcore cannot count {', '.join(unknown)}: add a handle in archlab/cost.py or list it as elementwise")
+    return int(total)
+
+
+@lru_cache(maxsize=None)
+def _cost_of_signature(spec: BlockSpec) -> BlockCost:
+    module, inputs = spec.runnable(batch=1)
+    params = sum(p.numel() for p in module.parameters())
+    with torch.no_grad():
+        macs = count_macs(module.eval(), inputs)
+    return BlockCost(params, macs)
+
+
+def block_cost(spec: BlockSpec) -> BlockCost:
+    """Params and MACs of one block at batch 1 (cached: BlockSpec equality is its signature)."""
+    return _cost_of_signature(spec)
+
+
+def network_cost(cfg: ArchConfig) -> NetworkCost:
+    return NetworkCost(cfg.name, tuple((s, block_cost(s)) for s in decompose(cfg)))
+
+
+# ---- ladder tables ------------------------------------------------------------------------------
+
+UNCHANGED = 0.005  # a relative change below 0.5% counts as "unchanged" when comparing directions
+
+
+def direction(before: float, after: float) -> int:
+    """-1, 0 or +1: the sign of a change, with changes under UNCHANGED (relative) counted as 0."""
+    rel = (after - before) / before if before else after
+    return 0 if abs(rel) < UNCHANGED else (1 if rel > 0 else -1)
+
+
+def ladder_cost(ladder: Ladder, progress: bool = False) -> list[dict]:
+    """One dict per row: our params/MACs/FLOPs and changes, the paper's numbers and changes, and
+    whether each direction agrees with the paper's (None where the paper gives no number)."""
+    rows: list[dict] = []
+    prev: dict | None = None
+    for r in tqdm(ladder.rows, desc="costing", unit="row", disable=not progress, leave=False):
+        c = network_cost(r.config)
+        row = {"index": r.index, "name": r.name, "change": r.change, "params": c.params, "macs": c.macs,
+               "flops": c.flops, "paper": dict(r.paper), "why_differs": dict(r.why_differs)}
+        if prev is not None:
+            row["delta"] = {"params": c.params - prev["params"], "macs": c.macs - prev["macs"]}
+            row["agree"] = {}
+            for ours, theirs in (("params", "params_m"), ("macs", "flops_g")):
+                if theirs in r.paper and theirs in prev["paper"]:
+                    row["agree"][ours] = (direction(prev[ours], row[ours])
+                                          == direction(prev["paper"][theirs], r.paper[theirs]))
+                else:
+                    row["agree"][ours] = None
+        rows.append(row)
+        prev = row
+    return rows

@@ -1,0 +1,149 @@
+"""Search spaces: a fixed base ArchConfig plus the block-level choices a search may make.
+
+A sampled point is a dict {dotted path: value}; `space.config(point)` turns it into an ArchConfig
+(the same path the Optuna binding uses). Space YAML::
+
+    name: snapgen-unet
+    base: {...}                                   # a full ArchConfig: the fixed parts
+    params:
+      stages.1.self_attention: [true, false]      # a list: categorical choices
+      stages.1.transformer_depth: {low: 1, high: 3}   # an integer range (step 1 unless `step`)
+      stages.*.ffn_ratio: [2, 3, 4]               # `*`: one value shared by every stage
+
+Each path must exist in the base config, and every single choice must give a valid config.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from archlab.config import ArchConfig, read_yaml
+from archlab.decompose import BlockSpec, decompose
+from archlab.errors import ArchlabError
+
+SPACE_KEYS = ("name", "description", "base", "params")
+MAX_ENUMERATION = 2_000_000  # configs decomposed by block_signatures(); beyond this, refuse
+
+
+@dataclass(frozen=True)
+class Param:
+    path: str
+    choices: tuple[Any, ...]
+    int_range: tuple[int, int, int] | None = None  # (low, high, step) when given as a range
+
+    @property
+    def stage(self) -> int | None:
+        """The stage a `stages.N.*` parameter belongs to; None for network-wide parameters."""
+        parts = self.path.split(".")
+        return int(parts[1]) if parts[0] == "stages" and parts[1].isdigit() else None
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    name: str
+    base: ArchConfig
+    params: tuple[Param, ...]
+    description: str = ""
+    path: str = ""
+
+    @property
+    def size(self) -> int:
+        return math.prod(len(p.choices) for p in self.params)
+
+    def config(self, point: dict[str, Any], name: str | None = None) -> ArchConfig:
+        """The ArchConfig of a point; raises ArchlabError if the combination is invalid."""
+        unknown = set(point) - {p.path for p in self.params}
+        if unknown:
+            raise ArchlabError(f"{self.path or self.name}: {sorted(unknown)[0]}: not a parameter of this space")
+        values = {"name": name or self.base.name, **point}
+        return self.base.with_values(values, where=f"{self.path or self.name}: point {point}")
+
+    def sample_point(self, rng: random.Random) -> dict[str, Any]:
+        return {p.path: rng.choice(p.choices) for p in self.params}
+
+    def sample(self, n: int, seed: int = 0) -> list[tuple[dict[str, Any], ArchConfig]]:
+        """n random points (uniform over each parameter's choices) and their configs, seeded."""
+        rng = random.Random(seed)
+        out = []
+        for k in range(n):
+            point = self.sample_point(rng)
+            out.append((point, self.config(point, name=f"{self.name}-s{seed}-{k}")))
+        return out
+
+    def block_signatures(self) -> list[BlockSpec]:
+        """Every distinct block (by signature) that any point of the space can produce, sorted by key.
+
+        Exact without enumerating the whole product: a block of stage i depends only on stage i's
+        parameters, network-wide parameters, and the channels of stages i-1 and i+1, so it is
+        enough to enumerate those combinations for each stage, holding the others at their first
+        choice. Network-level blocks (time embedding, stem, head) are collected from every run.
+        """
+        first = {p.path: p.choices[0] for p in self.params}
+        shared = [p for p in self.params if p.stage is None]
+        found: dict[tuple, BlockSpec] = {}
+        for i in range(self.base.n_stages):
+            local = [p for p in self.params if p.stage == i
+                     or (p.stage in (i - 1, i + 1) and p.path.endswith(".channels"))]
+            group = shared + local
+            count = math.prod(len(p.choices) for p in group)
+            if count > MAX_ENUMERATION:
+                raise ArchlabError(f"{self.path or self.name}: stage {i} has {count:,} combinations of "
+                                   f"{len(group)} parameters to enumerate (limit {MAX_ENUMERATION:,})")
+            for values in itertools.product(*(p.choices for p in group)):
+                cfg = self.config({**first, **dict(zip((p.path for p in group), values))})
+                for spec in decompose(cfg):
+                    if spec.stage in (i, -1):
+                        found.setdefault(spec.signature, spec)
+        return sorted(found.values(), key=lambda s: s.key)
+
+
+def load_space(path: str | Path) -> SearchSpace:
+    where = str(path)
+    data = read_yaml(path)
+    if not isinstance(data, dict):
+        raise ArchlabError(f"{where}: a search space must be a mapping with `base` and `params`")
+    for key in data:
+        if key not in SPACE_KEYS:
+            raise ArchlabError(f"{where}: {key}: unknown key (allowed: {', '.join(SPACE_KEYS)})")
+    for key in ("base", "params"):
+        if key not in data:
+            raise ArchlabError(f"{where}: {key}: missing required key")
+    base = ArchConfig.from_dict(data["base"], f"{where}: base")
+    raw = data["params"]
+    if not isinstance(raw, dict) or not raw:
+        raise ArchlabError(f"{where}: params: must be a non-empty mapping of dotted path to choices")
+    params = tuple(_param(path, spec, f"{where}: params.{path}") for path, spec in raw.items())
+    space = SearchSpace(str(data.get("name", Path(path).stem)), base, params,
+                        str(data.get("description", "")).strip(), where)
+    for p in params:  # every path exists and every single choice is valid on the base
+        for choice in p.choices:
+            base.with_values({p.path: choice}, where=f"{where}: params.{p.path} = {choice!r}")
+    return space
+
+
+def _param(path: Any, spec: Any, at: str) -> Param:
+    if not isinstance(path, str) or not path:
+        raise ArchlabError(f"{at}: a parameter path must be a dotted string")
+    if isinstance(spec, list):
+        if not spec:
+            raise ArchlabError(f"{at}: needs at least one choice")
+        if len({repr(c) for c in spec}) != len(spec):
+            raise ArchlabError(f"{at}: repeated choice in {spec!r}")
+        return Param(path, tuple(spec))
+    if isinstance(spec, dict) and {"low", "high"} <= set(spec) <= {"low", "high", "step"}:
+        low, high, step = spec["low"], spec["high"], spec.get("step", 1)
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (low, high, step)) or step < 1 or high < low:
+            raise ArchlabError(f"{at}: a range needs integers low <= high and step >= 1, got {spec!r}")
+        return Param(path, tuple(range(low, high + 1, step)), (low, high, step))
+    raise ArchlabError(f"{at}: must be a list of choices or {{low, high[, step]}}, got {spec!r}")
+
+
+def iter_points(space: SearchSpace) -> Iterator[dict[str, Any]]:
+    """Every point of a (small) space, in order. For tests and exhaustive sweeps."""
+    for values in itertools.product(*(p.choices for p in space.params)):
+        yield dict(zip((p.path for p in space.params), values))
