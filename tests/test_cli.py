@@ -1,0 +1,86 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from archlab.cli import main
+from conftest import LADDER, SPACE, tiny_dict
+
+PAPER_ROWS = ["baseline", "no-highres-sa", "separable-conv", "expansion-2", "ffn-3", "mqa",
+              "early-conditioning", "qknorm-rope"]
+
+
+def test_cost_ladder_json_rows_in_paper_order(capsys):
+    assert main(["cost", str(LADDER), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in out["rows"]] == PAPER_ROWS
+    for r in out["rows"]:
+        assert r["params"] > 0 and r["macs"] > 0 and r["flops"] == 2 * r["macs"] and r["paper"]["params_m"]
+
+
+def test_cost_text_shows_paper_and_explains_disagreements(capsys):
+    assert main(["cost", str(LADDER)]) == 0
+    out = capsys.readouterr().out
+    assert "paper params M" in out and "DIFF" in out and "unexplained" not in out
+    assert "row 6 early-conditioning, macs:" in out
+
+
+def test_cost_single_config_with_blocks(tmp_path, capsys):
+    import yaml
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_dict()))
+    assert main(["cost", str(path), "--json", "--blocks"]) == 0
+    row = json.loads(capsys.readouterr().out)["rows"][0]
+    assert row["name"] == "tiny" and sum(b["params"] for b in row["blocks"]) == row["params"]
+    assert sum(b["macs"] for b in row["blocks"]) == row["macs"]
+
+
+def test_show_round_trips_a_ladder_row(tmp_path, capsys):
+    assert main(["show", str(LADDER), "--row", "mqa"]) == 0
+    path = tmp_path / "mqa.yaml"
+    path.write_text(capsys.readouterr().out)
+    assert main(["cost", str(path), "--json"]) == 0
+    from_file = json.loads(capsys.readouterr().out)["rows"][0]
+    assert main(["cost", str(LADDER), "--row", "5", "--json"]) == 0
+    from_ladder = json.loads(capsys.readouterr().out)["rows"][0]
+    assert from_file["name"] == from_ladder["name"] == "mqa"
+    assert (from_file["params"], from_file["macs"]) == (from_ladder["params"], from_ladder["macs"])
+
+
+def test_space_summary_and_samples(capsys):
+    assert main(["space", str(SPACE), "--sample", "2", "--seed", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["size"] > 1e6 and len(out["samples"]) == 2
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "archlab.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.mark.parametrize("content, expect", [
+    ("stages: [{channels: 64}, {channels: 64, transformer_depth: 1, kv_heads: 3}]", "stages[1].kv_heads: 3"),
+    ("stages: [{channels: 64, ffn_ratio: -1}, {channels: 64}]", "stages[0].ffn_ratio: must be > 0, got -1"),
+    ("stages: [{channels: 64}]", "conditioning.first_stage: must be a stage index in 0..0, got 1"),
+    ("stages: [{channels: 64}]\nfoo: 1", "foo: unknown key"),
+    ("stages: [{channels: 64, conv: [1]}]", "stages[0].conv"),
+    ("stages: [{channels: 64\n", "invalid YAML"),
+])
+def test_bad_input_one_line_exit_2(tmp_path, content, expect):
+    path = tmp_path / "bad.yaml"
+    path.write_text(content)
+    r = _cli("cost", str(path))
+    assert r.returncode == 2, r.stderr
+    assert expect in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert r.stdout == ""
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["cost", "missing.yaml"], "missing.yaml: no such file"),
+    (["cost", str(LADDER), "--row", "nope"], "--row: 'nope'"),
+    (["cost", str(LADDER), "--colour"], "unrecognized arguments: --colour"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_flags_one_line_exit_2(args, expect):
+    r = _cli(*args)
+    assert r.returncode == 2 and expect in r.stderr and len(r.stderr.strip().splitlines()) == 1

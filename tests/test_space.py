@@ -1,0 +1,54 @@
+import pytest
+
+from archlab.decompose import decompose
+from archlab.errors import ArchlabError
+from archlab.space import load_space
+from conftest import SPACE
+
+
+@pytest.fixture(scope="module")
+def space():
+    return load_space(SPACE)
+
+
+def test_sampling_is_seeded(space):
+    a = [p for p, _ in space.sample(5, seed=3)]
+    b = [p for p, _ in space.sample(5, seed=3)]
+    c = [p for p, _ in space.sample(5, seed=4)]
+    assert a == b and a != c
+    assert all(set(p) == {q.path for q in space.params} for p in a)
+
+
+def test_sampled_configs_carry_the_point(space):
+    point, cfg = space.sample(1, seed=11)[0]
+    assert cfg.stages[1].kv_heads == point["stages.1.kv_heads"]
+    assert cfg.stages[2].transformer_depth == point["stages.2.transformer_depth"]
+    assert cfg.conditioning.first_stage == point["conditioning.first_stage"]
+
+
+def test_block_signatures_cover_every_sampled_block(space):
+    sigs = {s.signature for s in space.block_signatures()}
+    for _, cfg in space.sample(150, seed=5):
+        for block in decompose(cfg):
+            assert block.signature in sigs, block.key
+
+
+def test_int_range_param(space):
+    p = {q.path: q for q in space.params}["stages.2.transformer_depth"]
+    assert p.choices == (2, 4, 6) and p.int_range == (2, 6, 2)
+
+
+@pytest.mark.parametrize("params, message", [
+    ("{stages.9.conv: [standard]}", "stages.9.conv"),
+    ("{stages.1.kv_heads: [3]}", "kv_heads"),
+    ("{stages.1.conv: []}", "at least one choice"),
+    ("{stages.1.transformer_depth: {low: 3, high: 1}}", "low <= high"),
+    ("{stages.1.conv: separable}", "list of choices"),
+])
+def test_malformed_space_is_a_one_line_error(tmp_path, params, message):
+    base = SPACE.read_text().split("params:")[0]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(base + f"params: {params}\n")
+    with pytest.raises(ArchlabError) as err:
+        load_space(bad)
+    assert message in str(err.value) and "\n" not in str(err.value) and str(bad) in str(err.value)
