@@ -169,6 +169,8 @@ class TransformerBlock(nn.Module):
         if self.attn1 is not None:
             x = x + self.attn1(self.norm1(x), hw=hw)
         if self.attn2 is not None:
+            if context is None:
+                raise ValueError("this block has cross-attention: pass the context tokens (B, L, context_dim)")
             x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 

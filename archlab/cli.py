@@ -58,19 +58,19 @@ def _build_parser() -> argparse.ArgumentParser:
 # ---- cost ---------------------------------------------------------------------------------------
 
 def cmd_cost(args: argparse.Namespace) -> int:
-    from archlab.cost import CONVENTION, block_cost, ladder_cost
-    from archlab.decompose import decompose
+    from dataclasses import replace
+
+    from archlab.cost import CONVENTION, ladder_cost, network_cost
     from archlab.ladder import load_ladder
 
     ladder = load_ladder(args.target)
     if args.row is not None:
-        ladder = type(ladder)(ladder.name, (ladder.row(args.row),), ladder.source, ladder.setting, ladder.path)
+        ladder = replace(ladder, rows=(ladder.row(args.row),))
     rows = ladder_cost(ladder, progress=not args.json and sys.stderr.isatty())
     if args.blocks:
-        by_name = {r.name: r for r in ladder.rows}
-        for row in rows:
-            row["blocks"] = [{"name": s.name, "kind": s.kind, "key": s.key, "params": (bc := block_cost(s)).params,
-                              "macs": bc.macs} for s in decompose(by_name[row["name"]].config)]
+        for row, lrow in zip(rows, ladder.rows):
+            row["blocks"] = [{"name": s.name, "kind": s.kind, "key": s.key, "params": c.params, "macs": c.macs}
+                             for s, c in network_cost(lrow.config).blocks]
     if args.json:
         print(json.dumps({"target": args.target, "ladder": ladder.name, "convention": CONVENTION,
                           "source": ladder.source, "rows": rows}, indent=2))

@@ -95,7 +95,12 @@ class ArchConfig:
         """Build and validate; raises ArchlabError naming the field (prefixed by `where`)."""
         data = _require_mapping(data, where or "config")
         data = dict(data)
-        defaults = _require_mapping(data.pop("stage_defaults", {}) or {}, _join(where, "stage_defaults"))
+        allowed = [f.name for f in fields(cls)] + ["stage_defaults"]
+        for key in data:
+            if key not in allowed:
+                raise ArchlabError(f"{_join(where, str(key))}: unknown key (allowed: {', '.join(allowed)})")
+        defaults = data.pop("stage_defaults", None)
+        defaults = {} if defaults is None else _require_mapping(defaults, _join(where, "stage_defaults"))
         for key in defaults:
             if key not in STAGE_KEYS or key == "channels":
                 raise ArchlabError(f"{_join(where, 'stage_defaults')}: unknown key {key!r} (allowed: {', '.join(k for k in STAGE_KEYS if k != 'channels')})")
@@ -153,9 +158,20 @@ class ArchConfig:
         kv = self.stages[i].kv_heads
         return {"mhsa": self.heads(i), "mqa": 1}.get(kv, kv)  # type: ignore[arg-type]
 
-    def has_transformers(self, i: int) -> bool:
-        """True if stage i holds transformer blocks (its own, or injected conditioning blocks)."""
-        return self.stages[i].transformer_depth > 0 or i >= self.conditioning.first_stage
+    def layer_transformers(self, i: int) -> tuple[int, bool]:
+        """(depth, self_attention) of the transformer blocks after each residual block of stage i.
+
+        A stage's own blocks, or, for a conditioned stage without any, one CA+FFN block without
+        self-attention (early conditioning); (0, False) for none.
+        """
+        s = self.stages[i]
+        if s.transformer_depth > 0:
+            return s.transformer_depth, s.self_attention
+        return (1, False) if i >= self.conditioning.first_stage else (0, False)
+
+    def uses_attention(self, i: int) -> bool:
+        """True if stage i has any transformer block (its layers', or the mid block's)."""
+        return self.layer_transformers(i)[0] > 0 or (i == self.n_stages - 1 and self.effective_mid_depth > 0)
 
     # ---- validation ------------------------------------------------------------------------
     def validate(self, where: str = "") -> None:
@@ -179,46 +195,52 @@ class ArchConfig:
         down = 2 ** (self.n_stages - 1)
         if self.latent.resolution % down:
             fail("latent.resolution", f"{self.latent.resolution} is not divisible by {down} ({self.n_stages} stages halve it {self.n_stages - 1} times)")
-        if not _is_int(self.attention.head_dim * w):
-            fail("width_mult", f"{w} makes attention.head_dim {self.attention.head_dim} * {w} = {self.attention.head_dim * w}, not an integer")
+        if not _is_int(self.attention.head_dim * w) or self.head_dim < 1:
+            fail("width_mult", f"{w} makes attention.head_dim {self.attention.head_dim} * {w} = {self.attention.head_dim * w}, not a positive integer")
         if self.attention.rope and self.head_dim % 4:
             fail("attention.rope", f"2D RoPE needs head_dim divisible by 4, got {self.head_dim}")
         for i, s in enumerate(self.stages):
             p = f"stages[{i}]"
             if s.channels < 1:
                 fail(f"{p}.channels", f"must be >= 1, got {s.channels}")
-            if not _is_int(s.channels * w):
-                fail("width_mult", f"{w} makes {p}.channels {s.channels} * {w} = {s.channels * w}, not an integer")
-            for key in ("transformer_depth",):
-                if getattr(s, key) < 0:
-                    fail(f"{p}.{key}", f"must be >= 0, got {getattr(s, key)}")
+            if not _is_int(s.channels * w) or self.channels(i) < 1:
+                fail("width_mult", f"{w} makes {p}.channels {s.channels} * {w} = {s.channels * w}, not a positive integer")
+            if s.transformer_depth < 0:
+                fail(f"{p}.transformer_depth", f"must be >= 0, got {s.transformer_depth}")
             if s.res_blocks < 1:
                 fail(f"{p}.res_blocks", f"must be >= 1, got {s.res_blocks}")
-            for key in ("expansion", "ffn_ratio"):
+            if isinstance(s.kv_heads, int) and s.kv_heads < 1:
+                fail(f"{p}.kv_heads", f"must be mhsa, mqa or an integer >= 1, got {s.kv_heads}")
+            attention = self.uses_attention(i)
+            for key in ("expansion", "ffn_ratio") if attention else ("expansion",):
                 r = getattr(s, key)
                 if r <= 0:
                     fail(f"{p}.{key}", f"must be > 0, got {r}")
                 if not _is_int(r * self.channels(i)):
                     fail(f"{p}.{key}", f"{r} * {self.channels(i)} channels is not an integer")
-            uses_attention = self.has_transformers(i) or (i == self.n_stages - 1 and self.effective_mid_depth > 0)
-            if not uses_attention:
+            if not attention:
                 continue
             c = self.channels(i)
             if c % self.head_dim:
                 fail(f"{p}.channels", f"{c} is not divisible by attention.head_dim {self.head_dim}")
-            kv = s.kv_heads
-            if isinstance(kv, int) and (kv < 1 or self.heads(i) % kv):
-                fail(f"{p}.kv_heads", f"{kv} does not divide the {self.heads(i)} heads of stage {i} ({c} channels / head_dim {self.head_dim})")
+            if self.heads(i) % self.kv_heads(i):
+                fail(f"{p}.kv_heads", f"{s.kv_heads} does not divide the {self.heads(i)} heads of stage {i} ({c} channels / head_dim {self.head_dim})")
 
 
 # ---- YAML and dotted paths ---------------------------------------------------------------------
 
 def read_yaml(path: str | Path) -> Any:
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ArchlabError(f"{path}: no such file")
+    if not path.is_file():
+        raise ArchlabError(f"{path}: not a file")
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ArchlabError(f"{path}: not a UTF-8 text file") from None
+    except OSError as e:
+        raise ArchlabError(f"{path}: cannot read: {e.strerror}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -228,6 +250,8 @@ def read_yaml(path: str | Path) -> Any:
 def set_path(data: dict, path: str, value: Any, where: str = "") -> None:
     """Set ``a.b.0.c`` in nested dicts/lists; ``*`` sets every element of a list
     (``stages.*.conv``). Every step must already exist, so a typo is an error, not a new key."""
+    if not isinstance(path, str) or not path:
+        raise ArchlabError(f"{_join(where, repr(path))}: a path must be a dotted string like stages.1.conv")
     _set(data, path.split("."), 0, value, where, path)
 
 

@@ -92,17 +92,13 @@ def count_macs(module: torch.nn.Module, inputs: tuple) -> int:
 
 
 @lru_cache(maxsize=None)
-def _cost_of_signature(spec: BlockSpec) -> BlockCost:
+def block_cost(spec: BlockSpec) -> BlockCost:
+    """Params and MACs of one block at batch 1 (cached: BlockSpec equality is its signature)."""
     module, inputs = spec.runnable(batch=1)
     params = sum(p.numel() for p in module.parameters())
     with torch.no_grad():
         macs = count_macs(module.eval(), inputs)
     return BlockCost(params, macs)
-
-
-def block_cost(spec: BlockSpec) -> BlockCost:
-    """Params and MACs of one block at batch 1 (cached: BlockSpec equality is its signature)."""
-    return _cost_of_signature(spec)
 
 
 def network_cost(cfg: ArchConfig) -> NetworkCost:

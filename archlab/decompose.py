@@ -26,9 +26,6 @@ from torch import nn
 from archlab import blocks as B
 from archlab.config import ArchConfig
 
-KINDS = ("time_embed", "conv_in", "res", "attn_in", "transformer", "attn_out", "down", "up", "conv_out")
-
-
 @dataclass(frozen=True)
 class BlockSpec:
     kind: str
@@ -140,11 +137,9 @@ def decompose(cfg: ArchConfig) -> list[BlockSpec]:
         add("attn_out", hw, f"{name}.attn_out", i, dim=c)
 
     def layer_transformers(i: int, hw, name: str) -> None:
-        s = cfg.stages[i]
-        if s.transformer_depth > 0:
-            transformers(i, hw, name, s.transformer_depth, s.self_attention)
-        elif i >= cond.first_stage:  # conditioning injected into a stage without transformers
-            transformers(i, hw, name, 1, False)
+        depth, self_attention = cfg.layer_transformers(i)
+        if depth:
+            transformers(i, hw, name, depth, self_attention)
 
     def res(i: int, hw, name: str, cin: int, skip=None) -> int:
         s = cfg.stages[i]
@@ -194,11 +189,3 @@ def decompose(cfg: ArchConfig) -> list[BlockSpec]:
 
 def _with_skip(spec: BlockSpec, skip: str) -> BlockSpec:
     return BlockSpec(spec.kind, spec.hp, spec.hw, spec.name, spec.stage, skip)  # type: ignore[arg-type]
-
-
-def unique_blocks(specs: list[BlockSpec]) -> dict[tuple, BlockSpec]:
-    """First spec of each signature, in network order."""
-    seen: dict[tuple, BlockSpec] = {}
-    for s in specs:
-        seen.setdefault(s.signature, s)
-    return seen

@@ -52,10 +52,6 @@ class Ladder:
     setting: str = ""
     path: str = ""
 
-    @property
-    def is_single_config(self) -> bool:
-        return len(self.rows) == 1 and not self.rows[0].paper and not self.source
-
     def row(self, name_or_index: str | int) -> LadderRow:
         """A row by name or 0-based index (also accepts the string form of an index)."""
         for r in self.rows:
@@ -69,11 +65,11 @@ def load_ladder(path: str | Path) -> Ladder:
     """Load a ladder file, or a single ArchConfig file as a one-row ladder."""
     where = str(path)
     data = read_yaml(path)
-    if isinstance(data, dict) and "rows" not in data and "stages" in data:
+    if not isinstance(data, dict):
+        raise ArchlabError(f"{where}: must be a mapping (an ArchConfig, or a ladder with `base` and `rows`), got {type(data).__name__}")
+    if "rows" not in data:  # a single config; from_dict names any unknown key
         cfg = ArchConfig.from_dict(data, where)
         return Ladder(cfg.name, (LadderRow(0, cfg.name, cfg),), path=where)
-    if not isinstance(data, dict) or "rows" not in data:
-        raise ArchlabError(f"{where}: neither an ArchConfig (needs `stages`) nor a ladder (needs `rows` and `base`)")
     for key in data:
         if key not in LADDER_KEYS:
             raise ArchlabError(f"{where}: {key}: unknown key (allowed: {', '.join(LADDER_KEYS)})")
@@ -97,7 +93,8 @@ def load_ladder(path: str | Path) -> Ladder:
             raise ArchlabError(f"{at}.name: must be a non-empty string, got {name!r}")
         if any(r.name == name for r in rows):
             raise ArchlabError(f"{at}.name: {name!r} is used by an earlier row")
-        changes = raw.get("set") or {}
+        changes = raw.get("set")
+        changes = {} if changes is None else changes
         if not isinstance(changes, dict):
             raise ArchlabError(f"{at}.set: must be a mapping of dotted paths to values, got {changes!r}")
         current = current.with_values({"name": name, **changes}, f"{at}.set")

@@ -20,7 +20,7 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from archlab.config import ArchConfig, read_yaml
 from archlab.decompose import BlockSpec, decompose
@@ -40,7 +40,7 @@ class Param:
     def stage(self) -> int | None:
         """The stage a `stages.N.*` parameter belongs to; None for network-wide parameters."""
         parts = self.path.split(".")
-        return int(parts[1]) if parts[0] == "stages" and parts[1].isdigit() else None
+        return int(parts[1]) if len(parts) > 2 and parts[0] == "stages" and parts[1].isdigit() else None
 
 
 @dataclass(frozen=True)
@@ -79,16 +79,17 @@ class SearchSpace:
         """Every distinct block (by signature) that any point of the space can produce, sorted by key.
 
         Exact without enumerating the whole product: a block of stage i depends only on stage i's
-        parameters, network-wide parameters, and the channels of stages i-1 and i+1, so it is
-        enough to enumerate those combinations for each stage, holding the others at their first
-        choice. Network-level blocks (time embedding, stem, head) are collected from every run.
+        parameters, network-wide parameters, the channels of stages i-1 and i+1, and the channels
+        of stage 0 (they set the time-embedding width of every residual block), so it is enough to
+        enumerate those combinations for each stage, holding the others at their first choice.
+        Network-level blocks (time embedding, stem, head) are collected from every run.
         """
         first = {p.path: p.choices[0] for p in self.params}
         shared = [p for p in self.params if p.stage is None]
         found: dict[tuple, BlockSpec] = {}
         for i in range(self.base.n_stages):
             local = [p for p in self.params if p.stage == i
-                     or (p.stage in (i - 1, i + 1) and p.path.endswith(".channels"))]
+                     or (p.stage in (0, i - 1, i + 1) and p.path.endswith(".channels"))]
             group = shared + local
             count = math.prod(len(p.choices) for p in group)
             if count > MAX_ENUMERATION:
@@ -141,9 +142,3 @@ def _param(path: Any, spec: Any, at: str) -> Param:
             raise ArchlabError(f"{at}: a range needs integers low <= high and step >= 1, got {spec!r}")
         return Param(path, tuple(range(low, high + 1, step)), (low, high, step))
     raise ArchlabError(f"{at}: must be a list of choices or {{low, high[, step]}}, got {spec!r}")
-
-
-def iter_points(space: SearchSpace) -> Iterator[dict[str, Any]]:
-    """Every point of a (small) space, in order. For tests and exhaustive sweeps."""
-    for values in itertools.product(*(p.choices for p in space.params)):
-        yield dict(zip((p.path for p in space.params), values))

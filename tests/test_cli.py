@@ -60,7 +60,7 @@ def _cli(*args, cwd=None):
 
 @pytest.mark.parametrize("content, expect", [
     ("stages: [{channels: 64}, {channels: 64, transformer_depth: 1, kv_heads: 3}]", "stages[1].kv_heads: 3"),
-    ("stages: [{channels: 64, ffn_ratio: -1}, {channels: 64}]", "stages[0].ffn_ratio: must be > 0, got -1"),
+    ("stages: [{channels: 64}, {channels: 64, ffn_ratio: -1}]", "stages[1].ffn_ratio: must be > 0, got -1"),
     ("stages: [{channels: 64}]", "conditioning.first_stage: must be a stage index in 0..0, got 1"),
     ("stages: [{channels: 64}]\nfoo: 1", "foo: unknown key"),
     ("stages: [{channels: 64, conv: [1]}]", "stages[0].conv"),
@@ -84,3 +84,22 @@ def test_bad_input_one_line_exit_2(tmp_path, content, expect):
 def test_bad_flags_one_line_exit_2(args, expect):
     r = _cli(*args)
     assert r.returncode == 2 and expect in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("content, expect", [
+    (b"\xff\xfe\x00binary", "not a UTF-8 text file"),
+    (b"stage: [{channels: 64}]", "stage: unknown key"),
+    (b"- 1\n- 2\n", "must be a mapping"),
+    (b"base: {stages: [{channels: 64}, {channels: 64}]}\nrows: [{name: a, set: {1: true}}]", "dotted string"),
+    (b"base: {stages: [{channels: 64}, {channels: 64}]}\nrows: [{name: a, set: 0}]", "rows[0].set"),
+])
+def test_malformed_files_one_line_exit_2(tmp_path, content, expect):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(content)
+    r = _cli("cost", str(path))
+    assert r.returncode == 2 and expect in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_directory_is_not_a_file(tmp_path):
+    r = _cli("cost", str(tmp_path))
+    assert r.returncode == 2 and "not a file" in r.stderr

@@ -30,7 +30,7 @@ def test_width_mult_scales_channels_and_head_dim_keeping_heads(tiny):
 @pytest.mark.parametrize("override, field, value", [
     ({"attention": dict(head_dim=24)}, "stages[1].channels", "64"),
     ({"stage_defaults": dict(res_blocks=1, kv_heads=3)}, "stages[1].kv_heads", "3"),
-    ({"stage_defaults": dict(res_blocks=1, ffn_ratio=-2)}, "stages[0].ffn_ratio", "-2"),
+    ({"stage_defaults": dict(res_blocks=1, ffn_ratio=-2)}, "stages[1].ffn_ratio", "-2"),
     ({"stage_defaults": dict(res_blocks=1, expansion=0)}, "stages[0].expansion", "0"),
     ({"stage_defaults": dict(res_blocks=1, conv="dilated")}, "stages[0].conv", "dilated"),
     ({"stage_defaults": dict(res_blocks="two")}, "stages[0].res_blocks", "two"),
@@ -57,3 +57,27 @@ def test_unknown_dotted_path_is_an_error(tiny):
         tiny.with_values({"stages.7.conv": "separable"})
     with pytest.raises(ArchlabError, match="atention"):
         tiny.with_values({"atention.rope": True})
+
+
+@pytest.mark.parametrize("override, field", [
+    ({"width_mult": 1e-12}, "width_mult"),
+    ({"stage_defaults": dict(res_blocks=1, kv_heads=0)}, "stages[0].kv_heads"),
+    ({"stage_defaults": []}, "stage_defaults"),
+    ({"stage_defaults": 0}, "stage_defaults"),
+])
+def test_more_bad_configs(override, field):
+    with pytest.raises(ArchlabError, match=field.replace("[", r"\[").replace("]", r"\]")):
+        ArchConfig.from_dict(tiny_dict(**override))
+
+
+def test_ffn_ratio_only_checked_where_there_is_an_ffn():
+    d = tiny_dict(stages=[dict(channels=32, ffn_ratio=1.001), dict(channels=64, transformer_depth=1),
+                          dict(channels=64, transformer_depth=1)])
+    assert ArchConfig.from_dict(d).stages[0].ffn_ratio == 1.001  # stage 0 has no transformer
+    with pytest.raises(ArchlabError, match=r"stages\[0\].ffn_ratio"):
+        ArchConfig.from_dict({**d, "conditioning": dict(context_dim=24, context_len=5, first_stage=0)})
+
+
+def test_non_string_path_is_an_error(tiny):
+    with pytest.raises(ArchlabError, match="dotted string"):
+        tiny.with_values({1: True})

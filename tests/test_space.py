@@ -52,3 +52,21 @@ def test_malformed_space_is_a_one_line_error(tmp_path, params, message):
     with pytest.raises(ArchlabError) as err:
         load_space(bad)
     assert message in str(err.value) and "\n" not in str(err.value) and str(bad) in str(err.value)
+
+
+def test_signatures_exact_when_channels_are_searched(tmp_path):
+    """Stage-0 channels set the time-embedding width of every residual block."""
+    import yaml
+    from conftest import tiny_dict
+    from archlab.space import load_space as load
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump({"base": tiny_dict(), "params": {
+        "stages.0.channels": [32, 64], "stages.1.channels": [64, 128], "stages.2.kv_heads": ["mhsa", "mqa"]}}))
+    space = load(path)
+    full = set()
+    for a in (32, 64):
+        for b in (64, 128):
+            for kv in ("mhsa", "mqa"):
+                cfg = space.config({"stages.0.channels": a, "stages.1.channels": b, "stages.2.kv_heads": kv})
+                full |= {s.signature for s in decompose(cfg)}
+    assert {s.signature for s in space.block_signatures()} == full

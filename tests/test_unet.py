@@ -85,3 +85,8 @@ def test_early_conditioning_variants(tiny):
     late = tiny.with_values({"conditioning.first_stage": 2})
     st1 = [s for s in decompose(late) if s.stage == 1 and s.kind == "transformer"]
     assert st1 and all(not s.params()["cross_attention"] and s.params()["self_attention"] for s in st1)
+
+
+def test_missing_context_is_a_clear_error(tiny):
+    with pytest.raises(ValueError, match="context"):
+        UNet(tiny)(torch.randn(1, 4, 16, 16), torch.tensor([1.0]))
