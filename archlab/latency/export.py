@@ -1,0 +1,101 @@
+"""Export blocks (by signature) and whole networks to an ONNX bundle for `runner.py`.
+
+A bundle is a folder: `manifest.json` (items with key, kind, role, file and input shapes), `onnx/`
+and a copy of `runner.py`, so it can be copied to a device that has only onnxruntime and numpy.
+Exporting resumes: items already in the manifest are skipped; the manifest is rewritten
+atomically after each item.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+
+from archlab.config import ArchConfig
+from archlab.decompose import BlockSpec
+from archlab.errors import ArchlabError
+from archlab.latency import runner
+from archlab.unet import UNet
+
+FORMAT = 1
+DEFAULT_OPSET = 20
+
+
+def reference_block(resolution: int) -> BlockSpec:
+    """The fixed block every bundle times beside each item, to take out the machine's drift."""
+    hp = (("cin", 256), ("cout", 256), ("temb_dim", 1024), ("conv", "standard"), ("expansion", 1), ("groups", 32))
+    return BlockSpec("res", hp, (resolution // 2, resolution // 2), name="reference")
+
+
+def network_key(cfg: ArchConfig) -> str:
+    """A stable key for a whole network: its name and a hash of its full config."""
+    digest = hashlib.sha1(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return f"network({cfg.name})#{digest}"
+
+
+def _export(module: torch.nn.Module, inputs: tuple, path: Path, opset: int) -> dict[str, list[int]]:
+    names = [f"in{i}" for i in range(len(inputs))]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        torch.onnx.export(module.eval(), inputs, str(tmp), input_names=names, opset_version=opset,
+                          dynamo=True, external_data=False)
+    os.replace(tmp, path)
+    return {n: list(t.shape) for n, t in zip(names, inputs)}
+
+
+def export_bundle(out_dir: str | Path, blocks: list[BlockSpec], networks: list[ArchConfig] = (), *,
+                  resolution: int, opset: int = DEFAULT_OPSET, name: str = "", progress=None) -> dict:
+    """Export every block and network not yet in the bundle at `out_dir`; returns the manifest."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "manifest.json"
+    ref = reference_block(resolution)
+    manifest = {"format": FORMAT, "name": name or out.name, "resolution": resolution, "opset": opset,
+                "reference": ref.key, "items": []}
+    if path.exists():
+        old = runner.load_manifest(out)
+        for key in ("resolution", "opset", "reference"):
+            if old[key] != manifest[key]:
+                raise ArchlabError(f"{out}: bundle was made with {key}={old[key]!r}, not {manifest[key]!r}")
+        manifest["items"] = old["items"]
+    done = {it["key"] for it in manifest["items"]}
+    for spec in blocks:
+        if spec.hw[0] > resolution:
+            raise ArchlabError(f"block {spec.key} is larger than the bundle's latent resolution {resolution}")
+
+    todo: list[tuple[str, str, str, object]] = [(ref.key, "res", "reference", ref)]
+    todo += [(s.key, s.kind, "block", s) for s in blocks]
+    todo += [(network_key(c), "network", "network", c) for c in networks]
+    todo = [t for t in todo if t[0] not in done]
+    for key, kind, role, obj in (progress(todo) if progress else todo):
+        if isinstance(obj, BlockSpec):
+            module, inputs = obj.runnable(batch=1)
+        else:
+            cfg: ArchConfig = obj  # type: ignore[assignment]
+            if cfg.latent.resolution != resolution:
+                raise ArchlabError(f"network {cfg.name}: latent resolution {cfg.latent.resolution}, bundle {resolution}")
+            module = UNet(cfg)
+            g = torch.Generator().manual_seed(0)
+            inputs = (torch.randn(1, cfg.latent.channels, resolution, resolution, generator=g),
+                      torch.tensor([500.0]),
+                      torch.randn(1, cfg.conditioning.context_len, cfg.conditioning.context_dim, generator=g))
+        file = f"onnx/{hashlib.sha1(key.encode()).hexdigest()[:16]}.onnx"
+        shapes = _export(module, inputs, out / file, opset)
+        manifest["items"].append({"key": key, "kind": kind, "role": role, "file": file, "inputs": shapes})
+        runner._write_atomic(path, json.dumps(manifest, indent=1) + "\n")
+    shutil.copyfile(runner.__file__, out / "runner.py")
+    if not path.exists():
+        runner._write_atomic(path, json.dumps(manifest, indent=1) + "\n")
+    return manifest

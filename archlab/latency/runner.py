@@ -1,0 +1,232 @@
+"""Device-side latency runner. Needs only onnxruntime and numpy (and the standard library).
+
+Copy a bundle made by `archlab.latency.export.export_bundle` (its `manifest.json`, its `onnx/`
+folder and this file) to the target device, then::
+
+    python runner.py BUNDLE --out table.csv --device my-phone-board [--threads 2] [--runs 30]
+
+Protocol, for a noisy machine: fixed intra-op threads, one inter-op thread, sequential execution,
+the same session options for blocks and whole networks; warm-up runs; then `rounds` rounds that
+each time the item `runs // rounds` times and the bundle's reference model once, so every item has
+the reference timed right beside it. Recorded per item: median, min, mean, coefficient
+of variation, and the reference's median in the same rounds (`ref_ms`); `norm_ms` rescales the
+median by (session reference median / local reference median) to take out the machine's drift.
+
+The table is rewritten atomically (temp file + rename) after each item, so an interrupted run
+keeps every finished row; running again resumes. A table made with other settings (threads,
+optimisation level, onnxruntime version, device) is refused, not mixed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+FIELDS = ("key", "kind", "role", "median_ms", "min_ms", "mean_ms", "cv", "runs", "ref_ms", "norm_ms")
+OPT_LEVELS = {
+    "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+SETTINGS = ("device", "threads", "opt_level", "ort_version", "resolution", "opset", "bundle")
+
+
+class RunnerError(ValueError):
+    """Bad bundle, bad table or bad settings: one line, exit status 2."""
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_manifest(bundle: Path) -> dict:
+    path = bundle / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise RunnerError(f"{path}: cannot read the bundle manifest: {e}") from None
+    for key in ("format", "items", "reference", "resolution", "opset"):
+        if key not in manifest:
+            raise RunnerError(f"{path}: manifest has no {key!r}")
+    for i, item in enumerate(manifest["items"]):
+        missing = {"key", "kind", "role", "file", "inputs"} - set(item)
+        if missing:
+            raise RunnerError(f"{path}: items[{i}] lacks {', '.join(sorted(missing))}")
+    return manifest
+
+
+def make_session(model: Path, threads: int, opt_level: str) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = OPT_LEVELS[opt_level]
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
+
+
+def make_feeds(session: ort.InferenceSession, shapes: dict[str, list[int]], seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for inp in session.get_inputs():
+        if inp.name not in shapes:
+            raise RunnerError(f"model input {inp.name!r} has no shape in the manifest")
+        feeds[inp.name] = rng.standard_normal(shapes[inp.name]).astype(np.float32)
+    return feeds
+
+
+def _time(session: ort.InferenceSession, feeds: dict, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        session.run(None, feeds)
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def read_table(path: Path) -> tuple[dict, list[dict]]:
+    """(settings, rows) of an existing table; ({}, []) if there is none."""
+    meta_path = path.with_suffix(".meta.json")
+    if not path.exists():
+        return {}, []
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        raise RunnerError(f"{path}: has no readable metadata file {meta_path.name}") from None
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        if tuple(reader.fieldnames or ()) != FIELDS:
+            raise RunnerError(f"{path}: columns {reader.fieldnames} are not {list(FIELDS)}")
+        rows = list(reader)
+    return meta, rows
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_table(path: Path, meta: dict, rows: list[dict]) -> None:
+    import io
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=FIELDS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(path.with_suffix(".meta.json"), json.dumps(meta, indent=2) + "\n")
+    _write_atomic(path, buf.getvalue())
+
+
+def run_bundle(bundle: str | Path, out: str | Path, device: str, threads: int = 2, opt_level: str = "all",
+               warmup: int = 5, runs: int = 30, rounds: int = 5, progress: bool = True, limit: int | None = None) -> list[dict]:
+    """Time every item of a bundle not yet in the table at `out`; returns all rows."""
+    bundle, out = Path(bundle), Path(out)
+    if opt_level not in OPT_LEVELS:
+        raise RunnerError(f"--opt: {opt_level!r} is not one of {', '.join(OPT_LEVELS)}")
+    if threads < 1 or runs < 1 or rounds < 1 or warmup < 0 or runs < rounds:
+        raise RunnerError(f"need threads >= 1, warmup >= 0 and runs >= rounds >= 1 (got {threads}, {warmup}, {runs}, {rounds})")
+    manifest = load_manifest(bundle)
+    settings = {"device": device, "threads": threads, "opt_level": opt_level, "ort_version": ort.__version__,
+                "resolution": manifest["resolution"], "opset": manifest["opset"], "bundle": manifest.get("name", bundle.name)}
+    meta, rows = read_table(out)
+    if meta:
+        clash = [f"{k}={meta.get(k)!r} (now {settings[k]!r})" for k in SETTINGS if meta.get(k) != settings[k]]
+        if clash:
+            raise RunnerError(f"{out}: made with other settings: {', '.join(clash)}; write to another table")
+    else:
+        meta = {**settings, "cpu": cpu_model(), "platform": platform.platform(), "python": platform.python_version(),
+                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "protocol": {"warmup": warmup, "runs": runs, "rounds": rounds, "statistic": "median",
+                             "normalised_by": manifest["reference"]}}
+    done = {r["key"] for r in rows}
+    todo = [it for it in manifest["items"] if it["key"] not in done][:limit]
+    if not todo:
+        return rows
+
+    ref_item = next((it for it in manifest["items"] if it["key"] == manifest["reference"]), None)
+    if ref_item is None:
+        raise RunnerError(f"{bundle}: reference {manifest['reference']!r} is not among the items")
+    ref = make_session(bundle / ref_item["file"], threads, opt_level)
+    ref_feeds = make_feeds(ref, ref_item["inputs"])
+    _time(ref, ref_feeds, warmup)
+    session_ref = meta.setdefault("reference_ms", statistics.median(_time(ref, ref_feeds, max(rounds, 5))))
+
+    bar = _progress(len(todo), progress)
+    per_round = runs // rounds
+    for it in todo:
+        sess = make_session(bundle / it["file"], threads, opt_level)
+        feeds = make_feeds(sess, it["inputs"])
+        _time(sess, feeds, warmup)
+        times, ref_times = [], []
+        for _ in range(rounds):
+            times += _time(sess, feeds, per_round)
+            ref_times += _time(ref, ref_feeds, 1)
+        med, local_ref = statistics.median(times), statistics.median(ref_times)
+        mean = statistics.fmean(times)
+        rows.append({"key": it["key"], "kind": it["kind"], "role": it["role"], "median_ms": f"{med:.5f}",
+                     "min_ms": f"{min(times):.5f}", "mean_ms": f"{mean:.5f}",
+                     "cv": f"{statistics.pstdev(times) / mean:.5f}", "runs": len(times),
+                     "ref_ms": f"{local_ref:.5f}", "norm_ms": f"{med * session_ref / local_ref:.5f}"})
+        write_table(out, meta, rows)  # every finished row survives an interruption
+        bar(it["key"])
+    return rows
+
+
+def _progress(total: int, enabled: bool):
+    count = [0]
+    start = time.time()
+
+    def step(key: str) -> None:
+        count[0] += 1
+        if enabled:
+            eta = (time.time() - start) / count[0] * (total - count[0])
+            print(f"\r[{count[0]}/{total}] eta {eta:5.0f}s  {key[:70]:<70}", end="", file=sys.stderr, flush=True)
+            if count[0] == total:
+                print(file=sys.stderr)
+
+    return step
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="runner.py", description="Time an archlab ONNX bundle with onnxruntime.")
+    p.add_argument("bundle")
+    p.add_argument("--out", required=True, help="table CSV to write (resumes if it exists)")
+    p.add_argument("--device", required=True, help="a name for this device, recorded in the table")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--opt", default="all", choices=sorted(OPT_LEVELS))
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--runs", type=int, default=30)
+    p.add_argument("--rounds", type=int, default=5)
+    args = p.parse_args(argv)
+    try:
+        rows = run_bundle(args.bundle, args.out, args.device, args.threads, args.opt, args.warmup, args.runs,
+                          args.rounds, progress=sys.stderr.isatty())
+    except RunnerError as e:
+        print(f"runner: error: {e}", file=sys.stderr)
+        return 2
+    print(f"{len(rows)} rows in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
