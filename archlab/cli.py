@@ -52,6 +52,28 @@ def _build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--signatures", action="store_true", help="list every block signature the space can produce")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(run=cmd_space)
+
+    lat = sub.add_parser("latency", help="latency lab: export ONNX bundles, time them on a device")
+    lsub = lat.add_subparsers(dest="latency_command", required=True, parser_class=_Parser)
+    ex = lsub.add_parser("export", help="export every block of a space (and ladder rows) to an ONNX bundle")
+    ex.add_argument("--space", help="search space whose block signatures to export")
+    ex.add_argument("--ladder", help="ladder (or config) whose rows' blocks and whole networks to export")
+    ex.add_argument("--networks", type=int, default=0, metavar="N", help="also export N whole networks sampled from the space")
+    ex.add_argument("--seed", type=int, default=0, help="seed for --networks")
+    ex.add_argument("--resolution", type=int, default=32, help="latent resolution (default 32 = 256 px)")
+    ex.add_argument("--opset", type=int, default=20)
+    ex.add_argument("--out", required=True, help="bundle folder (resumes if it exists)")
+    ex.set_defaults(run=cmd_latency_export)
+    rn = lsub.add_parser("run", help="time a bundle here with onnxruntime (the same as the bundle's runner.py)")
+    rn.add_argument("bundle")
+    rn.add_argument("--out", required=True, help="table CSV, e.g. latency_tables/<device>.csv (resumes)")
+    rn.add_argument("--device", required=True, help="a name for this device")
+    rn.add_argument("--threads", type=int, default=2)
+    rn.add_argument("--opt", default="all", help="graph optimisation level: disabled, basic, extended, all")
+    rn.add_argument("--warmup", type=int, default=5)
+    rn.add_argument("--runs", type=int, default=30)
+    rn.add_argument("--rounds", type=int, default=5)
+    rn.set_defaults(run=cmd_latency_run)
     return p
 
 
@@ -173,6 +195,50 @@ def cmd_space(args: argparse.Namespace) -> int:
         print(f"\n{len(sigs)} block signatures:")
         for s in sigs:
             print(f"  {s['key']}")
+    return 0
+
+
+# ---- latency ------------------------------------------------------------------------------------
+
+def cmd_latency_export(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from tqdm import tqdm
+
+    from archlab.decompose import decompose
+    from archlab.latency.export import export_bundle
+    from archlab.ladder import load_ladder
+    from archlab.space import load_space
+
+    if not args.space and not args.ladder:
+        raise ArchlabError("latency export: give --space, --ladder or both")
+    res = {"latent.resolution": args.resolution}
+    blocks, networks = {}, []
+    if args.space:
+        space = load_space(args.space)
+        space = replace(space, base=space.base.with_values(res, where=args.space))
+        blocks.update((s.signature, s) for s in space.block_signatures())
+        networks += [cfg for _, cfg in space.sample(args.networks, seed=args.seed)]
+    if args.ladder:
+        for row in load_ladder(args.ladder).rows:
+            cfg = row.config.with_values(res, where=f"{args.ladder}: {row.name}")
+            blocks.update((s.signature, s) for s in decompose(cfg))
+            networks.append(cfg)
+    manifest = export_bundle(args.out, list(blocks.values()), networks, resolution=args.resolution, opset=args.opset,
+                             progress=lambda todo: tqdm(todo, desc="exporting", unit="model", disable=not sys.stderr.isatty()))
+    print(f"{len(manifest['items'])} models in {args.out} (latent {args.resolution}x{args.resolution}, opset {args.opset})")
+    return 0
+
+
+def cmd_latency_run(args: argparse.Namespace) -> int:
+    from archlab.latency.runner import RunnerError, run_bundle
+
+    try:
+        rows = run_bundle(args.bundle, args.out, args.device, args.threads, args.opt, args.warmup, args.runs,
+                          args.rounds, progress=sys.stderr.isatty())
+    except RunnerError as e:
+        raise ArchlabError(str(e)) from None
+    print(f"{len(rows)} rows in {args.out}")
     return 0
 
 
