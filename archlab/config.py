@@ -95,19 +95,14 @@ class ArchConfig:
         """Build and validate; raises ArchlabError naming the field (prefixed by `where`)."""
         data = _require_mapping(data, where or "config")
         data = dict(data)
-        allowed = [f.name for f in fields(cls)] + ["stage_defaults"]
-        for key in data:
-            if key not in allowed:
-                raise ArchlabError(f"{_join(where, str(key))}: unknown key (allowed: {', '.join(allowed)})")
         defaults = data.pop("stage_defaults", None)
         defaults = {} if defaults is None else _require_mapping(defaults, _join(where, "stage_defaults"))
         for key in defaults:
             if key not in STAGE_KEYS or key == "channels":
                 raise ArchlabError(f"{_join(where, 'stage_defaults')}: unknown key {key!r} (allowed: {', '.join(k for k in STAGE_KEYS if k != 'channels')})")
-        stages = data.get("stages")
-        if not isinstance(stages, list) or not stages:
-            raise ArchlabError(f"{_join(where, 'stages')}: must be a non-empty list of stages, got {stages!r}")
-        data["stages"] = [{**defaults, **_require_mapping(s, _join(where, f"stages[{i}]"))} for i, s in enumerate(stages)]
+        if isinstance(data.get("stages"), list):  # anything else: _build names the problem
+            data["stages"] = [{**defaults, **_require_mapping(s, _join(where, f"stages[{i}]"))}
+                              for i, s in enumerate(data["stages"])]
         cfg = _build(cls, data, where, "")
         cfg.validate(where)
         return cfg
@@ -178,6 +173,8 @@ class ArchConfig:
         def fail(path: str, msg: str) -> None:
             raise ArchlabError(f"{_join(where, path)}: {msg}")
 
+        if not self.stages:
+            fail("stages", "must be a non-empty list of stages")
         w = self.width_mult
         if w <= 0:
             fail("width_mult", f"must be > 0, got {w}")

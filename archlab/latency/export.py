@@ -94,8 +94,8 @@ def export_bundle(out_dir: str | Path, blocks: list[BlockSpec], networks: list[A
         file = f"onnx/{hashlib.sha1(key.encode()).hexdigest()[:16]}.onnx"
         shapes = _export(module, inputs, out / file, opset)
         manifest["items"].append({"key": key, "kind": kind, "role": role, "file": file, "inputs": shapes})
-        runner._write_atomic(path, json.dumps(manifest, indent=1) + "\n")
+        runner.write_atomic(path, json.dumps(manifest, indent=1) + "\n")
     shutil.copyfile(runner.__file__, out / "runner.py")
     if not path.exists():
-        runner._write_atomic(path, json.dumps(manifest, indent=1) + "\n")
+        runner.write_atomic(path, json.dumps(manifest, indent=1) + "\n")
     return manifest

@@ -119,7 +119,7 @@ def read_table(path: Path) -> tuple[dict, list[dict]]:
     return meta, rows
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -133,8 +133,8 @@ def write_table(path: Path, meta: dict, rows: list[dict]) -> None:
     writer.writeheader()
     writer.writerows(rows)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path.with_suffix(".meta.json"), json.dumps(meta, indent=2) + "\n")
-    _write_atomic(path, buf.getvalue())
+    write_atomic(path.with_suffix(".meta.json"), json.dumps(meta, indent=2) + "\n")
+    write_atomic(path, buf.getvalue())
 
 
 def run_bundle(bundle: str | Path, out: str | Path, device: str, threads: int = 2, opt_level: str = "all",
