@@ -18,6 +18,7 @@ class _Parser(argparse.ArgumentParser):
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.run(args)
     except ArchlabError as e:
@@ -55,26 +56,67 @@ def _build_parser() -> argparse.ArgumentParser:
 
     lat = sub.add_parser("latency", help="latency lab: export ONNX bundles, time them on a device")
     lsub = lat.add_subparsers(dest="latency_command", required=True, parser_class=_Parser)
-    ex = lsub.add_parser("export", help="export every block of a space (and ladder rows) to an ONNX bundle")
-    ex.add_argument("--space", help="search space whose block signatures to export")
-    ex.add_argument("--ladder", help="ladder (or config) whose rows' blocks and whole networks to export")
-    ex.add_argument("--networks", type=int, default=0, metavar="N", help="also export N whole networks sampled from the space")
-    ex.add_argument("--seed", type=int, default=0, help="seed for --networks")
-    ex.add_argument("--resolution", type=int, default=32, help="latent resolution (default 32 = 256 px)")
+    ex = lsub.add_parser("export", help="export blocks and networks to an ONNX bundle (to time on another device)")
+    _selection_args(ex)
     ex.add_argument("--opset", type=int, default=20)
     ex.add_argument("--out", required=True, help="bundle folder (resumes if it exists)")
     ex.set_defaults(run=cmd_latency_export)
     rn = lsub.add_parser("run", help="time a bundle here with onnxruntime (the same as the bundle's runner.py)")
     rn.add_argument("bundle")
     rn.add_argument("--out", required=True, help="table CSV, e.g. latency_tables/<device>.csv (resumes)")
-    rn.add_argument("--device", required=True, help="a name for this device")
-    rn.add_argument("--threads", type=int, default=2)
-    rn.add_argument("--opt", default="all", help="graph optimisation level: disabled, basic, extended, all")
-    rn.add_argument("--warmup", type=int, default=5)
-    rn.add_argument("--runs", type=int, default=30)
-    rn.add_argument("--rounds", type=int, default=5)
+    _timing_args(rn)
     rn.set_defaults(run=cmd_latency_run)
+    ms = lsub.add_parser("measure", help="export and time here, in chunks (resumes; deletes timed ONNX files)")
+    _selection_args(ms)
+    ms.add_argument("--out", required=True, help="table CSV, e.g. latency_tables/<device>.csv (resumes)")
+    ms.add_argument("--bundle", help="scratch bundle folder (default runs/bundles/<table name>)")
+    ms.add_argument("--keep-onnx", action="store_true", help="keep the exported ONNX files")
+    ms.add_argument("--opset", type=int, default=20)
+    _timing_args(ms)
+    ms.set_defaults(run=cmd_latency_measure)
+    ft = lsub.add_parser("fit", help="fit the predictor of a table (writes <table>.predictor.json)")
+    ft.add_argument("table", help="a measured table, e.g. latency_tables/<device>.csv")
+    ft.set_defaults(run=cmd_latency_fit)
+    q = lsub.add_parser("query", help="predicted latency of a block, a network config or every row of a ladder")
+    q.add_argument("target", metavar="TARGET",
+                   help="a block key (kind(name=value,...)@HxW, see `archlab show X --blocks`), a block YAML "
+                        "(kind, resolution and hyper-parameters), an ArchConfig YAML or a ladder YAML")
+    q.add_argument("--table", required=True, help="the measured table whose fitted predictor to use")
+    q.add_argument("--device", help="refuse a table measured on another device")
+    q.add_argument("--row", help="only this ladder row (name or 0-based index)")
+    q.add_argument("--resolution", type=int, help="set the networks' latent resolution (must be the table's)")
+    q.add_argument("--blocks", action="store_true", help="print every block's latency for ladders too")
+    q.add_argument("--json", action="store_true", help="print a JSON object with a `rows` list")
+    q.set_defaults(run=cmd_latency_query)
+    ev = lsub.add_parser("evaluate", help="benchmark the predictor on held-out networks measured end to end")
+    ev.add_argument("--space", required=True, help="search space to sample held-out networks from")
+    ev.add_argument("--table", required=True, help="the fitted table")
+    ev.add_argument("--heldout", help="table of held-out measurements (default <table>.heldout.csv; resumes)")
+    ev.add_argument("--ladder", help="also measure and predict every row of this ladder")
+    ev.add_argument("--networks", type=int, default=50, metavar="N", help="held-out networks (default 50)")
+    ev.add_argument("--seed", type=int, default=2, help="seed of the held-out sample (default 2)")
+    ev.add_argument("--out", default="reports", help="folder for latency_eval.json and latency_eval.md")
+    ev.set_defaults(run=cmd_latency_evaluate)
     return p
+
+
+def _selection_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--space", help="search space: every block signature it can produce")
+    p.add_argument("--networks", type=int, default=0, metavar="N", help="also N whole networks sampled from --space")
+    p.add_argument("--seed", type=int, default=0, help="seed for --networks")
+    p.add_argument("--ladder", help="ladder (or config): every block of its rows")
+    p.add_argument("--ladder-networks", action="store_true", help="also every ladder row as a whole network")
+    p.add_argument("--resolution", type=int, default=32, help="latent resolution (default 32 = 256 px)")
+
+
+def _timing_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", required=True, help="a name for this device, recorded in the table")
+    p.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (default 2)")
+    p.add_argument("--opt", default="all", help="graph optimisation level: disabled, basic, extended, all")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--runs", type=int, default=30, help="timed runs per item (fewer for slow items, see --budget-s)")
+    p.add_argument("--rounds", type=int, default=5, help="rounds; the reference is timed once per round")
+    p.add_argument("--budget-s", type=float, default=10.0, help="about this many seconds per item")
 
 
 # ---- cost ---------------------------------------------------------------------------------------
@@ -200,18 +242,18 @@ def cmd_space(args: argparse.Namespace) -> int:
 
 # ---- latency ------------------------------------------------------------------------------------
 
-def cmd_latency_export(args: argparse.Namespace) -> int:
+def _selection(args: argparse.Namespace) -> tuple[list, list]:
+    """(blocks, networks) named by --space/--networks/--ladder/--ladder-networks at --resolution."""
     from dataclasses import replace
 
-    from tqdm import tqdm
-
     from archlab.decompose import decompose
-    from archlab.latency.export import export_bundle
     from archlab.ladder import load_ladder
     from archlab.space import load_space
 
     if not args.space and not args.ladder:
-        raise ArchlabError("latency export: give --space, --ladder or both")
+        raise ArchlabError("give --space, --ladder or both")
+    if args.networks and not args.space:
+        raise ArchlabError("--networks samples from a search space: give --space")
     res = {"latent.resolution": args.resolution}
     blocks, networks = {}, []
     if args.space:
@@ -223,22 +265,180 @@ def cmd_latency_export(args: argparse.Namespace) -> int:
         for row in load_ladder(args.ladder).rows:
             cfg = row.config.with_values(res, where=f"{args.ladder}: {row.name}")
             blocks.update((s.signature, s) for s in decompose(cfg))
-            networks.append(cfg)
-    manifest = export_bundle(args.out, list(blocks.values()), networks, resolution=args.resolution, opset=args.opset,
-                             progress=lambda todo: tqdm(todo, desc="exporting", unit="model", disable=not sys.stderr.isatty()))
+            if args.ladder_networks:
+                networks.append(cfg)
+    return list(blocks.values()), networks
+
+
+def _tqdm(desc: str):
+    from tqdm import tqdm
+
+    return lambda todo: tqdm(todo, desc=desc, unit="model", disable=not sys.stderr.isatty())
+
+
+def cmd_latency_export(args: argparse.Namespace) -> int:
+    from archlab.latency.export import export_bundle
+
+    blocks, networks = _selection(args)
+    manifest = export_bundle(args.out, blocks, networks, resolution=args.resolution, opset=args.opset,
+                             progress=_tqdm("exporting"))
     print(f"{len(manifest['items'])} models in {args.out} (latent {args.resolution}x{args.resolution}, opset {args.opset})")
     return 0
+
+
+def _timing(args: argparse.Namespace) -> dict:
+    return dict(device=args.device, threads=args.threads, opt_level=args.opt, warmup=args.warmup, runs=args.runs,
+                rounds=args.rounds, budget_s=args.budget_s)
 
 
 def cmd_latency_run(args: argparse.Namespace) -> int:
     from archlab.latency.runner import RunnerError, run_bundle
 
     try:
-        rows = run_bundle(args.bundle, args.out, args.device, args.threads, args.opt, args.warmup, args.runs,
-                          args.rounds, progress=sys.stderr.isatty())
+        rows = run_bundle(args.bundle, args.out, progress=sys.stderr.isatty(), **_timing(args))
     except RunnerError as e:
         raise ArchlabError(str(e)) from None
     print(f"{len(rows)} rows in {args.out}")
+    return 0
+
+
+def cmd_latency_measure(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from archlab.latency.measure import measure
+    from archlab.latency.runner import RunnerError
+
+    blocks, networks = _selection(args)
+    bundle = args.bundle or str(Path("runs") / "bundles" / Path(args.out).stem)
+    try:
+        rows = measure(args.out, bundle, blocks=blocks, networks=networks, resolution=args.resolution,
+                       opset=args.opset, keep_onnx=args.keep_onnx, progress=_tqdm("exporting"), **_timing(args))
+    except RunnerError as e:
+        raise ArchlabError(str(e)) from None
+    print(f"{len(rows)} rows in {args.out}")
+    return 0
+
+
+def cmd_latency_fit(args: argparse.Namespace) -> int:
+    from archlab.latency.predictor import fit, predictor_path
+
+    pred = fit(args.table, progress=_tqdm("fitting kinds"))
+    path = pred.save(predictor_path(args.table))
+    print(f"{path}: {len(pred.measured)} measured blocks, {len(pred.kinds)} kind models")
+    print(_table([(k, m.n, "" if m.loo_mape is None else f"{100 * m.loo_mape:.1f}%",
+                   ", ".join(f"{f}={c:.3g}" for f, c in zip(m.features, m.coef) if c))
+                  for k, m in sorted(pred.kinds.items())], ("kind", "rows", "LOO MAPE", "ms per unit"), align="lrrl"))
+    c = pred.calibration
+    if c is None:
+        print("no whole networks in the table: predictions are raw block sums (uncalibrated)")
+    else:
+        loo = "" if c.loo_mape is None else f", leave-one-out MAPE {100 * c.loo_mape:.1f}%"
+        print(f"calibration on {c.n} networks: measured = {c.intercept_ms:.2f} ms + {c.slope:.4f} x sum(blocks) "
+              f"(raw sum MAPE {100 * c.raw_mape:.1f}%{loo})")
+    return 0
+
+
+def _query_targets(args: argparse.Namespace, resolution: int) -> tuple[list, list]:
+    """(blocks, networks): what TARGET names, as BlockSpecs or (row name, ArchConfig, paper ms) triples."""
+    from pathlib import Path
+
+    from archlab.config import read_yaml
+    from archlab.decompose import BlockSpec
+    from archlab.ladder import load_ladder
+
+    target = args.target
+    if Path(target).is_file():
+        data = read_yaml(target)
+        if isinstance(data, dict) and "kind" in data:
+            return [_block_from_yaml(data, target)], []
+        ladder = load_ladder(target)
+        rows = [ladder.row(args.row)] if args.row is not None else ladder.rows
+        res = {"latent.resolution": args.resolution} if args.resolution else {}
+        return [], [(r.name, r.config.with_values(res, where=f"{target}: {r.name}"), r.paper.get("latency_ms"))
+                    for r in rows]
+    try:
+        return [BlockSpec.from_key(target)], []
+    except ValueError as e:
+        raise ArchlabError(f"TARGET {target!r}: not a file, and {e}") from None
+
+
+def _block_from_yaml(data: dict, where: str):
+    from archlab.decompose import BlockSpec
+
+    hp = dict(data)
+    kind = hp.pop("kind")
+    size = hp.pop("resolution", None)
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ArchlabError(f"{where}: resolution: a block needs its input resolution as a positive integer, got {size!r}")
+    return BlockSpec(str(kind), tuple(hp.items()), (size, size))
+
+
+def cmd_latency_query(args: argparse.Namespace) -> int:
+    from archlab.latency.predictor import load_for_table
+
+    pred = load_for_table(args.table, device=args.device)
+    blocks, networks = _query_targets(args, pred.resolution)
+    rows = []
+    for spec in blocks:
+        ms, source = pred.block(spec)
+        rows.append({"name": spec.key, "latency_ms": round(ms, 5), "extrapolated": source == "extrapolated",
+                     "blocks": [{"name": spec.key, "key": spec.key, "kind": spec.kind, "latency_ms": round(ms, 5),
+                                 "source": source}]})
+    base = None
+    for name, cfg, paper_ms in networks:
+        p = pred.predict(cfg).to_dict()
+        p["name"] = name
+        base = base or (p["latency_ms"], paper_ms)
+        if len(networks) > 1:
+            p["ratio_to_first"] = round(p["latency_ms"] / base[0], 4)
+            if paper_ms and base[1]:
+                p["paper_ratio_to_first"] = round(paper_ms / base[1], 4)
+        rows.append(p)
+    settings = {k: pred.settings.get(k) for k in ("device", "cpu", "resolution", "threads", "opt_level", "ort_version")}
+    if args.json:
+        print(json.dumps({"target": args.target, "table": args.table, "calibrated": pred.calibration is not None,
+                          **settings, "rows": rows}, indent=2))
+        return 0
+    print(f"{args.target}: predicted on {settings['device']} ({settings['threads']} thread(s), "
+          f"latent {pred.resolution}x{pred.resolution}) from {args.table}")
+    if blocks:
+        for r in rows:
+            print(f"{r['latency_ms']:.4f} ms  {r['blocks'][0]['source']}  {r['name']}")
+        return 0
+    if len(rows) > 1:
+        header = ["row", "latency ms", "raw sum ms", "ratio"] + (["paper ratio"] if any("paper_ratio_to_first" in r for r in rows) else [])
+        print(_table([[r["name"], f"{r['latency_ms']:.2f}", f"{r['raw_sum_ms']:.2f}", f"{r['ratio_to_first']:.3f}"]
+                      + ([f"{r['paper_ratio_to_first']:.3f}" if "paper_ratio_to_first" in r else ""] if len(header) > 4 else [])
+                      for r in rows], header, align="l" + "r" * (len(header) - 1)))
+    for r in rows if (len(rows) == 1 or args.blocks) else []:
+        src = ", ".join(f"{n} {s}" for s, n in r["sources"].items() if n)
+        print(f"\n{r['name']}: {r['latency_ms']:.2f} ms (sum of blocks {r['raw_sum_ms']:.2f} ms, calibrated; {src})")
+        print(_table([(b["name"], f"{b['latency_ms']:.3f}", f"{100 * b['latency_ms'] / r['raw_sum_ms']:.1f}%",
+                       b["source"], b["key"]) for b in r["blocks"]],
+                     ("block", "ms", "share", "source", "signature"), align="lrrll"))
+    if any(r.get("extrapolated") for r in rows):
+        print("\nwarning: some blocks are outside the shapes the table covers (source `extrapolated`)", file=sys.stderr)
+    return 0
+
+
+def cmd_latency_evaluate(args: argparse.Namespace) -> int:
+    import shlex
+    from pathlib import Path
+
+    from archlab.latency.evaluate import evaluate, write_report
+    from archlab.ladder import load_ladder
+    from archlab.space import load_space
+
+    heldout = args.heldout or str(Path(args.table).with_suffix(".heldout.csv"))
+    report = evaluate(load_space(args.space), args.table, heldout, Path("runs") / "bundles" / Path(heldout).stem,
+                      n=args.networks, seed=args.seed, ladder=load_ladder(args.ladder) if args.ladder else None,
+                      progress=_tqdm("exporting"))
+    command = "archlab " + " ".join(shlex.quote(a) for a in args.argv)
+    js, md = write_report(report, args.out, command)
+    print(f"{report['n']} held-out networks: MAPE {100 * report['mape']:.1f}%, within ±10% {100 * report['within_10']:.0f}%, "
+          f"Kendall tau {report['kendall_tau']:.3f} (raw block sum: MAPE {100 * report['raw_sum']['mape']:.1f}%); "
+          f"noise CV {100 * report['noise_cv']:.1f}%")
+    print(f"wrote {js} and {md}")
     return 0
 
 

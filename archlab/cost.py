@@ -52,6 +52,7 @@ def _sdpa_macs(inputs, outputs) -> int:
 class BlockCost:
     params: int
     macs: int
+    acts: int = 0  # elements of the block's inputs and output: a proxy for its memory traffic
 
     @property
     def flops(self) -> int:
@@ -93,12 +94,13 @@ def count_macs(module: torch.nn.Module, inputs: tuple) -> int:
 
 @lru_cache(maxsize=None)
 def block_cost(spec: BlockSpec) -> BlockCost:
-    """Params and MACs of one block at batch 1 (cached: BlockSpec equality is its signature)."""
+    """Params, MACs and activation elements of one block at batch 1 (cached by signature)."""
     module, inputs = spec.runnable(batch=1)
     params = sum(p.numel() for p in module.parameters())
     with torch.no_grad():
         macs = count_macs(module.eval(), inputs)
-    return BlockCost(params, macs)
+        acts = sum(x.numel() for x in inputs) + module(*inputs).numel()
+    return BlockCost(params, macs, acts)
 
 
 def network_cost(cfg: ArchConfig) -> NetworkCost:

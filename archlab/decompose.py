@@ -17,6 +17,7 @@ concatenate one skip onto their input first.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
@@ -45,6 +46,21 @@ class BlockSpec:
         """Readable, unique string form of the signature (the row key of latency tables)."""
         args = ",".join(f"{k}={_fmt(v)}" for k, v in self.hp)
         return f"{self.kind}({args})@{self.hw[0]}x{self.hw[1]}"
+
+    @classmethod
+    def from_key(cls, key: str) -> "BlockSpec":
+        """The inverse of `key`: ``res(cin=256,...,conv=separable)@16x16`` -> BlockSpec."""
+        m = _KEY.fullmatch(key.strip())
+        if not m:
+            raise ValueError(f"{key!r} is not a block key like kind(name=value,...)@HxW")
+        kind, args, h, w = m.groups()
+        hp = []
+        for part in filter(None, args.split(",")):
+            name, sep, value = part.partition("=")
+            if not sep or not name.strip():
+                raise ValueError(f"{key!r}: {part!r} is not name=value")
+            hp.append((name.strip(), _parse(name.strip(), value.strip())))
+        return cls(kind, tuple(hp), (int(h), int(w)))
 
     def params(self) -> dict[str, Any]:
         return dict(self.hp)
@@ -91,6 +107,23 @@ class _Bound(nn.Module):
 
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
         return self.block(*tensors, **self.kwargs)
+
+
+_KEY = re.compile(r"(\w+)\((.*)\)@(\d+)x(\d+)")
+_BOOL_HP = frozenset({"self_attention", "cross_attention", "qk_norm", "rope"})
+
+
+def _parse(name: str, value: str) -> Any:
+    if name in _BOOL_HP:
+        if value not in ("0", "1"):
+            raise ValueError(f"{name}={value!r}: must be 0 or 1")
+        return value == "1"
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value
 
 
 def _fmt(v: Any) -> str:

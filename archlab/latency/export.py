@@ -36,10 +36,15 @@ def reference_block(resolution: int) -> BlockSpec:
     return BlockSpec("res", hp, (resolution // 2, resolution // 2), name="reference")
 
 
+def arch_digest(cfg: ArchConfig) -> str:
+    """A hash of everything that shapes the network (its config without the name)."""
+    data = {k: v for k, v in cfg.to_dict().items() if k != "name"}
+    return hashlib.sha1(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
 def network_key(cfg: ArchConfig) -> str:
-    """A stable key for a whole network: its name and a hash of its full config."""
-    digest = hashlib.sha1(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:12]
-    return f"network({cfg.name})#{digest}"
+    """A stable key for a whole network: its name and its architecture digest."""
+    return f"network({cfg.name})#{arch_digest(cfg)}"
 
 
 def _export(module: torch.nn.Module, inputs: tuple, path: Path, opset: int) -> dict[str, list[int]]:
@@ -93,7 +98,10 @@ def export_bundle(out_dir: str | Path, blocks: list[BlockSpec], networks: list[A
                       torch.randn(1, cfg.conditioning.context_len, cfg.conditioning.context_dim, generator=g))
         file = f"onnx/{hashlib.sha1(key.encode()).hexdigest()[:16]}.onnx"
         shapes = _export(module, inputs, out / file, opset)
-        manifest["items"].append({"key": key, "kind": kind, "role": role, "file": file, "inputs": shapes})
+        item = {"key": key, "kind": kind, "role": role, "file": file, "inputs": shapes}
+        if role == "network":
+            item["config"] = obj.to_dict()
+        manifest["items"].append(item)
         runner.write_atomic(path, json.dumps(manifest, indent=1) + "\n")
     shutil.copyfile(runner.__file__, out / "runner.py")
     if not path.exists():

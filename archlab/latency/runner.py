@@ -6,10 +6,11 @@ folder and this file) to the target device, then::
     python runner.py BUNDLE --out table.csv --device my-phone-board [--threads 2] [--runs 30]
 
 Protocol, for a noisy machine: fixed intra-op threads, one inter-op thread, sequential execution,
-the same session options for blocks and whole networks; warm-up runs; then `rounds` rounds that
-each time the item `runs // rounds` times and the bundle's reference model once, so every item has
-the reference timed right beside it. Recorded per item: median, min, mean, coefficient
-of variation, and the reference's median in the same rounds (`ref_ms`); `norm_ms` rescales the
+the same session options for blocks and whole networks; warm-up runs (at least ~1 s of them); then
+`rounds` rounds that each time the item k times and the bundle's reference model once, so every
+item has the reference timed right beside it. k is `runs // rounds`, lowered for slow items so
+that one item takes about `budget_s` seconds (a whole network is not run 30 times), never below 1.
+Recorded per item: median, min, mean, coefficient of variation, and the reference's median in the same rounds (`ref_ms`); `norm_ms` rescales the
 median by (session reference median / local reference median) to take out the machine's drift.
 
 The table is rewritten atomically (temp file + rename) after each item, so an interrupted run
@@ -138,13 +139,20 @@ def write_table(path: Path, meta: dict, rows: list[dict]) -> None:
 
 
 def run_bundle(bundle: str | Path, out: str | Path, device: str, threads: int = 2, opt_level: str = "all",
-               warmup: int = 5, runs: int = 30, rounds: int = 5, progress: bool = True, limit: int | None = None) -> list[dict]:
-    """Time every item of a bundle not yet in the table at `out`; returns all rows."""
+               warmup: int = 5, runs: int = 30, rounds: int = 5, budget_s: float = 10.0, progress: bool = True,
+               limit: int | None = None, reference_ms: float | None = None) -> list[dict]:
+    """Time every item of a bundle not yet in the table at `out`; returns all rows.
+
+    `reference_ms` (for a new table) fixes the reference speed that `norm_ms` is expressed in,
+    e.g. another table's, so that two tables made at different times compare; by default the
+    reference is timed at the start of the table's first session.
+    """
     bundle, out = Path(bundle), Path(out)
     if opt_level not in OPT_LEVELS:
         raise RunnerError(f"--opt: {opt_level!r} is not one of {', '.join(OPT_LEVELS)}")
-    if threads < 1 or runs < 1 or rounds < 1 or warmup < 0 or runs < rounds:
-        raise RunnerError(f"need threads >= 1, warmup >= 0 and runs >= rounds >= 1 (got {threads}, {warmup}, {runs}, {rounds})")
+    if threads < 1 or rounds < 1 or warmup < 0 or runs < rounds or budget_s <= 0:
+        raise RunnerError(f"need threads >= 1, warmup >= 0, runs >= rounds >= 1 and budget_s > 0 "
+                          f"(got {threads}, {warmup}, {runs}, {rounds}, {budget_s})")
     manifest = load_manifest(bundle)
     settings = {"device": device, "threads": threads, "opt_level": opt_level, "ort_version": ort.__version__,
                 "resolution": manifest["resolution"], "opset": manifest["opset"], "bundle": manifest.get("name", bundle.name)}
@@ -156,7 +164,7 @@ def run_bundle(bundle: str | Path, out: str | Path, device: str, threads: int = 
     else:
         meta = {**settings, "cpu": cpu_model(), "platform": platform.platform(), "python": platform.python_version(),
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                "protocol": {"warmup": warmup, "runs": runs, "rounds": rounds, "statistic": "median",
+                "protocol": {"warmup": warmup, "runs": runs, "rounds": rounds, "budget_s": budget_s, "statistic": "median",
                              "normalised_by": manifest["reference"]}}
     done = {r["key"] for r in rows}
     todo = [it for it in manifest["items"] if it["key"] not in done][:limit]
@@ -169,14 +177,15 @@ def run_bundle(bundle: str | Path, out: str | Path, device: str, threads: int = 
     ref = make_session(bundle / ref_item["file"], threads, opt_level)
     ref_feeds = make_feeds(ref, ref_item["inputs"])
     _time(ref, ref_feeds, warmup)
-    session_ref = meta.setdefault("reference_ms", statistics.median(_time(ref, ref_feeds, max(rounds, 5))))
+    session_ref = meta.setdefault("reference_ms", reference_ms or statistics.median(_time(ref, ref_feeds, max(rounds, 5))))
 
     bar = _progress(len(todo), progress)
-    per_round = runs // rounds
     for it in todo:
         sess = make_session(bundle / it["file"], threads, opt_level)
         feeds = make_feeds(sess, it["inputs"])
-        _time(sess, feeds, warmup)
+        first = _time(sess, feeds, 1)[0]
+        _time(sess, feeds, min(warmup, max(0, round(1000 / first) - 1)))
+        per_round = max(1, min(runs // rounds, round(budget_s * 1e3 / (rounds * first))))
         times, ref_times = [], []
         for _ in range(rounds):
             times += _time(sess, feeds, per_round)
@@ -187,6 +196,8 @@ def run_bundle(bundle: str | Path, out: str | Path, device: str, threads: int = 
                      "min_ms": f"{min(times):.5f}", "mean_ms": f"{mean:.5f}",
                      "cv": f"{statistics.pstdev(times) / mean:.5f}", "runs": len(times),
                      "ref_ms": f"{local_ref:.5f}", "norm_ms": f"{med * session_ref / local_ref:.5f}"})
+        if "config" in it:  # a whole network: keep its config, so a predictor can be calibrated on it
+            meta.setdefault("networks", {})[it["key"]] = it["config"]
         write_table(out, meta, rows)  # every finished row survives an interruption
         bar(it["key"])
     return rows
@@ -217,10 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--runs", type=int, default=30)
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--budget-s", type=float, default=10.0, help="seconds per item; slow items get fewer runs")
     args = p.parse_args(argv)
     try:
         rows = run_bundle(args.bundle, args.out, args.device, args.threads, args.opt, args.warmup, args.runs,
-                          args.rounds, progress=sys.stderr.isatty())
+                          args.rounds, args.budget_s, progress=sys.stderr.isatty())
     except RunnerError as e:
         print(f"runner: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,65 @@
+"""Measure here: export to a scratch bundle and time it with the runner, in chunks, resumably.
+
+This is `archlab latency export` followed by `archlab latency run` on the same machine, done in
+chunks so that a table of many whole networks (1-3 GB of ONNX each at paper width) never needs all
+of them on disk at once: after a chunk is timed, its ONNX files are deleted (unless `keep_onnx`).
+Items already in the table are skipped, so an interrupted measurement resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from archlab.config import ArchConfig
+from archlab.decompose import BlockSpec
+from archlab.latency import runner
+from archlab.latency.export import export_bundle, network_key
+from archlab.latency.runner import RunnerError
+
+BLOCK_CHUNK = 64
+NETWORK_CHUNK = 4
+
+
+def measure(table: str | Path, bundle: str | Path, *, blocks: list[BlockSpec] = (), networks: list[ArchConfig] = (),
+            resolution: int, device: str, threads: int = 2, opt_level: str = "all", warmup: int = 5, runs: int = 30,
+            rounds: int = 5, budget_s: float = 10.0, opset: int = 20, keep_onnx: bool = False,
+            reference_ms: float | None = None, progress=None) -> list[dict]:
+    """Time every block and network not yet in `table`; returns all rows of the table.
+
+    `progress(items)` wraps the export loop (e.g. tqdm); the runner prints its own progress when
+    `progress` is given. `reference_ms`: see `runner.run_bundle`.
+    """
+    table, bundle = Path(table), Path(bundle)
+    _, rows = runner.read_table(table)
+    done = {r["key"] for r in rows}
+    todo_blocks = [b for b in blocks if b.key not in done]
+    todo_nets = [c for c in networks if network_key(c) not in done]
+    chunks = [(todo_blocks[i:i + BLOCK_CHUNK], []) for i in range(0, len(todo_blocks), BLOCK_CHUNK)]
+    chunks += [([], todo_nets[i:i + NETWORK_CHUNK]) for i in range(0, len(todo_nets), NETWORK_CHUNK)]
+    for n, (chunk_blocks, chunk_nets) in enumerate(chunks, 1):
+        if progress:
+            print(f"chunk {n}/{len(chunks)}: {len(chunk_blocks)} blocks, {len(chunk_nets)} networks", flush=True)
+        export_bundle(bundle, chunk_blocks, chunk_nets, resolution=resolution, opset=opset, name=table.stem,
+                      progress=progress)
+        rows = runner.run_bundle(bundle, table, device, threads, opt_level, warmup, runs, rounds, budget_s,
+                                 progress=progress is not None, reference_ms=reference_ms)
+        if not keep_onnx:
+            prune_bundle(bundle, {r["key"] for r in rows})
+    return rows if chunks else runner.read_table(table)[1]
+
+
+def prune_bundle(bundle: Path, keys: set[str]) -> None:
+    """Delete the ONNX files (and manifest entries) of items in `keys`; the reference stays."""
+    manifest = runner.load_manifest(bundle)
+    keep = []
+    for it in manifest["items"]:
+        if it["key"] in keys and it["key"] != manifest["reference"]:
+            (bundle / it["file"]).unlink(missing_ok=True)
+        else:
+            keep.append(it)
+    manifest["items"] = keep
+    runner.write_atomic(bundle / "manifest.json", json.dumps(manifest, indent=1) + "\n")
+
+
+__all__ = ["measure", "prune_bundle", "RunnerError"]

@@ -1,0 +1,389 @@
+"""The latency predictor: measured blocks, per-kind fits for the rest, whole-network calibration.
+
+A prediction for a network is the sum of its blocks' latencies, then corrected by a calibration
+fitted on whole networks measured end to end (it absorbs what block sums miss: the skip concats
+between blocks, per-run overhead, fusions and cache effects). A block's latency is
+
+- `measured`: its row in the table (drift-normalised median, `norm_ms`), when its signature was timed;
+- `fitted`: otherwise, its kind's model, a non-negative linear model in the block's cost features
+  (constant per-call overhead, MACs, weights, activation elements and, for transformers, attention
+  score elements, RoPE and QK-norm work). Non-negative weights make it monotone: more work is never
+  predicted faster. Fitted by NNLS on relative error; its leave-one-out error is kept per kind;
+- `extrapolated`: the same model used outside the feature range it was fitted on (flagged);
+
+and a block of a kind the table never measured, or with hyper-parameters the kind does not have,
+is an error, never a zero. The predictor is saved as JSON (`<table>.predictor.json`): versioned,
+readable, tied to the table by its SHA-256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from archlab.config import ArchConfig
+from archlab.decompose import BlockSpec, decompose
+from archlab.errors import ArchlabError
+from archlab.latency import runner
+
+FORMAT = 1
+TARGET = "norm_ms"  # the table column predicted: drift-normalised median
+
+
+def predictor_path(table: str | Path) -> Path:
+    return Path(table).with_suffix(".predictor.json")
+
+
+def table_sha(table: str | Path) -> str:
+    return hashlib.sha256(Path(table).read_bytes()).hexdigest()
+
+
+# ---- features -----------------------------------------------------------------------------------
+
+def features(spec: BlockSpec) -> dict[str, float]:
+    """The cost features a kind model is linear in (units: M elements / M MACs / M params)."""
+    from archlab.cost import block_cost
+
+    c = block_cost(spec)
+    f = {"call": 1.0, "macs": c.macs / 1e6, "params": c.params / 1e6, "acts": c.acts / 1e6}
+    if spec.kind == "transformer":
+        p = spec.params()
+        n = spec.hw[0] * spec.hw[1]
+        f["attn_sa"] = p["heads"] * n * n / 1e6 if p["self_attention"] else 0.0
+        f["attn_ca"] = p["heads"] * n * p["context_len"] / 1e6 if p["cross_attention"] else 0.0
+        f["rope"] = n * p["dim"] / 1e6 if p["rope"] else 0.0
+        f["qk_norm"] = n * p["dim"] / 1e6 if p["qk_norm"] else 0.0
+    return f
+
+
+@dataclass
+class KindModel:
+    kind: str
+    hp_names: tuple[str, ...]  # the hyper-parameters every block of this kind has
+    features: tuple[str, ...]
+    coef: tuple[float, ...]  # ms per unit of each feature, all >= 0
+    low: tuple[float, ...]  # feature range seen in fitting
+    high: tuple[float, ...]
+    n: int
+    loo_mape: float | None  # leave-one-out mean absolute percentage error on the fitted rows
+
+    def predict(self, f: dict[str, float]) -> tuple[float, bool]:
+        """(ms, extrapolated) for a feature dict."""
+        x = [f.get(name, 0.0) for name in self.features]
+        outside = any(v < lo * (1 - 1e-9) or v > hi * (1 + 1e-9) for v, lo, hi in zip(x, self.low, self.high))
+        return float(np.dot(self.coef, x)), outside
+
+
+def _nnls_relative(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Non-negative least squares on relative error: min sum(((x b - y) / y)^2), b >= 0."""
+    from scipy.optimize import nnls
+
+    a = x / y[:, None]
+    scale = np.maximum(np.abs(a).max(axis=0), 1e-30)
+    b, _ = nnls(a / scale, np.ones_like(y), maxiter=50 * x.shape[1])
+    return b / scale
+
+
+def fit_kind(kind: str, specs: Sequence[BlockSpec], ms: Sequence[float]) -> KindModel:
+    feats = [features(s) for s in specs]
+    names = tuple(sorted({k for f in feats for k, v in f.items()}, key=list(feats[0]).index))
+    x = np.array([[f.get(k, 0.0) for k in names] for f in feats])
+    y = np.asarray(ms, dtype=float)
+    coef = _nnls_relative(x, y)
+    loo = None
+    if len(y) >= 3:
+        errs = []
+        for i in range(len(y)):
+            keep = np.arange(len(y)) != i
+            b = _nnls_relative(x[keep], y[keep])
+            errs.append(abs(x[i] @ b / y[i] - 1))
+        loo = float(np.mean(errs))
+    hp_names = tuple(k for k, _ in specs[0].hp)
+    return KindModel(kind, hp_names, names, tuple(map(float, coef)), tuple(map(float, x.min(0))),
+                     tuple(map(float, x.max(0))), len(y), loo)
+
+
+# ---- calibration --------------------------------------------------------------------------------
+
+@dataclass
+class Calibration:
+    """measured network = intercept_ms + slope * (sum of its blocks)."""
+    intercept_ms: float = 0.0
+    slope: float = 1.0
+    n: int = 0
+    networks: tuple[str, ...] = ()  # keys of the networks it was fitted on
+    digests: tuple[str, ...] = ()  # their architecture digests (held-out sets must avoid them)
+    loo_mape: float | None = None
+    raw_mape: float | None = None  # the uncalibrated block sum's error on the same networks
+
+    def apply(self, raw_ms: float | np.ndarray):
+        return self.intercept_ms + self.slope * raw_ms
+
+
+def _fit_line(raw: np.ndarray, measured: np.ndarray) -> tuple[float, float]:
+    """(intercept, slope) minimising relative error; a single network gives a pure ratio."""
+    if len(raw) == 1:
+        return 0.0, float(measured[0] / raw[0])
+    a = np.stack([np.ones_like(raw), raw], axis=1) / measured[:, None]
+    (c0, c1), *_ = np.linalg.lstsq(a, np.ones_like(raw), rcond=None)
+    return float(c0), float(c1)
+
+
+def fit_calibration(keys: Sequence[str], digests: Sequence[str], raw: Sequence[float],
+                    measured: Sequence[float]) -> Calibration:
+    raw_a, meas = np.asarray(raw, float), np.asarray(measured, float)
+    c0, c1 = _fit_line(raw_a, meas)
+    loo = None
+    if len(raw_a) >= 4:
+        errs = []
+        for i in range(len(raw_a)):
+            keep = np.arange(len(raw_a)) != i
+            b0, b1 = _fit_line(raw_a[keep], meas[keep])
+            errs.append(abs((b0 + b1 * raw_a[i]) / meas[i] - 1))
+        loo = float(np.mean(errs))
+    raw_mape = float(np.mean(np.abs(raw_a / meas - 1)))
+    return Calibration(c0, c1, len(raw_a), tuple(keys), tuple(digests), loo, raw_mape)
+
+
+# ---- the predictor ------------------------------------------------------------------------------
+
+@dataclass
+class BlockLatency:
+    name: str
+    key: str
+    kind: str
+    ms: float
+    source: str  # measured | fitted | extrapolated
+
+
+@dataclass
+class Prediction:
+    name: str
+    latency_ms: float  # calibrated (equal to raw_sum_ms when the predictor has no calibration)
+    raw_sum_ms: float
+    blocks: list[BlockLatency]
+
+    @property
+    def extrapolated(self) -> bool:
+        return any(b.source == "extrapolated" for b in self.blocks)
+
+    def to_dict(self, with_blocks: bool = True) -> dict:
+        d = {"name": self.name, "latency_ms": round(self.latency_ms, 4), "raw_sum_ms": round(self.raw_sum_ms, 4),
+             "extrapolated": self.extrapolated,
+             "sources": {s: sum(b.source == s for b in self.blocks) for s in ("measured", "fitted", "extrapolated")}}
+        if with_blocks:
+            d["blocks"] = [{"name": b.name, "key": b.key, "kind": b.kind, "latency_ms": round(b.ms, 5),
+                            "source": b.source} for b in self.blocks]
+        return d
+
+
+@dataclass
+class Predictor:
+    settings: dict  # the table's metadata: device, cpu, resolution, threads, opt_level, ort_version, ...
+    measured: dict[str, float]  # block key -> ms
+    kinds: dict[str, KindModel]
+    calibration: Calibration | None = None
+    table: str = ""
+    table_sha256: str = ""
+    _memo: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def resolution(self) -> int:
+        return int(self.settings["resolution"])
+
+    # -- blocks --
+    def block(self, spec: BlockSpec) -> tuple[float, str]:
+        """(ms, source) of one block; raises ArchlabError if the predictor cannot cover it."""
+        hit = self._memo.get(spec)
+        if hit is not None:
+            return hit
+        model = self.kinds.get(spec.kind)
+        names = tuple(k for k, _ in spec.hp)
+        if model is not None and names != model.hp_names and set(names) == set(model.hp_names):
+            hp = dict(spec.hp)  # the same block with its hyper-parameters in the table's order
+            spec = BlockSpec(spec.kind, tuple((k, hp[k]) for k in model.hp_names), spec.hw)
+        key = spec.key
+        if key in self.measured:
+            out = (self.measured[key], "measured")
+        else:
+            if model is None:
+                raise ArchlabError(f"block {key}: the table has no {spec.kind!r} blocks (it has "
+                                   f"{', '.join(sorted(self.kinds))}); measure this kind first")
+            if set(names) != set(model.hp_names):
+                missing, extra = set(model.hp_names) - set(names), set(names) - set(model.hp_names)
+                what = "; ".join(filter(None, [missing and f"missing {', '.join(sorted(missing))}",
+                                               extra and f"unknown {', '.join(sorted(extra))}"]))
+                raise ArchlabError(f"block {key}: {what} (a {spec.kind} block has {', '.join(model.hp_names)})")
+            try:
+                f = features(spec)
+            except Exception as e:  # a block that cannot be built (bad channels for its groups, ...)
+                raise ArchlabError(f"block {key}: cannot be built: {e}") from None
+            ms, outside = model.predict(f)
+            out = (ms, "extrapolated" if outside else "fitted")
+        self._memo[spec] = out
+        return out
+
+    # -- networks --
+    def _check(self, cfg: ArchConfig) -> None:
+        if cfg.latent.resolution != self.resolution:
+            raise ArchlabError(f"{cfg.name}: latent {cfg.latent.resolution}x{cfg.latent.resolution}, but the table "
+                               f"was measured at {self.resolution}x{self.resolution}: query it at the table's "
+                               f"resolution (--resolution {self.resolution}) or measure a table at yours")
+
+    def predict(self, cfg: ArchConfig) -> Prediction:
+        self._check(cfg)
+        blocks = []
+        for s in decompose(cfg):
+            ms, source = self.block(s)
+            blocks.append(BlockLatency(s.name, s.key, s.kind, ms, source))
+        raw = math.fsum(b.ms for b in blocks)
+        return Prediction(cfg.name, float(self.calibrate(raw)), raw, blocks)
+
+    def predict_many(self, cfgs: Iterable[ArchConfig]) -> np.ndarray:
+        """Calibrated ms for many networks (the search's fast path: memoised block look-ups)."""
+        raw = []
+        for cfg in cfgs:
+            self._check(cfg)
+            raw.append(sum(self.block(s)[0] for s in decompose(cfg)))
+        return self.calibrate(np.asarray(raw, dtype=float))
+
+    def calibrate(self, raw_ms):
+        return self.calibration.apply(raw_ms) if self.calibration else raw_ms
+
+    # -- persistence --
+    def to_dict(self) -> dict:
+        cal = self.calibration
+        return {
+            "format": FORMAT,
+            "what": "archlab latency predictor: measured block latencies, per-kind NNLS models, calibration",
+            "table": self.table, "table_sha256": self.table_sha256, "target": TARGET,
+            "settings": self.settings,
+            "calibration": None if cal is None else {
+                "formula": "latency_ms = intercept_ms + slope * sum(block latency_ms)",
+                "intercept_ms": cal.intercept_ms, "slope": cal.slope, "n": cal.n, "loo_mape": cal.loo_mape,
+                "raw_mape": cal.raw_mape, "networks": list(cal.networks), "digests": list(cal.digests)},
+            "kinds": {k: {"hp_names": list(m.hp_names), "n": m.n, "loo_mape": m.loo_mape,
+                          "features": {f: {"coef_ms": c, "low": lo, "high": hi}
+                                       for f, c, lo, hi in zip(m.features, m.coef, m.low, m.high)}}
+                      for k, m in sorted(self.kinds.items())},
+            "measured_ms": dict(sorted(self.measured.items())),
+        }
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        runner.write_atomic(path, json.dumps(self.to_dict(), indent=1) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Predictor":
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+            if d.get("format") != FORMAT:
+                raise ArchlabError(f"{path}: predictor format {d.get('format')!r}, this archlab reads {FORMAT}")
+            kinds = {}
+            for k, m in d["kinds"].items():
+                f = m["features"]
+                kinds[k] = KindModel(k, tuple(m["hp_names"]), tuple(f), tuple(v["coef_ms"] for v in f.values()),
+                                     tuple(v["low"] for v in f.values()), tuple(v["high"] for v in f.values()),
+                                     m["n"], m["loo_mape"])
+            c = d["calibration"]
+            cal = None if c is None else Calibration(c["intercept_ms"], c["slope"], c["n"], tuple(c["networks"]),
+                                                     tuple(c["digests"]), c["loo_mape"], c["raw_mape"])
+            return cls(d["settings"], {k: float(v) for k, v in d["measured_ms"].items()}, kinds, cal,
+                       d["table"], d["table_sha256"])
+        except ArchlabError:
+            raise
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ArchlabError(f"{path}: not a readable archlab predictor ({type(e).__name__}: {e})") from None
+
+
+# ---- tables -------------------------------------------------------------------------------------
+
+def read_checked_table(table: str | Path, device: str | None = None, resolution: int | None = None) -> tuple[dict, list[dict]]:
+    """A table's (metadata, rows), checked: columns, numbers, and the device/resolution asked for."""
+    table = Path(table)
+    if not table.is_file():
+        raise ArchlabError(f"{table}: no such latency table")
+    try:
+        meta, rows = runner.read_table(table)
+    except runner.RunnerError as e:
+        raise ArchlabError(str(e)) from None
+    for key in ("device", "resolution", "threads"):
+        if key not in meta:
+            raise ArchlabError(f"{table.with_suffix('.meta.json')}: metadata has no {key!r}")
+    if device is not None and meta["device"] != device:
+        raise ArchlabError(f"{table}: measured on device {meta['device']!r}, not {device!r}")
+    if resolution is not None and int(meta["resolution"]) != resolution:
+        raise ArchlabError(f"{table}: measured at latent {meta['resolution']}, not {resolution}")
+    for i, r in enumerate(rows, start=2):
+        for col in ("median_ms", TARGET, "cv"):
+            try:
+                v = float(r[col])
+            except (TypeError, ValueError):
+                raise ArchlabError(f"{table}:{i}: {col}={r[col]!r} is not a number") from None
+            if not math.isfinite(v) or v < 0 or (col != "cv" and v == 0):
+                raise ArchlabError(f"{table}:{i}: {col}={r[col]!r} is not a positive finite number")
+        if r["role"] not in ("block", "reference", "network"):
+            raise ArchlabError(f"{table}:{i}: role={r['role']!r} is not block, reference or network")
+    if not rows:
+        raise ArchlabError(f"{table}: has no rows")
+    return meta, rows
+
+
+def fit(table: str | Path, progress=None) -> Predictor:
+    """Fit a predictor on a measured table: block rows -> kind models, network rows -> calibration."""
+    from archlab.latency.export import arch_digest
+
+    table = Path(table)
+    meta, rows = read_checked_table(table)
+    by_kind: dict[str, list[tuple[BlockSpec, float]]] = {}
+    measured: dict[str, float] = {}
+    for i, r in enumerate(rows, start=2):
+        if r["role"] == "network":
+            continue
+        try:
+            spec = BlockSpec.from_key(r["key"])
+        except ValueError as e:
+            raise ArchlabError(f"{table}:{i}: key: {e}") from None
+        if spec.kind != r["kind"]:
+            raise ArchlabError(f"{table}:{i}: kind={r['kind']!r} but the key says {spec.kind!r}")
+        measured[r["key"]] = float(r[TARGET])  # blocks and the reference (also a block)
+        by_kind.setdefault(spec.kind, []).append((spec, float(r[TARGET])))
+    kinds = {}
+    items = sorted(by_kind.items())
+    for kind, pairs in (progress(items) if progress else items):
+        specs, ms = zip(*pairs)
+        kinds[kind] = fit_kind(kind, specs, ms)
+    pred = Predictor({k: v for k, v in meta.items() if k != "networks"}, measured, kinds,
+                     table=str(table), table_sha256=table_sha(table))
+    nets = [r for r in rows if r["role"] == "network"]
+    if nets:
+        configs = meta.get("networks", {})
+        missing = [r["key"] for r in nets if r["key"] not in configs]
+        if missing:
+            raise ArchlabError(f"{table}: network row {missing[0]} has no config in the metadata, so it cannot calibrate")
+        cfgs = [ArchConfig.from_dict(configs[r["key"]], f"{table}: {r['key']}") for r in nets]
+        raw = [pred.predict(c).raw_sum_ms for c in cfgs]
+        pred.calibration = fit_calibration([r["key"] for r in nets], [arch_digest(c) for c in cfgs], raw,
+                                           [float(r[TARGET]) for r in nets])
+    return pred
+
+
+def load_for_table(table: str | Path, device: str | None = None) -> Predictor:
+    """The saved predictor of a table, checked to be fitted on that very table (and device)."""
+    table = Path(table)
+    read_checked_table(table, device=device)
+    path = predictor_path(table)
+    if not path.is_file():
+        raise ArchlabError(f"{table}: no fitted predictor ({path.name}): run `archlab latency fit {table}`")
+    pred = Predictor.load(path)
+    if pred.table_sha256 != table_sha(table):
+        raise ArchlabError(f"{path}: fitted on another version of {table.name}: run `archlab latency fit {table}` again")
+    return pred

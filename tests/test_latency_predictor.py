@@ -1,0 +1,232 @@
+"""The latency predictor: fitting, calibration, queries, errors; and the measure -> fit -> query ->
+evaluate path end to end on a tiny space (real ONNX Runtime timings, few runs)."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import yaml
+
+from archlab import cli
+from archlab.config import ArchConfig
+from archlab.cost import block_cost
+from archlab.decompose import BlockSpec, decompose
+from archlab.errors import ArchlabError
+from archlab.latency.export import network_key
+from archlab.latency.predictor import Predictor, fit, load_for_table, predictor_path
+from archlab.latency.runner import FIELDS, write_table
+from conftest import tiny_dict
+
+RES = 8
+
+
+def truth_ms(spec: BlockSpec) -> float:
+    """A made-up device: per-call overhead plus linear in MACs and activations."""
+    c = block_cost(spec)
+    return 0.02 + 2e-6 * c.macs + 1e-4 * c.acts
+
+
+def tiny_cfg(name="tiny", **over) -> ArchConfig:
+    cfg = ArchConfig.from_dict(tiny_dict(name=name, latent=dict(channels=4, resolution=RES)))
+    return cfg.with_values(over) if over else cfg
+
+
+def write_synthetic(path, blocks, networks, device="synthetic-cpu", resolution=RES, slope=1.1, intercept=0.5):
+    rows = []
+    for s in blocks:
+        ms = truth_ms(s)
+        rows.append(dict(key=s.key, kind=s.kind, role="block", median_ms=ms, min_ms=ms, mean_ms=ms, cv=0.01, runs=5,
+                         ref_ms=1.0, norm_ms=ms))
+    for cfg in networks:
+        ms = intercept + slope * sum(truth_ms(s) for s in decompose(cfg))
+        rows.append(dict(key=network_key(cfg), kind="network", role="network", median_ms=ms, min_ms=ms, mean_ms=ms,
+                         cv=0.01, runs=5, ref_ms=1.0, norm_ms=ms))
+    meta = dict(device=device, threads=1, opt_level="all", ort_version="x", resolution=resolution, opset=20,
+                bundle="b", reference_ms=1.0, networks={network_key(c): c.to_dict() for c in networks})
+    write_table(path, meta, rows)
+    return path
+
+
+VARIANTS = [dict(), {"stages.*.ffn_ratio": 2}, {"stages.*.conv": "separable"}, {"stages.2.transformer_depth": 1},
+            {"attention.qk_norm": True}, {"stages.*.expansion": 2, "stages.*.conv": "separable"}]
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    cfgs = [tiny_cfg(f"v{i}", **v) for i, v in enumerate(VARIANTS)]
+    blocks = {s.signature: s for c in cfgs for s in decompose(c)}
+    table = tmp_path_factory.mktemp("syn") / "syn.csv"
+    write_synthetic(table, list(blocks.values()), cfgs[:4])
+    return table, cfgs
+
+
+def test_fit_recovers_blocks_and_calibration(synthetic):
+    table, cfgs = synthetic
+    pred = fit(table)
+    assert pred.calibration.n == 4
+    assert pred.calibration.slope == pytest.approx(1.1, rel=1e-6)
+    assert pred.calibration.intercept_ms == pytest.approx(0.5, rel=1e-5)
+    assert pred.calibration.raw_mape > 0.05  # the raw sum misses what calibration puts back
+    for cfg in cfgs[4:]:  # networks the calibration never saw, all blocks measured
+        p = pred.predict(cfg)
+        truth = 0.5 + 1.1 * sum(truth_ms(s) for s in decompose(cfg))
+        assert p.latency_ms == pytest.approx(truth, rel=1e-6)
+        assert {b.source for b in p.blocks} == {"measured"} and not p.extrapolated
+    assert pred.predict_many(cfgs[4:]) == pytest.approx([pred.predict(c).latency_ms for c in cfgs[4:]])
+    # the kind models themselves fit the (linear) truth
+    assert pred.kinds["res"].loo_mape < 0.02 and pred.kinds["transformer"].loo_mape < 0.02
+
+
+def test_unmeasured_blocks_are_fitted_monotone_or_flagged_extrapolated(synthetic):
+    table, _ = synthetic
+    pred = fit(table)
+    res = [s for s in decompose(tiny_cfg()) if s.kind == "res"][0]
+    hp = dict(res.hp)
+    inside = BlockSpec("res", tuple({**hp, "expansion": 3, "conv": "separable"}.items()), res.hw)  # not measured
+    assert inside.key not in pred.measured
+    ms, source = pred.block(inside)
+    assert source == "fitted" and ms == pytest.approx(truth_ms(inside), rel=0.1)
+    wide = BlockSpec("res", tuple({**hp, "cin": 256, "cout": 256}.items()), (32, 32))
+    ms_wide, source = pred.block(wide)
+    assert source == "extrapolated" and ms_wide > ms > 0
+    # the same block written with its hyper-parameters in another order is the same block
+    shuffled = BlockSpec("res", tuple(reversed(res.hp)), res.hw)
+    assert pred.block(shuffled) == (pred.measured[res.key], "measured")
+
+
+def test_blocks_the_predictor_cannot_cover_are_errors(synthetic):
+    table, _ = synthetic
+    pred = fit(table)
+    with pytest.raises(ArchlabError, match="no 'conv3d' blocks"):
+        pred.block(BlockSpec("conv3d", (("cin", 4),), (8, 8)))
+    res = [s for s in decompose(tiny_cfg()) if s.kind == "res"][0]
+    with pytest.raises(ArchlabError, match="missing expansion"):
+        pred.block(BlockSpec("res", tuple((k, v) for k, v in res.hp if k != "expansion"), res.hw))
+    with pytest.raises(ArchlabError, match="latent 16x16, but the table was measured at 8x8"):
+        pred.predict(tiny_cfg().with_values({"latent.resolution": 16}))
+
+
+def test_predictor_round_trips_as_json(synthetic, tmp_path):
+    table, cfgs = synthetic
+    pred = fit(table)
+    path = pred.save(tmp_path / "p.json")
+    data = json.loads(path.read_text())
+    assert data["format"] == 1 and data["calibration"]["n"] == 4 and "res" in data["kinds"]
+    again = Predictor.load(path)
+    for cfg in cfgs:
+        assert again.predict(cfg).latency_ms == pytest.approx(pred.predict(cfg).latency_ms, rel=1e-12)
+
+
+def test_load_for_table_checks_device_and_staleness(synthetic, tmp_path):
+    table, cfgs = synthetic
+    copy = tmp_path / "t.csv"
+    copy.write_text(table.read_text())
+    copy.with_suffix(".meta.json").write_text(table.with_suffix(".meta.json").read_text())
+    with pytest.raises(ArchlabError, match="latency fit"):
+        load_for_table(copy)
+    fit(copy).save(predictor_path(copy))
+    assert load_for_table(copy, device="synthetic-cpu").calibration.n == 4
+    with pytest.raises(ArchlabError, match="measured on device 'synthetic-cpu', not 'phone'"):
+        load_for_table(copy, device="phone")
+    copy.write_text(copy.read_text() + copy.read_text().splitlines()[1] + "\n")  # the table changed
+    with pytest.raises(ArchlabError, match="another version"):
+        load_for_table(copy)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda rows: rows[1].update(norm_ms="nan"), "norm_ms='nan' is not a positive finite number"),
+    (lambda rows: rows[1].update(median_ms="fast"), "median_ms='fast' is not a number"),
+    (lambda rows: rows[1].update(key="res(cin=3"), "key: "),
+    (lambda rows: rows[1].update(role="guess"), "role='guess'"),
+])
+def test_malformed_tables_are_one_line_errors(synthetic, tmp_path, edit, message):
+    table, _ = synthetic
+    import csv
+
+    with table.open() as f:
+        rows = list(csv.DictReader(f))
+    edit(rows)
+    meta = json.loads(table.with_suffix(".meta.json").read_text())
+    bad = tmp_path / "bad.csv"
+    write_table(bad, meta, rows)
+    with pytest.raises(ArchlabError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        fit(bad)
+
+
+def test_missing_columns_is_an_error(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("key,ms\nx,1\n")
+    bad.with_suffix(".meta.json").write_text("{}")
+    with pytest.raises(ArchlabError, match="columns"):
+        fit(bad)
+
+
+# ---- end to end, real timings ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory):
+    """A tiny space measured for real: every block signature plus 2 calibration networks."""
+    d = tmp_path_factory.mktemp("e2e")
+    base = tiny_dict(latent=dict(channels=4, resolution=RES))
+    base["stages"] = base["stages"][:2]
+    space = d / "space.yaml"
+    space.write_text(yaml.safe_dump({"name": "tiny-space", "base": base,
+                                     "params": {"stages.1.ffn_ratio": [2, 4], "stages.*.conv": ["standard", "separable"]}}))
+    table = d / "cpu.csv"
+    timing = ["--device", "test-cpu", "--threads", "1", "--warmup", "0", "--runs", "3", "--rounds", "1"]
+    argv = ["latency", "measure", "--space", str(space), "--networks", "2", "--seed", "1", "--resolution", str(RES),
+            "--out", str(table), "--bundle", str(d / "bundle"), *timing]
+    assert cli.main(argv) == 0
+    assert cli.main(["latency", "fit", str(table)]) == 0
+    return d, space, table
+
+
+def test_measure_writes_blocks_and_networks_and_deletes_onnx(measured):
+    d, space, table = measured
+    import csv
+
+    with table.open() as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == FIELDS
+        roles = [r["role"] for r in reader]
+    assert roles.count("network") == 2 and roles.count("reference") == 1 and roles.count("block") > 10
+    assert len(list((d / "bundle" / "onnx").glob("*.onnx"))) == 1  # only the reference is kept
+    meta = json.loads(table.with_suffix(".meta.json").read_text())
+    assert len(meta["networks"]) == 2
+
+
+def test_query_cli_on_a_network_and_a_block(measured, tmp_path, capsys):
+    d, space, table = measured
+    cfg = tmp_path / "net.yaml"
+    cfg.write_text(yaml.safe_dump(yaml.safe_load(space.read_text())["base"]))
+    capsys.readouterr()
+    assert cli.main(["latency", "query", str(cfg), "--table", str(table), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    (row,) = out["rows"]
+    assert row["latency_ms"] > 0 and out["calibrated"] and out["device"] == "test-cpu"
+    assert math.isclose(sum(b["latency_ms"] for b in row["blocks"]), row["raw_sum_ms"], rel_tol=1e-3)
+    assert {b["source"] for b in row["blocks"]} == {"measured"}
+    key = row["blocks"][2]["key"]
+    assert cli.main(["latency", "query", key, "--table", str(table), "--json"]) == 0
+    block = json.loads(capsys.readouterr().out)["rows"][0]
+    assert block["name"] == key and block["latency_ms"] == row["blocks"][2]["latency_ms"]
+    assert cli.main(["latency", "query", str(cfg), "--table", str(table), "--device", "other"]) == 2
+    assert "not 'other'" in capsys.readouterr().err
+    assert cli.main(["latency", "query", "nonsense", "--table", str(table)]) == 2
+
+
+def test_evaluate_measures_heldout_networks_and_reports(measured, tmp_path, capsys):
+    d, space, table = measured
+    argv = ["latency", "evaluate", "--space", str(space), "--table", str(table), "--networks", "2", "--seed", "5",
+            "--heldout", str(d / "heldout.csv"), "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    report = json.loads((tmp_path / "latency_eval.json").read_text())
+    for key in ("n", "within_5", "within_10", "mape", "kendall_tau", "spearman_rho", "noise_cv"):
+        assert key in report
+    assert report["n"] == 2 and 0 <= report["within_10"] <= 1 and report["raw_sum"]["n"] == 2
+    calib = set(json.loads(table.with_suffix(".meta.json").read_text())["networks"])
+    held = {n["key"].split("#")[1] for n in report["networks"]}
+    assert not held & {k.split("#")[1] for k in calib}  # disjoint architectures
+    assert report["speed"]["per_s_from_configs"] > 0
+    assert "latency evaluate" in (tmp_path / "latency_eval.md").read_text()
