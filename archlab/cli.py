@@ -54,6 +54,15 @@ def _build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(run=cmd_space)
 
+    tr = sub.add_parser("train", help="train a design at proxy scale (rectified flow) and score it: FID, KID, val loss")
+    tr.add_argument("target", metavar="CONFIG_OR_LADDER", help="an ArchConfig YAML or a ladder YAML (with --row)")
+    tr.add_argument("--row", help="ladder row (name or 0-based index); default: the last row")
+    _dataset_args(tr)
+    _train_args(tr)
+    tr.add_argument("--out", help="run folder: checkpoint (resumed from) and result.json")
+    tr.add_argument("--json", action="store_true", help="print the result as a JSON object")
+    tr.set_defaults(run=cmd_train)
+
     lat = sub.add_parser("latency", help="latency lab: export ONNX bundles, time them on a device")
     lsub = lat.add_subparsers(dest="latency_command", required=True, parser_class=_Parser)
     ex = lsub.add_parser("export", help="export blocks and networks to an ONNX bundle (to time on another device)")
@@ -98,6 +107,45 @@ def _build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default="reports", help="folder for latency_eval.json and latency_eval.md")
     ev.set_defaults(run=cmd_latency_evaluate)
     return p
+
+
+def _dataset_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="synthetic", help="`synthetic` (embedded default) or an ImageNet-style folder")
+    p.add_argument("--image-size", type=int, default=32, help="proxy resolution in pixels (default 32)")
+    p.add_argument("--classes", type=int, help="use the first N classes")
+    p.add_argument("--per-class", type=int, help="train images per class")
+    p.add_argument("--val-per-class", type=int, help="validation images per class")
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    from archlab.train import TrainConfig
+
+    d = TrainConfig()
+    p.add_argument("--steps", type=int, default=d.steps, help=f"training steps (default {d.steps})")
+    p.add_argument("--batch", type=int, default=d.batch)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--width-mult", type=float, default=d.width_mult, help=f"proxy width (default {d.width_mult})")
+    p.add_argument("--timesteps", default=d.timesteps, choices=("logit_normal", "uniform"))
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--samples", type=int, default=d.samples, help="generated images for FID/KID (0: skip)")
+    p.add_argument("--sample-steps", type=int, default=d.sample_steps, help="Euler steps")
+    p.add_argument("--cfg-scale", type=float, default=d.cfg_scale)
+    p.add_argument("--fid-extractor", default=d.fid_extractor, help="auto (inception if installed), inception, randconv")
+    p.add_argument("--device", default=d.device, help="torch device (cpu, cuda, ...)")
+
+
+def _data_config(args: argparse.Namespace):
+    from archlab.data import DataConfig
+
+    return DataConfig(args.dataset, args.image_size, args.classes, args.per_class, args.val_per_class)
+
+
+def _train_config(args: argparse.Namespace):
+    from archlab.train import TrainConfig
+
+    return TrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, width_mult=args.width_mult,
+                       timesteps=args.timesteps, seed=args.seed, samples=args.samples, sample_steps=args.sample_steps,
+                       cfg_scale=args.cfg_scale, fid_extractor=args.fid_extractor, device=args.device)
 
 
 def _selection_args(p: argparse.ArgumentParser) -> None:
@@ -209,6 +257,35 @@ def cmd_show(args: argparse.Namespace) -> int:
     else:
         print(row.config.to_yaml(), end="")
     return 0
+
+
+# ---- train --------------------------------------------------------------------------------------
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from archlab.data import load_dataset
+    from archlab.ladder import load_ladder
+    from archlab.train import train
+
+    ladder = load_ladder(args.target)
+    row = ladder.row(args.row) if args.row is not None else ladder.rows[-1]
+    tcfg = _train_config(args)
+    tcfg.validate()
+    data = load_dataset(_data_config(args), progress=sys.stderr.isatty())
+    result = train(row.config, data, tcfg, out=args.out, progress=sys.stderr.isatty())
+    out = {**result.to_dict(), "design": row.name, "target": args.target, "dataset": data.describe(),
+           "train": asdict(tcfg)}
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(f"{row.name} on {data.source} ({data.num_classes} classes, {args.image_size}px), {result.steps} steps "
+              f"in {result.seconds:.0f}s: {result.status}{' (' + result.reason + ')' if result.reason else ''}")
+        if result.status == "ok":
+            print(f"  val_loss {result.val_loss:.4f}" + (f"  FID {result.fid:.2f}  KID {result.kid:.4f} +- {result.kid_std:.4f}"
+                                                         f"  [{result.fid_extractor}, {tcfg.samples} samples]"
+                                                         if result.fid is not None else ""))
+    return 0 if result.status == "ok" else 1
 
 
 # ---- space --------------------------------------------------------------------------------------

@@ -1,0 +1,308 @@
+"""Proxy training and scoring: a design, scaled down, trained briefly with rectified flow.
+
+- The model: the candidate's ArchConfig at proxy scale (`proxy_arch`: pixels, 3 channels, the
+  dataset's resolution, channels x `width_mult`, same topology) and the class as context tokens
+  (a learned embedding of `context_len` tokens per class, plus a null class for classifier-free
+  guidance; labels are dropped to it with probability `label_dropout` while training).
+- Rectified flow: x_t = (1 - t) x0 + t eps, the model predicts v = eps - x0; t from a logit-normal
+  (mu, sigma) or uniform. AdamW, EMA, gradient clipping. Every random draw of step k comes from a
+  generator seeded by (seed, k), so a resumed run is the same run, and two runs with one seed match.
+- A non-finite loss or gradient ends the run with status `diverged` and the reason: a result, not an
+  exception, so a search can record it and go on.
+- Scores (on the EMA weights): the flow-matching validation loss on held-out images at fixed
+  timesteps and noise, and FID / KID of Euler-sampled images (with CFG) against the real set.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from archlab.config import ArchConfig
+from archlab.data import ImageSet, to_model, to_uint8
+from archlab.errors import ArchlabError
+from archlab.unet import UNet
+
+# settings that do not change the trained weights: a checkpoint made with other values is resumed
+NOT_TRAINING = ("steps", "val_images", "samples", "sample_steps", "cfg_scale", "fid_extractor", "checkpoint_every",
+                "report_every", "device")
+VAL_TIMESTEPS = 8  # validation loss: t = (i + 0.5) / 8, i = 0..7, for every held-out image
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 500
+    batch: int = 32
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    warmup: int = 50
+    grad_clip: float = 1.0
+    ema: float = 0.999
+    timesteps: str = "logit_normal"  # or "uniform"
+    mu: float = 0.0
+    sigma: float = 1.0
+    label_dropout: float = 0.1
+    width_mult: float = 0.125
+    context_dim: int = 64
+    context_len: int = 4
+    seed: int = 0
+    # scoring
+    val_images: int = 256
+    samples: int = 250
+    sample_steps: int = 20
+    cfg_scale: float = 2.0
+    fid_extractor: str = "auto"
+    # bookkeeping
+    checkpoint_every: int = 200
+    report_every: int = 25
+    device: str = "cpu"
+
+    def validate(self) -> None:
+        checks = {"steps": self.steps >= 0, "batch": self.batch >= 1, "lr": self.lr > 0,
+                  "ema": 0 <= self.ema < 1, "label_dropout": 0 <= self.label_dropout < 1,
+                  "timesteps": self.timesteps in ("logit_normal", "uniform"), "sigma": self.sigma > 0,
+                  "width_mult": self.width_mult > 0, "samples": self.samples >= 0, "sample_steps": self.sample_steps >= 1,
+                  "val_images": self.val_images >= 1, "context_len": self.context_len >= 1,
+                  "context_dim": self.context_dim >= 1, "checkpoint_every": self.checkpoint_every >= 1,
+                  "report_every": self.report_every >= 1}
+        for name, ok in checks.items():
+            if not ok:
+                raise ArchlabError(f"train: {name}={getattr(self, name)!r} is out of range")
+
+
+@dataclass
+class TrainResult:
+    status: str  # ok | diverged
+    reason: str
+    steps: int
+    seconds: float
+    train_loss: float | None
+    val_loss: float | None
+    fid: float | None = None
+    kid: float | None = None
+    kid_std: float | None = None
+    fid_extractor: str | None = None
+    params: int = 0
+    history: list[tuple[int, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["history"] = [list(h) for h in self.history]
+        return d
+
+
+def proxy_arch(cfg: ArchConfig, resolution: int, t: TrainConfig) -> ArchConfig:
+    """The design at proxy scale: pixels at `resolution`, channels x width_mult, same topology.
+    GroupNorm groups scale with the width too, so each group keeps its number of channels."""
+    groups = max(1, round(cfg.norm_groups * t.width_mult))
+    return cfg.with_values({"latent.channels": 3, "latent.resolution": resolution, "width_mult": t.width_mult,
+                            "norm_groups": groups, "conditioning.context_dim": t.context_dim,
+                            "conditioning.context_len": t.context_len}, where=f"{cfg.name} at proxy scale")
+
+
+class ProxyModel(nn.Module):
+    """UNet(arch) with the class as context tokens; class `num_classes` is the null class (CFG)."""
+
+    def __init__(self, arch: ArchConfig, num_classes: int):
+        super().__init__()
+        c = arch.conditioning
+        self.arch, self.num_classes = arch, num_classes
+        self.unet = UNet(arch)
+        self.classes = nn.Embedding(num_classes + 1, c.context_len * c.context_dim)
+        nn.init.normal_(self.classes.weight, std=0.5)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        c = self.arch.conditioning
+        context = self.classes(labels).view(len(labels), c.context_len, c.context_dim)
+        return self.unet(x, t * 1000, context)
+
+
+def _gen(seed: int, step: int, salt: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 7 + salt)
+
+
+def sample_t(n: int, t: TrainConfig, g: torch.Generator) -> torch.Tensor:
+    if t.timesteps == "uniform":
+        return torch.rand(n, generator=g)
+    return torch.sigmoid(t.mu + t.sigma * torch.randn(n, generator=g))
+
+
+def flow_loss(model: nn.Module, x0: torch.Tensor, labels: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    tt = t.view(-1, 1, 1, 1)
+    xt = (1 - tt) * x0 + tt * eps
+    return torch.mean((model(xt, t, labels) - (eps - x0)) ** 2)
+
+
+@torch.no_grad()
+def validation_loss(model: nn.Module, data: ImageSet, n: int, device: str, batch: int = 64) -> float:
+    """Flow-matching loss on the first n held-out images at fixed timesteps and fixed noise."""
+    x, y = data.val[:n], data.val_labels[:n]
+    g = torch.Generator().manual_seed(1234)
+    eps_all = torch.randn((VAL_TIMESTEPS, *x.shape), generator=g)
+    total, count = 0.0, 0
+    model.eval()
+    for i in range(VAL_TIMESTEPS):
+        t_val = (i + 0.5) / VAL_TIMESTEPS
+        for j in range(0, len(x), batch):
+            xb = to_model(x[j:j + batch]).to(device)
+            t = torch.full((len(xb),), t_val, device=device)
+            loss = flow_loss(model, xb, y[j:j + batch].to(device), t, eps_all[i, j:j + batch].to(device))
+            total += float(loss) * len(xb)
+            count += len(xb)
+    return total / count
+
+
+@torch.no_grad()
+def sample(model: ProxyModel, labels: torch.Tensor, steps: int = 20, cfg_scale: float = 2.0, seed: int = 0,
+           resolution: int | None = None, device: str = "cpu", batch: int = 64) -> torch.Tensor:
+    """Euler ODE from noise (t=1) to data (t=0) with classifier-free guidance; returns uint8 images."""
+    res = resolution or model.arch.latent.resolution
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn((len(labels), 3, res, res), generator=g)
+    model.eval()
+    out = []
+    for j in range(0, len(labels), batch):
+        x, y = noise[j:j + batch].to(device), labels[j:j + batch].to(device)
+        null = torch.full_like(y, model.num_classes)
+        for k in range(steps):
+            t_now, t_next = 1 - k / steps, 1 - (k + 1) / steps
+            t = torch.full((len(x),), t_now, device=device)
+            if cfg_scale == 1.0:
+                v = model(x, t, y)
+            else:
+                v_c, v_u = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
+                v = v_u + cfg_scale * (v_c - v_u)
+            x = x + (t_next - t_now) * v
+        out.append(to_uint8(x).cpu())
+    return torch.cat(out)
+
+
+def score(model: ProxyModel, data: ImageSet, t: TrainConfig) -> dict:
+    """FID/KID of `t.samples` generated images (classes balanced) against the validation set."""
+    from archlab.metrics import extractor, fid_kid, features, real_features
+
+    ext = extractor(t.fid_extractor)
+    labels = torch.arange(t.samples) % data.num_classes
+    fake = sample(model, labels, t.sample_steps, t.cfg_scale, seed=t.seed + 99, device=t.device)
+    real = real_features(ext, data.val, f"{data.key}-val{len(data.val)}")
+    return {**fid_kid(real, features(ext, fake)), "fid_extractor": ext.name}
+
+
+class _Checkpoint:
+    def __init__(self, out: Path | None, settings: dict):
+        self.path = None if out is None else out / "checkpoint.pt"
+        self.settings = settings
+
+    def load(self):
+        if self.path is None or not self.path.is_file():
+            return None
+        state = torch.load(self.path, map_location="cpu", weights_only=False)
+        if state["settings"] != self.settings:
+            raise ArchlabError(f"{self.path}: made by a run with other settings; use another --out or delete it")
+        return state
+
+    def save(self, **state) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        torch.save({"settings": self.settings, **state}, tmp)
+        os.replace(tmp, self.path)
+
+
+def train(arch: ArchConfig, data: ImageSet, t: TrainConfig, out: str | Path | None = None, *, progress: bool = False,
+          on_report: Callable[[int, dict], None] | None = None, score_images: bool = True) -> TrainResult:
+    """Train `arch` at proxy scale on `data` for `t.steps` steps, then score it.
+
+    `out`: a folder for the checkpoint (resumed from if present, also to train a run for longer) and
+    `result.json`.
+    `on_report(step, {"train_loss"})` is called every `t.report_every` steps (Ray Tune reports here).
+    """
+    from tqdm import tqdm
+
+    t.validate()
+    torch.manual_seed(t.seed)
+    proxy = proxy_arch(arch, data.resolution, t)
+    model = ProxyModel(proxy, data.num_classes).to(t.device)
+    ema = ProxyModel(proxy, data.num_classes).to(t.device)
+    ema.load_state_dict(model.state_dict())
+    ema.requires_grad_(False)
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.dim() < 2 or name.startswith("classes") else decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=t.lr, betas=(0.9, 0.99))
+    settings = {"arch": proxy.to_dict(), "data": data.key,
+                "train": {k: v for k, v in asdict(t).items() if k not in NOT_TRAINING}}
+    ckpt = _Checkpoint(Path(out) if out else None, settings)
+    step, history, smooth = 0, [], None
+    state = ckpt.load()
+    if state is not None:
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        step, history, smooth = state["step"], state["history"], state["smooth"]
+
+    x_all, y_all = data.train, data.train_labels
+    start = time.time()
+    status, reason = "ok", ""
+    bar = tqdm(total=t.steps, initial=step, desc="training", unit="step", disable=not progress)
+    while step < t.steps:
+        g = _gen(t.seed, step)
+        idx = torch.randint(len(x_all), (t.batch,), generator=g)
+        x0 = to_model(x_all[idx]).to(t.device)
+        labels = y_all[idx].clone()
+        labels[torch.rand(t.batch, generator=g) < t.label_dropout] = data.num_classes
+        tt = sample_t(t.batch, t, g).to(t.device)
+        eps = torch.randn(x0.shape, generator=g).to(t.device)
+        for group in opt.param_groups:
+            group["lr"] = t.lr * min(1.0, (step + 1) / max(1, t.warmup))
+        model.train()
+        loss = flow_loss(model, x0, labels.to(t.device), tt, eps)
+        if not torch.isfinite(loss):
+            status, reason = "diverged", f"loss is {loss.item()} at step {step}"
+            break
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        if not torch.isfinite(norm):
+            status, reason = "diverged", f"gradient norm is {float(norm)} at step {step}"
+            break
+        opt.step()
+        d = min(t.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm, 1 - d)
+        step += 1
+        value = loss.item()
+        smooth = value if smooth is None else 0.95 * smooth + 0.05 * value
+        bar.update()
+        bar.set_postfix(loss=f"{smooth:.4f}")
+        if step % t.report_every == 0 or step == t.steps:
+            history.append((step, smooth))
+        if step % t.checkpoint_every == 0 or step == t.steps:
+            ckpt.save(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=step,
+                      history=history, smooth=smooth)
+        if on_report and (step % t.report_every == 0 or step == t.steps):
+            on_report(step, {"train_loss": smooth})
+    bar.close()
+    params = sum(p.numel() for p in model.parameters())
+    result = TrainResult(status, reason, step, time.time() - start, smooth, None, params=params, history=history)
+    if status == "ok":
+        result.val_loss = validation_loss(ema, data, t.val_images, t.device)
+        if score_images and t.samples:
+            s = score(ema, data, t)
+            result.fid, result.kid, result.kid_std, result.fid_extractor = s["fid"], s["kid"], s["kid_std"], s["fid_extractor"]
+    if out:
+        from archlab.latency.runner import write_atomic
+
+        write_atomic(Path(out) / "result.json", json.dumps({**result.to_dict(), "settings": settings}, indent=1) + "\n")
+    return result

@@ -1,0 +1,205 @@
+"""Proxy training at tiny sizes: datasets and their cache, the trainer, resume, NaN handling, the
+sampler, and the FID/KID plumbing with the small extractor."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from archlab import cli
+from archlab import train as T
+from archlab.config import ArchConfig
+from archlab.data import DataConfig, load_dataset
+from archlab.errors import ArchlabError
+from archlab.metrics import RandConv, features, fid_kid, real_features
+from conftest import tiny_dict
+
+TINY_TRAIN = T.TrainConfig(steps=4, batch=8, width_mult=1.0, context_dim=8, context_len=2, samples=0, val_images=16,
+                           report_every=2, checkpoint_every=2, warmup=2)
+
+
+@pytest.fixture(scope="module")
+def arch():
+    return ArchConfig.from_dict(tiny_dict(stages=[dict(channels=16), dict(channels=32, transformer_depth=1)],
+                                          attention=dict(head_dim=8, qk_norm=True, rope=True)))
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_dataset(DataConfig("synthetic", resolution=8, classes=3, per_class=12, val_per_class=6))
+
+
+# ---- data ---------------------------------------------------------------------------------------
+
+def test_synthetic_is_deterministic_and_class_conditional():
+    a = load_dataset(DataConfig(resolution=16, classes=4, per_class=5, val_per_class=2, seed=3))
+    b = load_dataset(DataConfig(resolution=16, classes=4, per_class=5, val_per_class=2, seed=3))
+    c = load_dataset(DataConfig(resolution=16, classes=4, per_class=5, val_per_class=2, seed=4))
+    assert a.train.dtype == torch.uint8 and a.train.shape == (20, 3, 16, 16) and a.val.shape == (8, 3, 16, 16)
+    assert torch.equal(a.train, b.train) and not torch.equal(a.train, c.train)
+    assert a.train_labels.tolist() == [0] * 5 + [1] * 5 + [2] * 5 + [3] * 5
+
+
+
+def _colour_histogram(x: torch.Tensor) -> torch.Tensor:
+    q = (x // 64).long()  # 4 levels per channel -> 64 bins
+    idx = q[:, 0] * 16 + q[:, 1] * 4 + q[:, 2]
+    return torch.stack([torch.bincount(i.flatten(), minlength=64) for i in idx]).float() / idx[0].numel()
+
+
+def test_synthetic_classes_are_learnable():
+    """A nearest-centroid classifier on colour histograms already tells most classes apart (chance: 10%)."""
+    d = load_dataset(DataConfig(resolution=32, per_class=30, val_per_class=10))
+    h, hv = _colour_histogram(d.train), _colour_histogram(d.val)
+    centroids = torch.stack([h[d.train_labels == k].mean(0) for k in range(d.num_classes)])
+    accuracy = (torch.cdist(hv, centroids).argmin(1) == d.val_labels).float().mean()
+    assert accuracy > 0.5  # colour alone; shape separates the rest
+
+
+def _write_folder(root, classes=3, per_class=4, bad=0):
+    rng = np.random.default_rng(0)
+    for split, n in (("train", per_class), ("val", 2)):
+        for k in range(classes):
+            d = root / split / f"n0{k}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                arr = (rng.random((40, 48, 3)) * 255).astype(np.uint8)
+                Image.fromarray(arr).save(d / f"img{i}.JPEG", format="JPEG")
+    for i in range(bad):
+        (root / "train" / "n00" / f"broken{i}.JPEG").write_bytes(b"not a jpeg")
+    return root
+
+
+def test_folder_dataset_subsets_resizes_caches_and_counts_skips(tmp_path, monkeypatch):
+    monkeypatch.setattr("archlab.data.CACHE_DIR", tmp_path / "cache")
+    root = _write_folder(tmp_path / "imgs", bad=1)
+    d = load_dataset(DataConfig(str(root), resolution=16, classes=2, per_class=3))
+    assert d.class_names == ["n00", "n01"] and d.train.shape == (5, 3, 16, 16)  # 3 + 3 listed, 1 broken
+    assert d.skipped == 1 and len(d.val) == 4
+    cached = list((tmp_path / "cache" / "datasets").glob("*.pt"))
+    assert len(cached) == 1
+    again = load_dataset(DataConfig(str(root), resolution=16, classes=2, per_class=3))
+    assert torch.equal(again.train, d.train) and again.key == d.key
+    other = load_dataset(DataConfig(str(root), resolution=8, classes=2, per_class=3))
+    assert other.key != d.key and len(list((tmp_path / "cache" / "datasets").glob("*.pt"))) == 2
+
+
+def test_folder_dataset_errors(tmp_path, monkeypatch):
+    monkeypatch.setattr("archlab.data.CACHE_DIR", tmp_path / "cache")
+    with pytest.raises(ArchlabError, match="neither `synthetic` nor an existing folder"):
+        load_dataset(DataConfig(str(tmp_path / "missing")))
+    root = _write_folder(tmp_path / "imgs")
+    (root / "train" / "n09").mkdir()
+    with pytest.raises(ArchlabError, match="n09 has no images"):
+        load_dataset(DataConfig(str(root)))
+    with pytest.raises(ArchlabError, match="--classes: 9 asked"):
+        load_dataset(DataConfig(str(root), classes=9))
+    with pytest.raises(ArchlabError, match="power of two"):
+        load_dataset(DataConfig(resolution=24))
+
+
+# ---- trainer ------------------------------------------------------------------------------------
+
+def test_proxy_arch_keeps_topology_and_scales_width(arch):
+    p = T.proxy_arch(arch, 8, T.TrainConfig(width_mult=0.5, context_dim=8, context_len=2))
+    assert p.latent.channels == 3 and p.latent.resolution == 8
+    assert [p.channels(i) for i in range(2)] == [8, 16] and [p.heads(i) for i in range(2)] == [arch.heads(i) for i in range(2)]
+
+
+def test_same_seed_same_run(arch, data):
+    a = T.train(arch, data, TINY_TRAIN)
+    b = T.train(arch, data, TINY_TRAIN)
+    c = T.train(arch, data, T.TrainConfig(**{**TINY_TRAIN.__dict__, "seed": 1}))
+    assert a.status == "ok" and a.steps == 4 and a.val_loss > 0
+    assert a.val_loss == b.val_loss and a.history == b.history
+    assert c.val_loss != a.val_loss
+
+
+def test_resume_after_an_interruption_is_the_same_run(arch, data, tmp_path):
+    straight = T.train(arch, data, TINY_TRAIN)
+
+    def interrupt(step, metrics):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        T.train(arch, data, TINY_TRAIN, out=tmp_path, on_report=interrupt)
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 2
+    assert not (tmp_path / "result.json").exists()
+    resumed = T.train(arch, data, TINY_TRAIN, out=tmp_path)
+    assert resumed.steps == 4 and resumed.val_loss == pytest.approx(straight.val_loss, rel=1e-6)
+    assert resumed.history == straight.history
+    assert json.loads((tmp_path / "result.json").read_text())["steps"] == 4
+
+
+def test_checkpoint_from_other_settings_is_refused(arch, data, tmp_path):
+    T.train(arch, data, T.TrainConfig(**{**TINY_TRAIN.__dict__, "steps": 2}), out=tmp_path)
+    with pytest.raises(ArchlabError, match="other settings"):
+        T.train(arch, data, T.TrainConfig(**{**TINY_TRAIN.__dict__, "steps": 2, "lr": 1e-3}), out=tmp_path)
+
+
+def test_nan_loss_ends_the_run_as_diverged(arch, data, monkeypatch):
+    real = T.flow_loss
+    calls = []
+
+    def poisoned(*args):
+        calls.append(1)
+        loss = real(*args)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(T, "flow_loss", poisoned)
+    r = T.train(arch, data, TINY_TRAIN)
+    assert r.status == "diverged" and "nan at step 2" in r.reason and r.steps == 2 and r.val_loss is None
+
+
+def test_sampler_is_deterministic(arch, data):
+    model = T.ProxyModel(T.proxy_arch(arch, 8, TINY_TRAIN), data.num_classes)
+    labels = torch.tensor([0, 1, 2, 0])
+    a = T.sample(model, labels, steps=3, cfg_scale=2.0, seed=5)
+    b = T.sample(model, labels, steps=3, cfg_scale=2.0, seed=5)
+    c = T.sample(model, labels, steps=3, cfg_scale=2.0, seed=6)
+    assert a.dtype == torch.uint8 and a.shape == (4, 3, 8, 8)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+# ---- metrics ------------------------------------------------------------------------------------
+
+def test_fid_of_real_vs_itself_is_zero_and_noise_is_far(tmp_path, monkeypatch):
+    monkeypatch.setattr("archlab.metrics.CACHE_DIR", tmp_path)
+    d = load_dataset(DataConfig(resolution=16, classes=5, per_class=40, val_per_class=40))
+    ext = RandConv()
+    real = real_features(ext, d.val, f"{d.key}-val")
+    assert real.shape == (200, 256) and list(tmp_path.glob("features/*.pt"))
+    same = fid_kid(real, features(ext, d.val))
+    assert abs(same["fid"]) < 1e-3 and abs(same["kid"]) < 1e-3
+    noise = torch.randint(0, 256, d.val.shape, generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    far = fid_kid(real, features(ext, noise))
+    train = fid_kid(real, features(ext, d.train))
+    assert far["fid"] > 10 * train["fid"] > 0 and far["kid"] > 10 * abs(train["kid"])
+
+
+def test_score_names_its_extractor(arch, data, tmp_path, monkeypatch):
+    monkeypatch.setattr("archlab.metrics.CACHE_DIR", tmp_path)
+    t = T.TrainConfig(**{**TINY_TRAIN.__dict__, "samples": 12, "sample_steps": 2, "fid_extractor": "randconv"})
+    r = T.train(arch, data, t)
+    assert r.fid_extractor == "randconv-v1" and r.fid > 0 and r.kid is not None
+
+
+def test_train_cli_prints_scores_as_json(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("archlab.metrics.CACHE_DIR", tmp_path)
+    cfg = tmp_path / "arch.yaml"
+    import yaml
+
+    cfg.write_text(yaml.safe_dump(tiny_dict(stages=[dict(channels=16), dict(channels=32, transformer_depth=1)],
+                                            attention=dict(head_dim=8, qk_norm=False, rope=False))))
+    argv = ["train", str(cfg), "--dataset", "synthetic", "--image-size", "8", "--classes", "3", "--per-class", "8",
+            "--val-per-class", "4", "--steps", "2", "--batch", "4", "--width-mult", "1", "--samples", "6",
+            "--sample-steps", "2", "--fid-extractor", "randconv", "--json", "--out", str(tmp_path / "run")]
+    assert cli.main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    for key in ("fid", "kid", "val_loss", "fid_extractor", "train", "dataset"):
+        assert key in out
+    assert out["status"] == "ok" and out["train"]["steps"] == 2 and out["dataset"]["classes"] == 3
+    assert cli.main([*argv[:4], "--steps", "-1"]) == 2
