@@ -63,6 +63,12 @@ def _build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--json", action="store_true", help="print the result as a JSON object")
     tr.set_defaults(run=cmd_train)
 
+    da = sub.add_parser("data", help="load a dataset and summarise it; --export writes a prepared copy")
+    _dataset_args(da)
+    da.add_argument("--export", metavar="FILE.pt", help="write the prepared set (uint8) for other machines")
+    da.add_argument("--json", action="store_true")
+    da.set_defaults(run=cmd_data)
+
     lat = sub.add_parser("latency", help="latency lab: export ONNX bundles, time them on a device")
     lsub = lat.add_subparsers(dest="latency_command", required=True, parser_class=_Parser)
     ex = lsub.add_parser("export", help="export blocks and networks to an ONNX bundle (to time on another device)")
@@ -286,6 +292,20 @@ def cmd_train(args: argparse.Namespace) -> int:
                                                          f"  [{result.fid_extractor}, {tcfg.samples} samples]"
                                                          if result.fid is not None else ""))
     return 0 if result.status == "ok" else 1
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from archlab.data import load_dataset, save_dataset
+
+    data = load_dataset(_data_config(args), progress=sys.stderr.isatty())
+    info = data.describe()
+    if args.export:
+        info["exported"] = str(save_dataset(data, args.export))
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print("\n".join(f"{k}: {v}" for k, v in info.items()))
+    return 0
 
 
 # ---- space --------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Datasets for proxy training: the embedded `synthetic` set and ImageNet-style folders.
 
-`--dataset` takes `synthetic` (generated here, deterministic from a seed, no download) or a folder
+`--dataset` takes `synthetic` (generated here, deterministic from a seed, no download), a folder
 laid out as ImageNet / ImageFolder (`train/<class>/*.JPEG`, optional `val/<class>/*`; without `val/`
-a share of each class is held out). A folder is decoded, centre-cropped and resized once into a
+a share of each class is held out), or a prepared set saved by `archlab data ... --export FILE.pt`
+(decoded once, copied to a cluster's workers or a GPU box that lacks the image folder). A folder is decoded, centre-cropped and resized once into a
 uint8 array cached under `runs/cache/datasets/`, keyed by the folder's file list, the class subset,
 the image count and the resolution, so later epochs and runs cost nothing to load.
 
@@ -16,13 +17,14 @@ import colorsys
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from archlab.errors import ArchlabError
+from archlab.io import save_atomic
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 CACHE_DIR = Path(os.environ.get("ARCHLAB_CACHE", "runs/cache"))
@@ -77,7 +79,52 @@ def load_dataset(cfg: DataConfig, progress: bool = False) -> ImageSet:
         v = getattr(cfg, name)
         if v is not None and v < 1:
             raise ArchlabError(f"{name}: must be >= 1, got {v}")
-    return synthetic(cfg) if cfg.is_synthetic else _folder(cfg, progress)
+    if cfg.is_synthetic:
+        return synthetic(cfg)
+    if cfg.spec.endswith(".pt") and Path(cfg.spec).is_file():
+        return _prepared(cfg)
+    return _folder(cfg, progress)
+
+
+def save_dataset(data: ImageSet, path: str | Path) -> Path:
+    """Write a prepared set (uint8 tensors, labels, class names, key) that `load_dataset` reads back."""
+    return save_atomic({"format": "archlab-imageset-1", "train": data.train, "train_labels": data.train_labels, "val": data.val,
+                "val_labels": data.val_labels, "class_names": data.class_names, "source": data.source, "key": data.key,
+                "skipped": data.skipped}, path)
+
+
+def _prepared(cfg: DataConfig) -> ImageSet:
+    try:
+        d = torch.load(cfg.spec, weights_only=True)
+        assert d.get("format") == "archlab-imageset-1"
+    except Exception:
+        raise ArchlabError(f"--dataset: {cfg.spec} is not a prepared archlab dataset (archlab data ... --export)") from None
+    res = int(d["train"].shape[-1])
+    if res != cfg.resolution:
+        raise ArchlabError(f"--image-size: {cfg.resolution}, but {cfg.spec} was prepared at {res}")
+    data = ImageSet(d["train"], d["train_labels"], d["val"], d["val_labels"], list(d["class_names"]), d["source"],
+                    d["key"], int(d["skipped"]), {"prepared": cfg.spec})
+    if cfg.classes or cfg.per_class or cfg.val_per_class:
+        data = _subset(data, cfg)
+    return data
+
+
+def _subset(data: ImageSet, cfg: DataConfig) -> ImageSet:
+    k = cfg.classes or data.num_classes
+    if k > data.num_classes:
+        raise ArchlabError(f"--classes: {k} asked, the prepared set has {data.num_classes}")
+
+    def pick(labels: torch.Tensor, limit: int | None) -> torch.Tensor:
+        keep = torch.zeros(len(labels), dtype=torch.bool)
+        for c in range(k):
+            idx = (labels == c).nonzero().flatten()
+            keep[idx[:limit]] = True
+        return keep
+
+    t, v = pick(data.train_labels, cfg.per_class), pick(data.val_labels, cfg.val_per_class)
+    key = f"{data.key}-k{k}-n{cfg.per_class}-v{cfg.val_per_class}"
+    return ImageSet(data.train[t], data.train_labels[t], data.val[v], data.val_labels[v], data.class_names[:k],
+                    data.source, key, data.skipped, data.info)
 
 
 # ---- synthetic ----------------------------------------------------------------------------------
@@ -185,10 +232,7 @@ def _folder(cfg: DataConfig, progress: bool) -> ImageSet:
         d = torch.load(cache)
     else:
         d = _decode(files, cfg.resolution, progress)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.tmp")
-        torch.save(d, tmp)
-        os.replace(tmp, cache)
+        save_atomic(d, cache)
     info = {"cache": str(cache), "classes_used": names[:5] + (["..."] if len(names) > 5 else [])}
     return ImageSet(d["train"], d["train_labels"], d["val"], d["val_labels"], names, str(root),
                     f"{root.name}-{key}", d["skipped"], info)
@@ -245,4 +289,3 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return ((x.clamp(-1, 1) + 1) * 127.5 + 0.5).to(torch.uint8)
 
 
-__all__ = ["DataConfig", "ImageSet", "load_dataset", "synthetic", "to_model", "to_uint8", "asdict"]

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from archlab.errors import ArchlabError
+from archlab.io import save_atomic
 
 CACHE_DIR = Path(os.environ.get("ARCHLAB_CACHE", "runs/cache"))
 
@@ -114,10 +115,7 @@ def real_features(model: nn.Module, images: torch.Tensor, key: str) -> torch.Ten
         if f.shape[0] == len(images):
             return f
     f = features(model, images)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(f, tmp)
-    os.replace(tmp, path)
+    save_atomic(f, path)
     return f
 
 

@@ -16,10 +16,8 @@
 from __future__ import annotations
 
 import json
-import math
-import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -29,6 +27,7 @@ from torch import nn
 from archlab.config import ArchConfig
 from archlab.data import ImageSet, to_model, to_uint8
 from archlab.errors import ArchlabError
+from archlab.io import save_atomic, write_atomic
 from archlab.unet import UNet
 
 # settings that do not change the trained weights: a checkpoint made with other values is resumed
@@ -185,15 +184,32 @@ def sample(model: ProxyModel, labels: torch.Tensor, steps: int = 20, cfg_scale: 
     return torch.cat(out)
 
 
-def score(model: ProxyModel, data: ImageSet, t: TrainConfig) -> dict:
-    """FID/KID of `t.samples` generated images (classes balanced) against the validation set."""
-    from archlab.metrics import extractor, fid_kid, features, real_features
-
-    ext = extractor(t.fid_extractor)
+def score(model: ProxyModel, data: ImageSet, t: TrainConfig) -> tuple[dict, torch.Tensor]:
+    """FID/KID of `t.samples` generated images (classes balanced) against the validation set;
+    returns the scores and the generated images (uint8)."""
     labels = torch.arange(t.samples) % data.num_classes
     fake = sample(model, labels, t.sample_steps, t.cfg_scale, seed=t.seed + 99, device=t.device)
+    return score_images(fake, data, t.fid_extractor), fake
+
+
+def score_images(fake: torch.Tensor, data: ImageSet, extractor_name: str = "auto") -> dict:
+    """FID/KID of uint8 images against the validation set of `data`, with a named extractor."""
+    from archlab.metrics import extractor, features, fid_kid, real_features
+
+    ext = extractor(extractor_name)
     real = real_features(ext, data.val, f"{data.key}-val{len(data.val)}")
     return {**fid_kid(real, features(ext, fake)), "fid_extractor": ext.name}
+
+
+def save_samples(images: torch.Tensor, out: Path, columns: int = 16) -> None:
+    """`samples.pt` (all generated images, uint8) and `samples.png` (a grid of up to 8 rows)."""
+    from PIL import Image
+
+    save_atomic(images, out / "samples.pt")
+    n = min(len(images), columns * 8) // columns * columns
+    if n:
+        g = images[:n].view(n // columns, columns, *images.shape[1:]).permute(0, 3, 1, 4, 2)
+        Image.fromarray(g.reshape(g.shape[0] * g.shape[1], -1, 3).numpy()).save(out / "samples.png")
 
 
 class _Checkpoint:
@@ -212,18 +228,15 @@ class _Checkpoint:
     def save(self, **state) -> None:
         if self.path is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        torch.save({"settings": self.settings, **state}, tmp)
-        os.replace(tmp, self.path)
+        save_atomic({"settings": self.settings, **state}, self.path)
 
 
 def train(arch: ArchConfig, data: ImageSet, t: TrainConfig, out: str | Path | None = None, *, progress: bool = False,
-          on_report: Callable[[int, dict], None] | None = None, score_images: bool = True) -> TrainResult:
+          on_report: Callable[[int, dict], None] | None = None, with_scores: bool = True) -> TrainResult:
     """Train `arch` at proxy scale on `data` for `t.steps` steps, then score it.
 
-    `out`: a folder for the checkpoint (resumed from if present, also to train a run for longer) and
-    `result.json`.
+    `out`: a folder for the checkpoint (resumed from if present, also to train a run for longer),
+    `result.json` and the generated images (`samples.pt`, `samples.png`).
     `on_report(step, {"train_loss"})` is called every `t.report_every` steps (Ray Tune reports here).
     """
     from tqdm import tqdm
@@ -298,11 +311,11 @@ def train(arch: ArchConfig, data: ImageSet, t: TrainConfig, out: str | Path | No
     result = TrainResult(status, reason, step, time.time() - start, smooth, None, params=params, history=history)
     if status == "ok":
         result.val_loss = validation_loss(ema, data, t.val_images, t.device)
-        if score_images and t.samples:
-            s = score(ema, data, t)
+        if with_scores and t.samples:
+            s, fake = score(ema, data, t)
             result.fid, result.kid, result.kid_std, result.fid_extractor = s["fid"], s["kid"], s["kid_std"], s["fid_extractor"]
+            if out:
+                save_samples(fake, Path(out))
     if out:
-        from archlab.latency.runner import write_atomic
-
         write_atomic(Path(out) / "result.json", json.dumps({**result.to_dict(), "settings": settings}, indent=1) + "\n")
     return result

@@ -4,7 +4,6 @@ evaluate path end to end on a tiny space (real ONNX Runtime timings, few runs)."
 import json
 import math
 
-import numpy as np
 import pytest
 import yaml
 

@@ -203,3 +203,18 @@ def test_train_cli_prints_scores_as_json(tmp_path, capsys, monkeypatch):
         assert key in out
     assert out["status"] == "ok" and out["train"]["steps"] == 2 and out["dataset"]["classes"] == 3
     assert cli.main([*argv[:4], "--steps", "-1"]) == 2
+
+
+def test_prepared_dataset_round_trips_and_subsets(tmp_path, capsys):
+    path = tmp_path / "set.pt"
+    argv = ["data", "--dataset", "synthetic", "--image-size", "8", "--classes", "3", "--per-class", "4",
+            "--val-per-class", "2", "--export", str(path), "--json"]
+    assert cli.main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["train"] == 12
+    full = load_dataset(DataConfig("synthetic", resolution=8, classes=3, per_class=4, val_per_class=2))
+    again = load_dataset(DataConfig(str(path), resolution=8))
+    assert torch.equal(again.train, full.train) and again.class_names == full.class_names and again.key == full.key
+    sub = load_dataset(DataConfig(str(path), resolution=8, classes=2, per_class=1))
+    assert sub.train_labels.tolist() == [0, 1] and len(sub.val) == 4 and sub.key != full.key
+    with pytest.raises(ArchlabError, match="prepared at 8"):
+        load_dataset(DataConfig(str(path), resolution=16))

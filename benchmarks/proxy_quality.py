@@ -1,0 +1,148 @@
+"""Does proxy training learn? A trained proxy against the same model untrained, on real images.
+
+Two steps, so the training can run on a GPU box and the scoring with the standard FID network here:
+
+    # 1. train (and keep the generated images): an untrained copy (0 steps) and a trained one
+    python benchmarks/proxy_quality.py train --dataset DATA --steps 4000 --batch 128 --device cuda --out runs/proxy-quality
+    # 2. score both sets of images with each extractor against the validation set, write the report
+    python benchmarks/proxy_quality.py report --dataset DATA --dir runs/proxy-quality --out reports/proxy_quality
+
+DATA is an ImageNet-style folder or a prepared set (`archlab data --dataset FOLDER ... --export F.pt`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LADDER = ROOT / "search_spaces" / "snapgen_ablation.yaml"
+
+
+def _data(args):
+    from archlab.data import DataConfig, load_dataset
+
+    return load_dataset(DataConfig(args.dataset, args.image_size, args.classes, args.per_class, args.val_per_class))
+
+
+def cmd_train(args) -> None:
+    import torch
+
+    from archlab.ladder import load_ladder
+    from archlab.train import TrainConfig, train
+
+    data = _data(args)
+    arch = load_ladder(LADDER).row(args.row).config
+    for name, steps in (("untrained", 0), ("trained", args.steps)):
+        t = TrainConfig(steps=steps, batch=args.batch, lr=args.lr, width_mult=args.width, samples=args.samples,
+                        sample_steps=args.sample_steps, cfg_scale=args.cfg_scale, fid_extractor="randconv",
+                        val_images=args.val_images, device=args.device, checkpoint_every=1000, seed=args.seed)
+        t0 = time.time()
+        r = train(arch, data, t, out=Path(args.out) / name, progress=True)
+        info = {"device": args.device, "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+                "torch": torch.__version__, "wall_s": time.time() - t0, "dataset": data.describe(), "row": args.row,
+                "sample_steps": args.sample_steps, "cfg_scale": args.cfg_scale}
+        (Path(args.out) / name / "run.json").write_text(json.dumps(info, indent=1) + "\n")
+        print(f"{name}: {r.status} val_loss={r.val_loss:.4f} fid[randconv]={r.fid:.2f} in {info['wall_s']:.0f}s", flush=True)
+
+
+def cmd_report(args) -> None:
+    import torch
+
+    from archlab.train import score_images
+
+    data = _data(args)
+    runs = {}
+    for name in ("untrained", "trained"):
+        d = Path(args.dir) / name
+        result = json.loads((d / "result.json").read_text())
+        info = json.loads((d / "run.json").read_text())
+        fake = torch.load(d / "samples.pt")
+        scores = {ext: score_images(fake, data, ext) for ext in args.extractors}
+        runs[name] = {"result": {k: result[k] for k in ("status", "steps", "seconds", "val_loss", "train_loss", "params")},
+                      "scores": scores, "samples": len(fake), "run": info}
+        print(name, {e: round(s["fid"], 2) for e, s in scores.items()}, flush=True)
+    t = json.loads((Path(args.dir) / "trained" / "result.json").read_text())["settings"]["train"]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report = {"runs": runs, "train_settings": t, "dataset": data.describe(), "row": runs["trained"]["run"]["row"],
+              "commands": [runs["trained"]["run"].get("command", ""), "python benchmarks/proxy_quality.py " + " ".join(sys.argv[1:])]}
+    out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    u, tr = runs["untrained"], runs["trained"]
+    info = tr["run"]
+    lines = ["# Proxy training learns: trained vs untrained on real images", "",
+             f"Design: ladder row `{report['row']}` at proxy scale (width x{t['width_mult']}, "
+             f"{data.resolution}x{data.resolution} pixels, {tr['result']['params']:,} params). Data: "
+             f"`{data.source}`, {data.num_classes} classes, {len(data.train)} training and {len(data.val)} validation "
+             "images. Trained on " + (f"{info['gpu']}" if info.get("gpu") else info["device"]) +
+             f" (torch {info['torch']}): {t['batch']} images/step, {tr['result']['steps']} steps, lr {t['lr']}, "
+             f"logit-normal t, EMA {t['ema']}, label dropout {t['label_dropout']}, {tr['result']['seconds']:.0f} s. "
+             f"{tr['samples']} images sampled per model (Euler, {info['sample_steps']} steps, CFG "
+             f"{info['cfg_scale']}); FID/KID against the validation set; validation loss = flow-matching loss "
+             "on held-out images at 8 fixed timesteps and fixed noise.", "",
+             "| model | val loss | " + " | ".join(f"FID [{e}] | KID [{e}]" for e in args.extractors) + " |",
+             "|---|---:|" + "---:|---:|" * len(args.extractors)]
+    for name, r in (("untrained (0 steps)", u), (f"trained ({tr['result']['steps']} steps)", tr)):
+        cells = [f"{r['scores'][e]['fid']:.2f} | {r['scores'][e]['kid']:.4f} ± {r['scores'][e]['kid_std']:.4f}"
+                 for e in args.extractors]
+        lines.append(f"| {name} | {r['result']['val_loss']:.4f} | " + " | ".join(cells) + " |")
+    names = {e: tr["scores"][e]["fid_extractor"] for e in args.extractors}
+    lines += ["", "Extractors: " + "; ".join(f"`{e}` = {n}" for e, n in names.items()) + ".", "",
+              "![samples of the trained model](proxy_quality_samples.png)", "",
+              "Regenerate (training ran with the first command, scoring here with the second):", "",
+              *[f"    {c}" for c in report["commands"] if c], ""]
+    out.with_suffix(".md").write_text("\n".join(lines))
+    png = Path(args.dir) / "trained" / "samples.png"
+    if png.is_file():
+        (out.parent / "proxy_quality_samples.png").write_bytes(png.read_bytes())
+    print(f"wrote {out.with_suffix('.md')}")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name in ("train", "report"):
+        s = sub.add_parser(name)
+        s.add_argument("--dataset", required=True)
+        s.add_argument("--image-size", type=int, default=32)
+        s.add_argument("--classes", type=int)
+        s.add_argument("--per-class", type=int)
+        s.add_argument("--val-per-class", type=int)
+    t = sub.choices["train"]
+    t.add_argument("--row", default="qknorm-rope", help="ladder row (default: the final design)")
+    t.add_argument("--steps", type=int, default=4000)
+    t.add_argument("--batch", type=int, default=128)
+    t.add_argument("--lr", type=float, default=3e-4)
+    t.add_argument("--width", type=float, default=0.125)
+    t.add_argument("--samples", type=int, default=2000)
+    t.add_argument("--sample-steps", type=int, default=20)
+    t.add_argument("--cfg-scale", type=float, default=2.0)
+    t.add_argument("--val-images", type=int, default=1000)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--out", default="runs/proxy-quality")
+    r = sub.choices["report"]
+    r.add_argument("--dir", default="runs/proxy-quality")
+    r.add_argument("--extractors", nargs="+", default=["inception", "randconv"])
+    r.add_argument("--out", default="reports/proxy_quality")
+    args = p.parse_args()
+    if args.cmd == "train":
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        cmd_train(args)
+        for name in ("untrained", "trained"):
+            run = Path(args.out) / name / "run.json"
+            info = json.loads(run.read_text())
+            info["command"] = "python benchmarks/proxy_quality.py " + " ".join(sys.argv[1:])
+            info["python"] = platform.python_version()
+            run.write_text(json.dumps(info, indent=1) + "\n")
+    else:
+        cmd_report(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
