@@ -38,6 +38,10 @@ def cmd_train(args) -> None:
     data = _data(args)
     arch = load_ladder(LADDER).row(args.row).config
     for name, steps in (("untrained", 0), ("trained", args.steps)):
+        done = Path(args.out) / name / "run.json"
+        if done.is_file() and json.loads((done.parent / "result.json").read_text())["steps"] == steps:
+            print(f"{name}: already done ({done.parent})")
+            continue
         t = TrainConfig(steps=steps, batch=args.batch, lr=args.lr, width_mult=args.width, samples=args.samples,
                         sample_steps=args.sample_steps, cfg_scale=args.cfg_scale, fid_extractor="randconv",
                         val_images=args.val_images, device=args.device, checkpoint_every=1000, seed=args.seed)
