@@ -22,6 +22,7 @@ YAML shape (every key optional except `stages`; see search_spaces/snapgen_ablati
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
 from dataclasses import dataclass, field, fields, replace
@@ -276,10 +277,15 @@ def _set(node: Any, parts: list[str], depth: int, value: Any, where: str, path: 
 
 # ---- generic typed construction ---------------------------------------------------------------
 
+@functools.lru_cache(maxsize=None)
+def _schema(cls: type) -> tuple[dict, dict]:
+    """(type hints, fields by name) of a config dataclass; cached, resolving hints is slow."""
+    return get_type_hints(cls), {f.name: f for f in fields(cls)}
+
+
 def _build(cls: type, data: Any, where: str, prefix: str) -> Any:
     data = _require_mapping(data, _join(where, prefix or cls.__name__))
-    hints = get_type_hints(cls)
-    known = {f.name: f for f in fields(cls)}
+    hints, known = _schema(cls)
     for key in data:
         if key not in known:
             raise ArchlabError(f"{_join(where, _dot(prefix, str(key)))}: unknown key (allowed: {', '.join(known)})")
