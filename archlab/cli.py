@@ -341,8 +341,6 @@ def cmd_space(args: argparse.Namespace) -> int:
 
 def _selection(args: argparse.Namespace) -> tuple[list, list]:
     """(blocks, networks) named by --space/--networks/--ladder/--ladder-networks at --resolution."""
-    from dataclasses import replace
-
     from archlab.decompose import decompose
     from archlab.ladder import load_ladder
     from archlab.space import load_space
@@ -351,16 +349,13 @@ def _selection(args: argparse.Namespace) -> tuple[list, list]:
         raise ArchlabError("give --space, --ladder or both")
     if args.networks and not args.space:
         raise ArchlabError("--networks samples from a search space: give --space")
-    res = {"latent.resolution": args.resolution}
     blocks, networks = {}, []
     if args.space:
-        space = load_space(args.space)
-        space = replace(space, base=space.base.with_values(res, where=args.space))
+        space = load_space(args.space).at_resolution(args.resolution)
         blocks.update((s.signature, s) for s in space.block_signatures())
         networks += [cfg for _, cfg in space.sample(args.networks, seed=args.seed)]
     if args.ladder:
-        for row in load_ladder(args.ladder).rows:
-            cfg = row.config.with_values(res, where=f"{args.ladder}: {row.name}")
+        for cfg in load_ladder(args.ladder).configs(args.resolution):
             blocks.update((s.signature, s) for s in decompose(cfg))
             if args.ladder_networks:
                 networks.append(cfg)
@@ -403,15 +398,11 @@ def cmd_latency_measure(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from archlab.latency.measure import measure
-    from archlab.latency.runner import RunnerError
 
     blocks, networks = _selection(args)
     bundle = args.bundle or str(Path("runs") / "bundles" / Path(args.out).stem)
-    try:
-        rows = measure(args.out, bundle, blocks=blocks, networks=networks, resolution=args.resolution,
-                       opset=args.opset, keep_onnx=args.keep_onnx, progress=_tqdm("exporting"), **_timing(args))
-    except RunnerError as e:
-        raise ArchlabError(str(e)) from None
+    rows = measure(args.out, bundle, blocks=blocks, networks=networks, resolution=args.resolution,
+                   opset=args.opset, keep_onnx=args.keep_onnx, progress=_tqdm("exporting"), **_timing(args))
     print(f"{len(rows)} rows in {args.out}")
     return 0
 
@@ -464,6 +455,9 @@ def _block_from_yaml(data: dict, where: str):
 
     hp = dict(data)
     kind = hp.pop("kind")
+    for name, value in hp.items():
+        if not isinstance(value, (bool, int, float, str)):
+            raise ArchlabError(f"{where}: {name}: a block hyper-parameter must be a number, a string or a bool, got {value!r}")
     size = hp.pop("resolution", None)
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:
         raise ArchlabError(f"{where}: resolution: a block needs its input resolution as a positive integer, got {size!r}")

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
 import math
 import types
 from dataclasses import dataclass, field, fields, replace
@@ -116,6 +118,11 @@ class ArchConfig:
         out = dataclasses.asdict(self)
         out["stages"] = list(out["stages"])
         return out
+
+    def digest(self) -> str:
+        """A hash of everything that shapes the network (the config without its name)."""
+        data = {k: v for k, v in self.to_dict().items() if k != "name"}
+        return hashlib.sha1(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)

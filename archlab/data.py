@@ -16,7 +16,6 @@ from __future__ import annotations
 import colorsys
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,10 +23,9 @@ import numpy as np
 import torch
 
 from archlab.errors import ArchlabError
-from archlab.io import save_atomic
+from archlab.io import cache_dir, save_atomic
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
-CACHE_DIR = Path(os.environ.get("ARCHLAB_CACHE", "runs/cache"))
 SHAPES = ("disk", "square", "triangle", "ring", "cross")
 
 
@@ -216,6 +214,9 @@ def _folder(cfg: DataConfig, progress: bool) -> ImageSet:
         else:  # hold out 10% of each class (at least one image)
             n_val = max(1, len(train) // 10)
             train, val = train[:-n_val], train[-n_val:]
+        if not train:
+            raise ArchlabError(f"--dataset: class folder {d} has {len(val)} image(s), all held out for validation: "
+                               "no training images left")
         if cfg.per_class:
             train = train[:cfg.per_class]
         if cfg.val_per_class:
@@ -226,7 +227,7 @@ def _folder(cfg: DataConfig, progress: bool) -> ImageSet:
 
     listing = json.dumps({c: [[str(p), p.stat().st_size] for p in t + v] for c, (t, v) in files.items()})
     key = hashlib.sha1(f"{root.resolve()}|{cfg.resolution}|{listing}".encode()).hexdigest()[:16]
-    cache = CACHE_DIR / "datasets" / f"{root.name}-{key}.pt"
+    cache = cache_dir() / "datasets" / f"{root.name}-{key}.pt"
     names = list(files)
     if cache.is_file():
         d = torch.load(cache)
@@ -263,6 +264,9 @@ def _decode(files: dict, res: int, progress: bool) -> dict:
     for split in ("train", "val"):
         if not out[split]:
             raise ArchlabError(f"--dataset: no readable {split} images")
+    empty = [name for label, name in enumerate(files) if label not in set(out["train_labels"])]
+    if empty:
+        raise ArchlabError(f"--dataset: class {empty[0]} has no readable training images")
     return {"train": torch.from_numpy(np.stack(out["train"])).permute(0, 3, 1, 2).contiguous(),
             "train_labels": torch.tensor(out["train_labels"]),
             "val": torch.from_numpy(np.stack(out["val"])).permute(0, 3, 1, 2).contiguous(),

@@ -7,6 +7,11 @@ from pathlib import Path
 from typing import Any
 
 
+def cache_dir() -> Path:
+    """Where datasets and real-set features are cached: $ARCHLAB_CACHE, else runs/cache."""
+    return Path(os.environ.get("ARCHLAB_CACHE", "runs/cache"))
+
+
 def _tmp(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     return path.with_name(f".{path.name}.tmp")

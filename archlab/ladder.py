@@ -52,6 +52,12 @@ class Ladder:
     setting: str = ""
     path: str = ""
 
+    def configs(self, resolution: int | None = None) -> list[ArchConfig]:
+        """Every row's config, at another latent resolution if given."""
+        if resolution is None:
+            return [r.config for r in self.rows]
+        return [r.config.with_values({"latent.resolution": resolution}, where=f"{self.path}: {r.name}") for r in self.rows]
+
     def row(self, name_or_index: str | int) -> LadderRow:
         """A row by name or 0-based index (also accepts the string form of an index)."""
         for r in self.rows:

@@ -24,9 +24,8 @@ import torch
 from torch import nn
 
 from archlab.errors import ArchlabError
-from archlab.io import save_atomic
+from archlab.io import cache_dir, save_atomic
 
-CACHE_DIR = Path(os.environ.get("ARCHLAB_CACHE", "runs/cache"))
 
 
 class RandConv(nn.Module):
@@ -109,7 +108,7 @@ def features(model: nn.Module, images: torch.Tensor, batch: int = 64) -> torch.T
 def real_features(model: nn.Module, images: torch.Tensor, key: str) -> torch.Tensor:
     """Features of a real image set, cached on disk by `key` (dataset, split, count) and extractor."""
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in f"{key}-{model.name}")
-    path = CACHE_DIR / "features" / f"{safe}.pt"
+    path = cache_dir() / "features" / f"{safe}.pt"
     if path.is_file():
         f = torch.load(path)
         if f.shape[0] == len(images):

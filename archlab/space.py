@@ -15,6 +15,7 @@ Each path must exist in the base config, and every single choice must give a val
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import random
@@ -66,14 +67,32 @@ class SearchSpace:
     def sample_point(self, rng: random.Random) -> dict[str, Any]:
         return {p.path: rng.choice(p.choices) for p in self.params}
 
-    def sample(self, n: int, seed: int = 0) -> list[tuple[dict[str, Any], ArchConfig]]:
-        """n random points (uniform over each parameter's choices) and their configs, seeded."""
+    def sample(self, n: int, seed: int = 0, *, prefix: str | None = None,
+               avoid: frozenset[str] | set[str] = frozenset()) -> list[tuple[dict[str, Any], ArchConfig]]:
+        """n random points (uniform over each parameter's choices) and their configs, seeded.
+
+        The configs are distinct architectures (`ArchConfig.digest`), none of them in `avoid`;
+        draws that repeat one are skipped. Names are `<prefix>-s<seed>-<draw>` (prefix: the
+        space's name)."""
         rng = random.Random(seed)
-        out = []
-        for k in range(n):
+        out, seen = [], set(avoid)
+        for k in range(100 * n + 100):
+            if len(out) == n:
+                return out
             point = self.sample_point(rng)
-            out.append((point, self.config(point, name=f"{self.name}-s{seed}-{k}")))
+            cfg = self.config(point, name=f"{prefix or self.name}-s{seed}-{k}")
+            if cfg.digest() not in seen:
+                seen.add(cfg.digest())
+                out.append((point, cfg))
+        if len(out) < n:
+            raise ArchlabError(f"{self.path or self.name}: found only {len(out)} distinct networks"
+                               f"{' outside the ' + str(len(avoid)) + ' to avoid' if avoid else ''}, asked {n}")
         return out
+
+    def at_resolution(self, resolution: int) -> "SearchSpace":
+        """The same space with its base at another latent resolution."""
+        base = self.base.with_values({"latent.resolution": resolution}, where=self.path or self.name)
+        return dataclasses.replace(self, base=base)
 
     def block_signatures(self) -> list[BlockSpec]:
         """Every distinct block (by signature) that any point of the space can produce, sorted by key.

@@ -65,16 +65,24 @@ class TrainConfig:
     device: str = "cpu"
 
     def validate(self) -> None:
+        from archlab.metrics import EXTRACTORS
+
         checks = {"steps": self.steps >= 0, "batch": self.batch >= 1, "lr": self.lr > 0,
+                  "weight_decay": self.weight_decay >= 0, "warmup": self.warmup >= 0, "grad_clip": self.grad_clip > 0,
+                  "fid_extractor": self.fid_extractor in EXTRACTORS,
                   "ema": 0 <= self.ema < 1, "label_dropout": 0 <= self.label_dropout < 1,
                   "timesteps": self.timesteps in ("logit_normal", "uniform"), "sigma": self.sigma > 0,
-                  "width_mult": self.width_mult > 0, "samples": self.samples >= 0, "sample_steps": self.sample_steps >= 1,
+                  "width_mult": self.width_mult > 0, "samples": self.samples == 0 or self.samples >= 2, "sample_steps": self.sample_steps >= 1,
                   "val_images": self.val_images >= 1, "context_len": self.context_len >= 1,
                   "context_dim": self.context_dim >= 1, "checkpoint_every": self.checkpoint_every >= 1,
                   "report_every": self.report_every >= 1}
         for name, ok in checks.items():
             if not ok:
                 raise ArchlabError(f"train: {name}={getattr(self, name)!r} is out of range")
+        try:
+            torch.empty(0, device=self.device)
+        except (RuntimeError, AssertionError) as e:
+            raise ArchlabError(f"train: device={self.device!r} is not usable here ({e})") from None
 
 
 @dataclass
@@ -140,10 +148,20 @@ def flow_loss(model: nn.Module, x0: torch.Tensor, labels: torch.Tensor, t: torch
     return torch.mean((model(xt, t, labels) - (eps - x0)) ** 2)
 
 
+def _spread(labels: torch.Tensor) -> torch.Tensor:
+    """Indices ordered round-robin over classes (1st of each class, then 2nd, ...): any prefix is balanced."""
+    rank = torch.zeros_like(labels)
+    for c in labels.unique():
+        where = (labels == c).nonzero().flatten()
+        rank[where] = torch.arange(len(where))
+    return torch.argsort(rank * (int(labels.max()) + 1) + labels, stable=True)
+
+
 @torch.no_grad()
 def validation_loss(model: nn.Module, data: ImageSet, n: int, device: str, batch: int = 64) -> float:
-    """Flow-matching loss on the first n held-out images at fixed timesteps and fixed noise."""
-    x, y = data.val[:n], data.val_labels[:n]
+    """Flow-matching loss on n held-out images (balanced over classes) at fixed timesteps and noise."""
+    idx = _spread(data.val_labels)[:n]
+    x, y = data.val[idx], data.val_labels[idx]
     g = torch.Generator().manual_seed(1234)
     eps_all = torch.randn((VAL_TIMESTEPS, *x.shape), generator=g)
     total, count = 0.0, 0
@@ -242,6 +260,10 @@ def train(arch: ArchConfig, data: ImageSet, t: TrainConfig, out: str | Path | No
     from tqdm import tqdm
 
     t.validate()
+    if with_scores and t.samples:
+        from archlab.metrics import extractor
+
+        extractor(t.fid_extractor)  # a missing FID network fails now, not after training
     torch.manual_seed(t.seed)
     proxy = proxy_arch(arch, data.resolution, t)
     model = ProxyModel(proxy, data.num_classes).to(t.device)
@@ -256,13 +278,15 @@ def train(arch: ArchConfig, data: ImageSet, t: TrainConfig, out: str | Path | No
     settings = {"arch": proxy.to_dict(), "data": data.key,
                 "train": {k: v for k, v in asdict(t).items() if k not in NOT_TRAINING}}
     ckpt = _Checkpoint(Path(out) if out else None, settings)
-    step, history, smooth = 0, [], None
+    step, history, smooth, before = 0, [], None, 0.0
     state = ckpt.load()
     if state is not None:
+        if state["step"] > t.steps:
+            raise ArchlabError(f"{ckpt.path}: the checkpoint is at step {state['step']}, past --steps {t.steps}")
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
-        step, history, smooth = state["step"], state["history"], state["smooth"]
+        step, history, smooth, before = state["step"], state["history"], state["smooth"], state["seconds"]
 
     x_all, y_all = data.train, data.train_labels
     start = time.time()
@@ -303,12 +327,12 @@ def train(arch: ArchConfig, data: ImageSet, t: TrainConfig, out: str | Path | No
             history.append((step, smooth))
         if step % t.checkpoint_every == 0 or step == t.steps:
             ckpt.save(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=step,
-                      history=history, smooth=smooth)
+                      history=history, smooth=smooth, seconds=before + time.time() - start)
         if on_report and (step % t.report_every == 0 or step == t.steps):
             on_report(step, {"train_loss": smooth})
     bar.close()
     params = sum(p.numel() for p in model.parameters())
-    result = TrainResult(status, reason, step, time.time() - start, smooth, None, params=params, history=history)
+    result = TrainResult(status, reason, step, before + time.time() - start, smooth, None, params=params, history=history)
     if status == "ok":
         result.val_loss = validation_loss(ema, data, t.val_images, t.device)
         if with_scores and t.samples:

@@ -70,3 +70,23 @@ def test_signatures_exact_when_channels_are_searched(tmp_path):
                 cfg = space.config({"stages.0.channels": a, "stages.1.channels": b, "stages.2.kv_heads": kv})
                 full |= {s.signature for s in decompose(cfg)}
     assert {s.signature for s in space.block_signatures()} == full
+
+
+def test_sample_gives_distinct_networks_outside_avoid(tmp_path):
+    import yaml
+
+    from archlab.errors import ArchlabError
+    from archlab.space import load_space
+    from conftest import tiny_dict
+
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({"base": tiny_dict(), "params": {"stages.1.ffn_ratio": [2, 3, 4],
+                                                                    "attention.qk_norm": [False, True]}}))
+    space = load_space(path)
+    every = {cfg.digest() for _, cfg in space.sample(6, seed=0)}
+    assert len(every) == 6  # all 6 configs, none twice
+    keep = sorted(every)[:2]
+    got = space.sample(2, seed=3, avoid=every - set(keep))
+    assert sorted(cfg.digest() for _, cfg in got) == keep
+    with pytest.raises(ArchlabError, match="found only 2 distinct networks outside the 4 to avoid, asked 3"):
+        space.sample(3, seed=3, avoid=every - set(keep))

@@ -73,7 +73,7 @@ def _write_folder(root, classes=3, per_class=4, bad=0):
 
 
 def test_folder_dataset_subsets_resizes_caches_and_counts_skips(tmp_path, monkeypatch):
-    monkeypatch.setattr("archlab.data.CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setenv("ARCHLAB_CACHE", str(tmp_path / "cache"))
     root = _write_folder(tmp_path / "imgs", bad=1)
     d = load_dataset(DataConfig(str(root), resolution=16, classes=2, per_class=3))
     assert d.class_names == ["n00", "n01"] and d.train.shape == (5, 3, 16, 16)  # 3 + 3 listed, 1 broken
@@ -87,7 +87,7 @@ def test_folder_dataset_subsets_resizes_caches_and_counts_skips(tmp_path, monkey
 
 
 def test_folder_dataset_errors(tmp_path, monkeypatch):
-    monkeypatch.setattr("archlab.data.CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setenv("ARCHLAB_CACHE", str(tmp_path / "cache"))
     with pytest.raises(ArchlabError, match="neither `synthetic` nor an existing folder"):
         load_dataset(DataConfig(str(tmp_path / "missing")))
     root = _write_folder(tmp_path / "imgs")
@@ -167,7 +167,7 @@ def test_sampler_is_deterministic(arch, data):
 # ---- metrics ------------------------------------------------------------------------------------
 
 def test_fid_of_real_vs_itself_is_zero_and_noise_is_far(tmp_path, monkeypatch):
-    monkeypatch.setattr("archlab.metrics.CACHE_DIR", tmp_path)
+    monkeypatch.setenv("ARCHLAB_CACHE", str(tmp_path))
     d = load_dataset(DataConfig(resolution=16, classes=5, per_class=40, val_per_class=40))
     ext = RandConv()
     real = real_features(ext, d.val, f"{d.key}-val")
@@ -181,14 +181,14 @@ def test_fid_of_real_vs_itself_is_zero_and_noise_is_far(tmp_path, monkeypatch):
 
 
 def test_score_names_its_extractor(arch, data, tmp_path, monkeypatch):
-    monkeypatch.setattr("archlab.metrics.CACHE_DIR", tmp_path)
+    monkeypatch.setenv("ARCHLAB_CACHE", str(tmp_path))
     t = T.TrainConfig(**{**TINY_TRAIN.__dict__, "samples": 12, "sample_steps": 2, "fid_extractor": "randconv"})
     r = T.train(arch, data, t)
     assert r.fid_extractor == "randconv-v1" and r.fid > 0 and r.kid is not None
 
 
 def test_train_cli_prints_scores_as_json(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("archlab.metrics.CACHE_DIR", tmp_path)
+    monkeypatch.setenv("ARCHLAB_CACHE", str(tmp_path))
     cfg = tmp_path / "arch.yaml"
     import yaml
 
@@ -218,3 +218,52 @@ def test_prepared_dataset_round_trips_and_subsets(tmp_path, capsys):
     assert sub.train_labels.tolist() == [0, 1] and len(sub.val) == 4 and sub.key != full.key
     with pytest.raises(ArchlabError, match="prepared at 8"):
         load_dataset(DataConfig(str(path), resolution=16))
+
+
+class _Oracle(torch.nn.Module):
+    """Knows the one image x0: its velocity along the straight path is (x_t - x0) / t."""
+
+    def __init__(self, x0: torch.Tensor):
+        super().__init__()
+        self.x0, self.num_classes = x0, 1
+        self.arch = type("A", (), {"latent": type("L", (), {"resolution": x0.shape[-1]})()})()
+
+    def forward(self, x, t, labels):
+        return (x - self.x0) / t.view(-1, 1, 1, 1)
+
+
+def test_sampler_and_loss_follow_the_rectified_flow_path():
+    """An oracle velocity drives the Euler sampler from noise exactly to the data, and has zero loss."""
+    x0 = torch.rand(1, 3, 8, 8) * 2 - 1
+    oracle = _Oracle(x0)
+    out = T.sample(oracle, torch.zeros(3, dtype=torch.long), steps=4, cfg_scale=2.0, seed=1)
+    assert (out.int() - T.to_uint8(x0).int()).abs().max() <= 1
+    g = torch.Generator().manual_seed(0)
+    eps, t = torch.randn((3, 3, 8, 8), generator=g), torch.tensor([0.2, 0.5, 0.9])
+    assert T.flow_loss(oracle, x0.expand(3, -1, -1, -1), torch.zeros(3, dtype=torch.long), t, eps) < 1e-10
+
+
+def test_validation_images_cover_every_class():
+    labels = torch.tensor([0] * 5 + [1] * 5 + [2] * 5)
+    assert sorted(labels[T._spread(labels)[:3]].tolist()) == [0, 1, 2]
+    assert sorted(labels[T._spread(labels)[:6]].tolist()) == [0, 0, 1, 1, 2, 2]
+
+
+def test_folder_without_val_holds_out_a_share_and_refuses_a_class_with_nothing_left(tmp_path, monkeypatch):
+    monkeypatch.setenv("ARCHLAB_CACHE", str(tmp_path / "cache"))
+    root = _write_folder(tmp_path / "imgs", per_class=10)
+    import shutil
+
+    shutil.rmtree(root / "val")
+    d = load_dataset(DataConfig(str(root / "train"), resolution=8))
+    assert len(d.train) == 27 and len(d.val) == 3  # 1 of every 10 held out
+    for p in list((root / "train" / "n01").iterdir())[1:]:
+        p.unlink()
+    with pytest.raises(ArchlabError, match="n01 has 1 image"):
+        load_dataset(DataConfig(str(root / "train"), resolution=8))
+
+
+def test_bad_training_settings_fail_before_training(arch, data):
+    for bad in ({"samples": 1}, {"grad_clip": 0.0}, {"fid_extractor": "vgg"}, {"device": "nonsense"}):
+        with pytest.raises(ArchlabError, match=next(iter(bad))):
+            T.train(arch, data, T.TrainConfig(**{**TINY_TRAIN.__dict__, **bad}))

@@ -15,17 +15,16 @@ import json
 import math
 import random
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from archlab.config import ArchConfig
 from archlab.errors import ArchlabError
-from archlab.latency import runner
-from archlab.latency.export import arch_digest, network_key
+from archlab.io import write_atomic
+from archlab.latency.export import network_key
 from archlab.latency.measure import measure
-from archlab.latency.predictor import TARGET, Predictor, load_for_table, read_checked_table
+from archlab.latency.predictor import TARGET, Predictor, load_for_table, predictor_path, read_checked_table
 from archlab.ladder import Ladder
 from archlab.space import SearchSpace
 
@@ -35,26 +34,14 @@ def errors(pred: np.ndarray, meas: np.ndarray) -> dict:
     from scipy.stats import kendalltau, spearmanr
 
     rel = pred / meas - 1
+
+    def num(x) -> float | None:  # JSON has no NaN (a rank statistic of constant values)
+        return None if math.isnan(x) else float(x)
+
     return {"n": int(len(rel)), "mape": float(np.mean(np.abs(rel))), "rmspe": float(np.sqrt(np.mean(rel ** 2))),
             "max_ape": float(np.max(np.abs(rel))), "bias": float(np.mean(rel)),
             "within_5": float(np.mean(np.abs(rel) <= 0.05)), "within_10": float(np.mean(np.abs(rel) <= 0.10)),
-            "kendall_tau": float(kendalltau(pred, meas).statistic), "spearman_rho": float(spearmanr(pred, meas).statistic)}
-
-
-def heldout_networks(space: SearchSpace, n: int, seed: int, avoid: set[str]) -> list[ArchConfig]:
-    """n distinct networks from the space (seeded) whose architectures are not in `avoid`."""
-    rng, out, seen = random.Random(seed), [], set(avoid)
-    for k in range(100 * n):
-        if len(out) == n:
-            break
-        cfg = space.config(space.sample_point(rng), name=f"heldout-s{seed}-{k}")
-        digest = arch_digest(cfg)
-        if digest not in seen:
-            seen.add(digest)
-            out.append(cfg)
-    if len(out) < n:
-        raise ArchlabError(f"{space.name}: found only {len(out)} networks disjoint from the calibration set, asked {n}")
-    return out
+            "kendall_tau": num(kendalltau(pred, meas).statistic), "spearman_rho": num(spearmanr(pred, meas).statistic)}
 
 
 def throughput(pred: Predictor, space: SearchSpace, n: int = 2000, seed: int = 7) -> dict:
@@ -73,15 +60,20 @@ def throughput(pred: Predictor, space: SearchSpace, n: int = 2000, seed: int = 7
 
 def evaluate(space: SearchSpace, table: str | Path, heldout_table: str | Path, bundle: str | Path, *, n: int = 50,
              seed: int = 2, ladder: Ladder | None = None, progress=None) -> dict:
+    if n < 3:
+        raise ArchlabError(f"--networks: {n}; an evaluation needs at least 3 held-out networks")
     table = Path(table)
     pred = load_for_table(table)
-    meta, rows = read_checked_table(table)
+    meta, _ = read_checked_table(table)
     res = pred.resolution
-    space = replace(space, base=space.base.with_values({"latent.resolution": res}, where=space.path))
-    avoid = {arch_digest(ArchConfig.from_dict(c)) for c in meta.get("networks", {}).values()}
-    nets = heldout_networks(space, n, seed, avoid)
-    ladder_cfgs = [] if ladder is None else [
-        r.config.with_values({"latent.resolution": res}, where=f"{ladder.path}: {r.name}") for r in ladder.rows]
+    space = space.at_resolution(res)
+    calibrated = set(pred.calibration.digests) if pred.calibration else set()
+    nets = [cfg for _, cfg in space.sample(n, seed, prefix="heldout", avoid=calibrated)]
+    ladder_cfgs = ladder.configs(res) if ladder is not None else []
+    for cfg in nets + ladder_cfgs:  # anything the predictor cannot cover fails now, not after measuring
+        pred.predict(cfg)
+    if Path(heldout_table).is_file():  # and a held-out table from other settings too
+        _check_same_settings(read_checked_table(heldout_table)[0], meta, heldout_table, table)
 
     proto = meta.get("protocol", {})
     measure(heldout_table, bundle, networks=nets + ladder_cfgs, resolution=res, device=meta["device"],
@@ -89,9 +81,7 @@ def evaluate(space: SearchSpace, table: str | Path, heldout_table: str | Path, b
             runs=proto.get("runs", 30), rounds=proto.get("rounds", 5), budget_s=proto.get("budget_s", 10.0),
             opset=int(meta["opset"]), reference_ms=float(meta["reference_ms"]), progress=progress)
     hmeta, hrows = read_checked_table(heldout_table, device=meta["device"], resolution=res)
-    clash = [k for k in ("threads", "opt_level", "ort_version", "reference_ms") if hmeta.get(k) != meta.get(k)]
-    if clash:
-        raise ArchlabError(f"{heldout_table}: made with other {', '.join(clash)} than {table}; use a new held-out table")
+    _check_same_settings(hmeta, meta, heldout_table, table)
     by_key = {r["key"]: r for r in hrows}
 
     def measured(cfgs: list[ArchConfig]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -104,8 +94,10 @@ def evaluate(space: SearchSpace, table: str | Path, heldout_table: str | Path, b
     meas, meas_raw, cvs = measured(nets)
     ref_ratio = np.array([float(by_key[network_key(c)]["ref_ms"]) for c in nets]) / float(meta["reference_ms"])
 
+    sources = {k: sum(p.to_dict(False)["sources"][k] for p in predictions) for k in ("measured", "fitted", "extrapolated")}
     report = {
         **errors(cal, meas),
+        "block_sources": sources,
         "noise_cv": float(np.median(cvs)),
         "noise": {"median_run_cv": float(np.median(cvs)), "max_run_cv": float(np.max(cvs)),
                   "reference_drift": {"min": float(ref_ratio.min()), "median": float(np.median(ref_ratio)),
@@ -124,19 +116,21 @@ def evaluate(space: SearchSpace, table: str | Path, heldout_table: str | Path, b
         "setup": {"device": meta["device"], "cpu": meta.get("cpu"), "threads": meta["threads"],
                   "opt_level": meta["opt_level"], "ort_version": meta["ort_version"], "resolution": res,
                   "table": str(table), "heldout_table": str(heldout_table), "space": space.path, "seed": seed,
-                  "calibration_networks": len(avoid), "date": _dt.date.today().isoformat()},
+                  "calibration_networks": len(calibrated), "date": _dt.date.today().isoformat()},
     }
     if ladder is not None:
         report["ladder"] = ladder_rows(pred, ladder, ladder_cfgs, *measured(ladder_cfgs)[:2])
-    report["speed"] = speed(pred, space, ladder_cfgs[-1] if ladder_cfgs else nets[0])
+    report["speed"] = speed(table, space, ladder_cfgs[-1] if ladder_cfgs else nets[0])
     return report
 
 
 def ladder_rows(pred: Predictor, ladder: Ladder, cfgs: list[ArchConfig], meas: np.ndarray, meas_raw: np.ndarray) -> list[dict]:
     out = []
+    calibrated = set(pred.calibration.digests) if pred.calibration else set()
     for row, cfg, m, mr in zip(ladder.rows, cfgs, meas, meas_raw):
         p = pred.predict(cfg)
-        out.append({"index": row.index, "name": row.name, "predicted_ms": p.latency_ms, "raw_sum_ms": p.raw_sum_ms,
+        out.append({"index": row.index, "name": row.name, "in_calibration": cfg.digest() in calibrated,
+                    "predicted_ms": p.latency_ms, "raw_sum_ms": p.raw_sum_ms,
                     "measured_ms": float(m), "measured_median_ms": float(mr), "error": p.latency_ms / float(m) - 1,
                     "paper_latency_ms": row.paper.get("latency_ms")})
     base = out[0]
@@ -148,12 +142,10 @@ def ladder_rows(pred: Predictor, ladder: Ladder, cfgs: list[ArchConfig], meas: n
     return out
 
 
-def speed(pred: Predictor, space: SearchSpace, cfg: ArchConfig) -> dict:
+def speed(table: Path, space: SearchSpace, cfg: ArchConfig) -> dict:
     """Query time of one network (fresh predictor loaded from disk, as the CLI does) and batch rates."""
-    from archlab.latency.predictor import predictor_path
-
     t0 = time.perf_counter()
-    fresh = Predictor.load(predictor_path(pred.table))
+    fresh = Predictor.load(predictor_path(table))
     fresh.predict(cfg)
     t1 = time.perf_counter()
     return {"query_one_network_s": t1 - t0, "query_network": cfg.name, **throughput(fresh, space)}
@@ -163,11 +155,20 @@ def write_report(report: dict, out_dir: str | Path, command: str) -> tuple[Path,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report = {**report, "command": command}
-    js = out / "latency_eval.json"
-    runner.write_atomic(js, json.dumps(report, indent=1) + "\n")
-    md = out / "latency_eval.md"
-    runner.write_atomic(md, markdown(report))
+    js = write_atomic(out / "latency_eval.json", json.dumps(report, indent=1) + "\n")
+    md = write_atomic(out / "latency_eval.md", markdown(report))
     return js, md
+
+
+def _check_same_settings(hmeta: dict, meta: dict, heldout: str | Path, table: Path) -> None:
+    clash = [k for k in ("device", "threads", "opt_level", "ort_version", "resolution", "opset", "reference_ms")
+             if hmeta.get(k) != meta.get(k)]
+    if clash:
+        raise ArchlabError(f"{heldout}: made with other {', '.join(clash)} than {table}; use a new held-out table")
+
+
+def _num(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
 
 
 def _pct(x: float | None) -> str:
@@ -199,7 +200,12 @@ def markdown(r: dict) -> str:
     for name, e in (("calibrated (the predictor)", cal), ("raw sum of blocks", raw),
                     ("calibrated, vs un-normalised medians", r["against_unnormalised_median"])):
         lines.append(f"| {name} | {_pct(e['mape'])} | {_pct(e['rmspe'])} | {_pct(e['max_ape'])} | {_pct(e['bias'])} | "
-                     f"{_pct(e['within_5'])} | {_pct(e['within_10'])} | {e['kendall_tau']:.3f} | {e['spearman_rho']:.3f} |")
+                     f"{_pct(e['within_5'])} | {_pct(e['within_10'])} | {_num(e['kendall_tau'])} | {_num(e['spearman_rho'])} |")
+    src = r["block_sources"]
+    lines += ["", f"Blocks of the held-out networks: {src['measured']} measured, {src['fitted']} fitted, "
+                  f"{src['extrapolated']} extrapolated. The table covers every block the space can produce, so this "
+                  "tests the block sums and the calibration; the per-kind models that cover unmeasured blocks are "
+                  "checked by leave-one-out below."]
     n = r["noise"]
     d = n["reference_drift"]
     lines += [
@@ -218,13 +224,16 @@ def markdown(r: dict) -> str:
         lines += ["", "## Ablation ladder at this resolution",
                   "",
                   "The paper's latencies are an iPhone at 1024 px (128x128 latent); ours are this CPU at "
-                  f"{8 * s['resolution']} px, so compare ratios to the baseline, not milliseconds. At a 32x32 "
-                  "latent the attention maps are small, so removing self-attention saves far less than at 128x128.",
+                  f"{8 * s['resolution']} px, so compare ratios to the baseline, not milliseconds. At a "
+                  f"{s['resolution']}x{s['resolution']} latent the attention maps are small, so removing self-attention "
+                  "saves far less than at 128x128. No ladder row is among the calibration networks"
+                  + ("." if not any(x["in_calibration"] for x in r["ladder"]) else
+                     " except those marked (calibration)."),
                   "", "| # | row | predicted ms | measured ms | error | predicted / base | measured / base | paper / base |",
                   "|---|---|---:|---:|---:|---:|---:|---:|"]
         for x in r["ladder"]:
             paper = "" if x["paper_ratio"] is None else f"{x['paper_ratio']:.3f}"
-            lines.append(f"| {x['index']} | {x['name']} | {x['predicted_ms']:.1f} | {x['measured_ms']:.1f} | "
+            lines.append(f"| {x['index']} | {x['name']}{' (calibration)' if x['in_calibration'] else ''} | {x['predicted_ms']:.1f} | {x['measured_ms']:.1f} | "
                          f"{_pct(x['error'])} | {x['predicted_ratio']:.3f} | {x['measured_ratio']:.3f} | {paper} |")
     sp = r["speed"]
     lines += ["", "## Speed", "",

@@ -36,15 +36,9 @@ def reference_block(resolution: int) -> BlockSpec:
     return BlockSpec("res", hp, (resolution // 2, resolution // 2), name="reference")
 
 
-def arch_digest(cfg: ArchConfig) -> str:
-    """A hash of everything that shapes the network (its config without the name)."""
-    data = {k: v for k, v in cfg.to_dict().items() if k != "name"}
-    return hashlib.sha1(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
 def network_key(cfg: ArchConfig) -> str:
     """A stable key for a whole network: its name and its architecture digest."""
-    return f"network({cfg.name})#{arch_digest(cfg)}"
+    return f"network({cfg.name})#{cfg.digest()}"
 
 
 def _export(module: torch.nn.Module, inputs: tuple, path: Path, opset: int) -> dict[str, list[int]]:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from archlab.config import ArchConfig
 from archlab.decompose import BlockSpec
+from archlab.errors import ArchlabError
 from archlab.latency import runner
 from archlab.latency.export import export_bundle, network_key
 from archlab.latency.runner import RunnerError
@@ -30,7 +31,15 @@ def measure(table: str | Path, bundle: str | Path, *, blocks: list[BlockSpec] = 
     `progress(items)` wraps the export loop (e.g. tqdm); the runner prints its own progress when
     `progress` is given. `reference_ms`: see `runner.run_bundle`.
     """
-    table, bundle = Path(table), Path(bundle)
+    try:
+        return _measure(Path(table), Path(bundle), blocks, networks, resolution, device, threads, opt_level, warmup,
+                        runs, rounds, budget_s, opset, keep_onnx, reference_ms, progress)
+    except RunnerError as e:  # a bad table, bundle or settings: one line for every caller
+        raise ArchlabError(str(e)) from None
+
+
+def _measure(table, bundle, blocks, networks, resolution, device, threads, opt_level, warmup, runs, rounds, budget_s,
+             opset, keep_onnx, reference_ms, progress) -> list[dict]:
     _, rows = runner.read_table(table)
     done = {r["key"] for r in rows}
     todo_blocks = [b for b in blocks if b.key not in done]
@@ -62,4 +71,3 @@ def prune_bundle(bundle: Path, keys: set[str]) -> None:
     runner.write_atomic(bundle / "manifest.json", json.dumps(manifest, indent=1) + "\n")
 
 
-__all__ = ["measure", "prune_bundle", "RunnerError"]

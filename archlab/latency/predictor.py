@@ -30,6 +30,7 @@ import numpy as np
 from archlab.config import ArchConfig
 from archlab.decompose import BlockSpec, decompose
 from archlab.errors import ArchlabError
+from archlab.io import write_atomic
 from archlab.latency import runner
 
 FORMAT = 1
@@ -90,23 +91,33 @@ def _nnls_relative(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return b / scale
 
 
+def _loo_mape(fit_fn, x: np.ndarray, y: np.ndarray, min_rows: int) -> float | None:
+    """Leave-one-out mean absolute percentage error of `fit_fn(x, y) -> coef` with prediction x @ coef."""
+    if len(y) < min_rows:
+        return None
+    errs = []
+    for i in range(len(y)):
+        keep = np.arange(len(y)) != i
+        errs.append(abs(x[i] @ fit_fn(x[keep], y[keep]) / y[i] - 1))
+    return float(np.mean(errs))
+
+
 def fit_kind(kind: str, specs: Sequence[BlockSpec], ms: Sequence[float]) -> KindModel:
-    feats = [features(s) for s in specs]
-    names = tuple(sorted({k for f in feats for k, v in f.items()}, key=list(feats[0]).index))
+    hp_names = tuple(k for k, _ in specs[0].hp)
+    feats = []
+    for s in specs:
+        if tuple(k for k, _ in s.hp) != hp_names:
+            raise ArchlabError(f"{s.key}: its hyper-parameters differ from other {kind} rows ({', '.join(hp_names)})")
+        try:
+            feats.append(features(s))
+        except Exception as e:  # a row whose block cannot be built
+            raise ArchlabError(f"{s.key}: cannot be built to compute its features: {e}") from None
+    names = tuple(sorted({k for f in feats for k in f}, key=list(feats[0]).index))
     x = np.array([[f.get(k, 0.0) for k in names] for f in feats])
     y = np.asarray(ms, dtype=float)
     coef = _nnls_relative(x, y)
-    loo = None
-    if len(y) >= 3:
-        errs = []
-        for i in range(len(y)):
-            keep = np.arange(len(y)) != i
-            b = _nnls_relative(x[keep], y[keep])
-            errs.append(abs(x[i] @ b / y[i] - 1))
-        loo = float(np.mean(errs))
-    hp_names = tuple(k for k, _ in specs[0].hp)
     return KindModel(kind, hp_names, names, tuple(map(float, coef)), tuple(map(float, x.min(0))),
-                     tuple(map(float, x.max(0))), len(y), loo)
+                     tuple(map(float, x.max(0))), len(y), _loo_mape(_nnls_relative, x, y, 3))
 
 
 # ---- calibration --------------------------------------------------------------------------------
@@ -121,34 +132,35 @@ class Calibration:
     digests: tuple[str, ...] = ()  # their architecture digests (held-out sets must avoid them)
     loo_mape: float | None = None
     raw_mape: float | None = None  # the uncalibrated block sum's error on the same networks
+    raw_range: tuple[float, float] = (0.0, math.inf)  # block sums of the networks it was fitted on
 
     def apply(self, raw_ms: float | np.ndarray):
         return self.intercept_ms + self.slope * raw_ms
 
+    def covers(self, raw_ms: float) -> bool:
+        """Within the fitted range (with 25% slack): outside it, the line is extrapolated."""
+        return self.raw_range[0] / 1.25 <= raw_ms <= self.raw_range[1] * 1.25
 
-def _fit_line(raw: np.ndarray, measured: np.ndarray) -> tuple[float, float]:
-    """(intercept, slope) minimising relative error; a single network gives a pure ratio."""
-    if len(raw) == 1:
-        return 0.0, float(measured[0] / raw[0])
-    a = np.stack([np.ones_like(raw), raw], axis=1) / measured[:, None]
-    (c0, c1), *_ = np.linalg.lstsq(a, np.ones_like(raw), rcond=None)
-    return float(c0), float(c1)
+
+MIN_LINE = 4  # fewer calibration networks than this: a pure ratio, not a line
+
+
+def _fit_line(x: np.ndarray, measured: np.ndarray) -> np.ndarray:
+    """(intercept, slope) minimising relative error; x is the [1, raw] design matrix."""
+    if len(measured) < MIN_LINE:
+        return np.array([0.0, float(np.mean(measured / x[:, 1]))])
+    coef, *_ = np.linalg.lstsq(x / measured[:, None], np.ones_like(measured), rcond=None)
+    return coef
 
 
 def fit_calibration(keys: Sequence[str], digests: Sequence[str], raw: Sequence[float],
                     measured: Sequence[float]) -> Calibration:
     raw_a, meas = np.asarray(raw, float), np.asarray(measured, float)
-    c0, c1 = _fit_line(raw_a, meas)
-    loo = None
-    if len(raw_a) >= 4:
-        errs = []
-        for i in range(len(raw_a)):
-            keep = np.arange(len(raw_a)) != i
-            b0, b1 = _fit_line(raw_a[keep], meas[keep])
-            errs.append(abs((b0 + b1 * raw_a[i]) / meas[i] - 1))
-        loo = float(np.mean(errs))
+    x = np.stack([np.ones_like(raw_a), raw_a], axis=1)
+    c0, c1 = _fit_line(x, meas)
     raw_mape = float(np.mean(np.abs(raw_a / meas - 1)))
-    return Calibration(c0, c1, len(raw_a), tuple(keys), tuple(digests), loo, raw_mape)
+    return Calibration(float(c0), float(c1), len(raw_a), tuple(keys), tuple(digests),
+                       _loo_mape(_fit_line, x, meas, MIN_LINE + 1), raw_mape, (float(raw_a.min()), float(raw_a.max())))
 
 
 # ---- the predictor ------------------------------------------------------------------------------
@@ -168,14 +180,15 @@ class Prediction:
     latency_ms: float  # calibrated (equal to raw_sum_ms when the predictor has no calibration)
     raw_sum_ms: float
     blocks: list[BlockLatency]
+    outside_calibration: bool = False  # the block sum lies outside what the calibration was fitted on
 
     @property
     def extrapolated(self) -> bool:
-        return any(b.source == "extrapolated" for b in self.blocks)
+        return self.outside_calibration or any(b.source == "extrapolated" for b in self.blocks)
 
     def to_dict(self, with_blocks: bool = True) -> dict:
         d = {"name": self.name, "latency_ms": round(self.latency_ms, 4), "raw_sum_ms": round(self.raw_sum_ms, 4),
-             "extrapolated": self.extrapolated,
+             "extrapolated": self.extrapolated, "outside_calibration": self.outside_calibration,
              "sources": {s: sum(b.source == s for b in self.blocks) for s in ("measured", "fitted", "extrapolated")}}
         if with_blocks:
             d["blocks"] = [{"name": b.name, "key": b.key, "kind": b.kind, "latency_ms": round(b.ms, 5),
@@ -242,19 +255,27 @@ class Predictor:
         for s in decompose(cfg):
             ms, source = self.block(s)
             blocks.append(BlockLatency(s.name, s.key, s.kind, ms, source))
-        raw = math.fsum(b.ms for b in blocks)
-        return Prediction(cfg.name, float(self.calibrate(raw)), raw, blocks)
+        raw = sum(b.ms for b in blocks)
+        return Prediction(cfg.name, float(self.calibrate(raw, cfg.name)), raw, blocks,
+                          self.calibration is not None and not self.calibration.covers(raw))
 
     def predict_many(self, cfgs: Iterable[ArchConfig]) -> np.ndarray:
         """Calibrated ms for many networks (the search's fast path: memoised block look-ups)."""
-        raw = []
+        out = []
         for cfg in cfgs:
             self._check(cfg)
-            raw.append(sum(self.block(s)[0] for s in decompose(cfg)))
-        return self.calibrate(np.asarray(raw, dtype=float))
+            out.append(self.calibrate(sum(self.block(s)[0] for s in decompose(cfg)), cfg.name))
+        return np.asarray(out, dtype=float)
 
-    def calibrate(self, raw_ms):
-        return self.calibration.apply(raw_ms) if self.calibration else raw_ms
+    def calibrate(self, raw_ms: float, name: str = "") -> float:
+        if self.calibration is None:
+            return raw_ms
+        ms = self.calibration.apply(raw_ms)
+        if ms <= 0:
+            raise ArchlabError(f"{name}: the calibration gives {ms:.3f} ms for a block sum of {raw_ms:.3f} ms, far "
+                               f"outside the {self.calibration.raw_range[0]:.0f}-{self.calibration.raw_range[1]:.0f} ms "
+                               "it was fitted on; calibrate on networks of this size")
+        return ms
 
     # -- persistence --
     def to_dict(self) -> dict:
@@ -267,7 +288,8 @@ class Predictor:
             "calibration": None if cal is None else {
                 "formula": "latency_ms = intercept_ms + slope * sum(block latency_ms)",
                 "intercept_ms": cal.intercept_ms, "slope": cal.slope, "n": cal.n, "loo_mape": cal.loo_mape,
-                "raw_mape": cal.raw_mape, "networks": list(cal.networks), "digests": list(cal.digests)},
+                "raw_mape": cal.raw_mape, "raw_range_ms": list(cal.raw_range), "networks": list(cal.networks),
+                "digests": list(cal.digests)},
             "kinds": {k: {"hp_names": list(m.hp_names), "n": m.n, "loo_mape": m.loo_mape,
                           "features": {f: {"coef_ms": c, "low": lo, "high": hi}
                                        for f, c, lo, hi in zip(m.features, m.coef, m.low, m.high)}}
@@ -276,9 +298,7 @@ class Predictor:
         }
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        runner.write_atomic(path, json.dumps(self.to_dict(), indent=1) + "\n")
-        return path
+        return write_atomic(path, json.dumps(self.to_dict(), indent=1) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> "Predictor":
@@ -290,17 +310,18 @@ class Predictor:
             kinds = {}
             for k, m in d["kinds"].items():
                 f = m["features"]
-                kinds[k] = KindModel(k, tuple(m["hp_names"]), tuple(f), tuple(v["coef_ms"] for v in f.values()),
-                                     tuple(v["low"] for v in f.values()), tuple(v["high"] for v in f.values()),
-                                     m["n"], m["loo_mape"])
+                kinds[k] = KindModel(k, tuple(m["hp_names"]), tuple(f), tuple(float(v["coef_ms"]) for v in f.values()),
+                                     tuple(float(v["low"]) for v in f.values()),
+                                     tuple(float(v["high"]) for v in f.values()), int(m["n"]), m["loo_mape"])
             c = d["calibration"]
-            cal = None if c is None else Calibration(c["intercept_ms"], c["slope"], c["n"], tuple(c["networks"]),
-                                                     tuple(c["digests"]), c["loo_mape"], c["raw_mape"])
+            cal = None if c is None else Calibration(
+                float(c["intercept_ms"]), float(c["slope"]), int(c["n"]), tuple(c["networks"]), tuple(c["digests"]),
+                c["loo_mape"], c["raw_mape"], tuple(float(v) for v in c["raw_range_ms"]))
             return cls(d["settings"], {k: float(v) for k, v in d["measured_ms"].items()}, kinds, cal,
                        d["table"], d["table_sha256"])
         except ArchlabError:
             raise
-        except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # JSONDecodeError is a ValueError
             raise ArchlabError(f"{path}: not a readable archlab predictor ({type(e).__name__}: {e})") from None
 
 
@@ -315,15 +336,21 @@ def read_checked_table(table: str | Path, device: str | None = None, resolution:
         meta, rows = runner.read_table(table)
     except runner.RunnerError as e:
         raise ArchlabError(str(e)) from None
-    for key in ("device", "resolution", "threads"):
+    for key in (*runner.SETTINGS, "reference_ms"):
         if key not in meta:
             raise ArchlabError(f"{table.with_suffix('.meta.json')}: metadata has no {key!r}")
+    if not isinstance(meta["resolution"], int) or not isinstance(meta["threads"], int):
+        raise ArchlabError(f"{table.with_suffix('.meta.json')}: resolution and threads must be integers")
     if device is not None and meta["device"] != device:
         raise ArchlabError(f"{table}: measured on device {meta['device']!r}, not {device!r}")
-    if resolution is not None and int(meta["resolution"]) != resolution:
+    if resolution is not None and meta["resolution"] != resolution:
         raise ArchlabError(f"{table}: measured at latent {meta['resolution']}, not {resolution}")
+    seen: set[str] = set()
     for i, r in enumerate(rows, start=2):
-        for col in ("median_ms", TARGET, "cv"):
+        if r["key"] in seen:
+            raise ArchlabError(f"{table}:{i}: key {r['key']} appears twice")
+        seen.add(r["key"])
+        for col in ("median_ms", TARGET, "ref_ms", "cv"):
             try:
                 v = float(r[col])
             except (TypeError, ValueError):
@@ -339,8 +366,6 @@ def read_checked_table(table: str | Path, device: str | None = None, resolution:
 
 def fit(table: str | Path, progress=None) -> Predictor:
     """Fit a predictor on a measured table: block rows -> kind models, network rows -> calibration."""
-    from archlab.latency.export import arch_digest
-
     table = Path(table)
     meta, rows = read_checked_table(table)
     by_kind: dict[str, list[tuple[BlockSpec, float]]] = {}
@@ -371,7 +396,7 @@ def fit(table: str | Path, progress=None) -> Predictor:
             raise ArchlabError(f"{table}: network row {missing[0]} has no config in the metadata, so it cannot calibrate")
         cfgs = [ArchConfig.from_dict(configs[r["key"]], f"{table}: {r['key']}") for r in nets]
         raw = [pred.predict(c).raw_sum_ms for c in cfgs]
-        pred.calibration = fit_calibration([r["key"] for r in nets], [arch_digest(c) for c in cfgs], raw,
+        pred.calibration = fit_calibration([r["key"] for r in nets], [c.digest() for c in cfgs], raw,
                                            [float(r[TARGET]) for r in nets])
     return pred
 

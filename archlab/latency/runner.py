@@ -41,7 +41,7 @@ OPT_LEVELS = {
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
-SETTINGS = ("device", "threads", "opt_level", "ort_version", "resolution", "opset", "bundle")
+SETTINGS = ("device", "threads", "opt_level", "ort_version", "resolution", "opset")  # must match to extend a table
 
 
 class RunnerError(ValueError):
