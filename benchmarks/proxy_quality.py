@@ -35,23 +35,33 @@ def cmd_train(args) -> None:
     from archlab.ladder import load_ladder
     from archlab.train import TrainConfig, train
 
+    from dataclasses import asdict
+
+    from archlab.train import NOT_TRAINING
+
     data = _data(args)
     arch = load_ladder(LADDER).row(args.row).config
     for name, steps in (("untrained", 0), ("trained", args.steps)):
-        done = Path(args.out) / name / "run.json"
-        if done.is_file() and json.loads((done.parent / "result.json").read_text())["steps"] == steps:
-            print(f"{name}: already done ({done.parent})")
-            continue
         t = TrainConfig(steps=steps, batch=args.batch, lr=args.lr, width_mult=args.width, samples=args.samples,
                         sample_steps=args.sample_steps, cfg_scale=args.cfg_scale, fid_extractor="randconv",
-                        val_images=args.val_images, device=args.device, checkpoint_every=1000, seed=args.seed)
+                        val_images=args.val_images, device=args.device, checkpoint_every=200, seed=args.seed)
+        done = Path(args.out) / name / "run.json"
+        if done.is_file():  # finished earlier with the same settings and data: keep it
+            old = json.loads((done.parent / "result.json").read_text())
+            same = (old["steps"] == steps and old["settings"]["data"] == data.key and json.loads(done.read_text())["row"] == args.row
+                    and old["settings"]["train"] == {k: v for k, v in asdict(t).items() if k not in NOT_TRAINING})
+            if same:
+                print(f"{name}: already done ({done.parent})")
+                continue
+            done.unlink()
         t0 = time.time()
         r = train(arch, data, t, out=Path(args.out) / name, progress=True)
         info = {"device": args.device, "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
                 "torch": torch.__version__, "wall_s": time.time() - t0, "dataset": data.describe(), "row": args.row,
-                "sample_steps": args.sample_steps, "cfg_scale": args.cfg_scale}
+                "sample_steps": args.sample_steps, "cfg_scale": args.cfg_scale, "python": platform.python_version()}
+        info["command"] = "python benchmarks/proxy_quality.py " + " ".join(sys.argv[1:])
         (Path(args.out) / name / "run.json").write_text(json.dumps(info, indent=1) + "\n")
-        print(f"{name}: {r.status} val_loss={r.val_loss:.4f} fid[randconv]={r.fid:.2f} in {info['wall_s']:.0f}s", flush=True)
+        print(f"{name}: {r.status} {r.reason} val_loss={r.val_loss} fid[randconv]={r.fid} in {info['wall_s']:.0f}s", flush=True)
 
 
 def cmd_report(args) -> None:
@@ -64,16 +74,23 @@ def cmd_report(args) -> None:
     for name in ("untrained", "trained"):
         d = Path(args.dir) / name
         result = json.loads((d / "result.json").read_text())
+        if result["settings"]["data"] != data.key:
+            sys.exit(f"{d}: trained on {result['settings']['data']}, but --dataset gives {data.key}")
         info = json.loads((d / "run.json").read_text())
         fake = torch.load(d / "samples.pt")
         scores = {ext: score_images(fake, data, ext) for ext in args.extractors}
         runs[name] = {"result": {k: result[k] for k in ("status", "steps", "seconds", "val_loss", "train_loss", "params")},
                       "scores": scores, "samples": len(fake), "run": info}
         print(name, {e: round(s["fid"], 2) for e, s in scores.items()}, flush=True)
+    n = runs["trained"]["samples"]  # reference points with as many images as the models were scored on
+    g = torch.Generator().manual_seed(0)
+    refs = {"real training images": data.train[torch.randperm(len(data.train), generator=g)[:n]],
+            "uniform noise": torch.randint(0, 256, (n, *data.train.shape[1:]), generator=g, dtype=torch.uint8)}
+    references = {name: {ext: score_images(x, data, ext) for ext in args.extractors} for name, x in refs.items()}
     t = json.loads((Path(args.dir) / "trained" / "result.json").read_text())["settings"]["train"]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    report = {"runs": runs, "train_settings": t, "dataset": data.describe(), "row": runs["trained"]["run"]["row"],
+    report = {"runs": runs, "references": references, "train_settings": t, "dataset": data.describe(), "row": runs["trained"]["run"]["row"],
               "commands": [runs["trained"]["run"].get("command", ""), "python benchmarks/proxy_quality.py " + " ".join(sys.argv[1:])]}
     out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
     u, tr = runs["untrained"], runs["trained"]
@@ -94,6 +111,9 @@ def cmd_report(args) -> None:
         cells = [f"{r['scores'][e]['fid']:.2f} | {r['scores'][e]['kid']:.4f} ± {r['scores'][e]['kid_std']:.4f}"
                  for e in args.extractors]
         lines.append(f"| {name} | {r['result']['val_loss']:.4f} | " + " | ".join(cells) + " |")
+    for name, r in references.items():
+        cells = [f"{r[e]['fid']:.2f} | {r[e]['kid']:.4f} ± {r[e]['kid_std']:.4f}" for e in args.extractors]
+        lines.append(f"| reference: {n} {name} | | " + " | ".join(cells) + " |")
     names = {e: tr["scores"][e]["fid_extractor"] for e in args.extractors}
     lines += ["", "Extractors: " + "; ".join(f"`{e}` = {n}" for e, n in names.items()) + ".", "",
               "![samples of the trained model](proxy_quality_samples.png)", "",
@@ -135,14 +155,7 @@ def main() -> int:
     r.add_argument("--out", default="reports/proxy_quality")
     args = p.parse_args()
     if args.cmd == "train":
-        Path(args.out).mkdir(parents=True, exist_ok=True)
         cmd_train(args)
-        for name in ("untrained", "trained"):
-            run = Path(args.out) / name / "run.json"
-            info = json.loads(run.read_text())
-            info["command"] = "python benchmarks/proxy_quality.py " + " ".join(sys.argv[1:])
-            info["python"] = platform.python_version()
-            run.write_text(json.dumps(info, indent=1) + "\n")
     else:
         cmd_report(args)
     return 0

@@ -68,6 +68,10 @@ def worker(which: str, args) -> dict:
 
     from archlab.train import flow_loss
 
+    import archlab.train  # noqa: F401  (imports are not the model's memory)
+    if which == "diffusers":
+        import diffusers  # noqa: F401
+
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -123,7 +127,9 @@ def main() -> int:
     for r in range(args.rounds):
         for which in ("lab", "diffusers"):
             out = subprocess.run([sys.executable, __file__, *passthrough, "--worker", which], capture_output=True,
-                                 text=True, check=True, cwd=ROOT)
+                                 text=True, cwd=ROOT)
+            if out.returncode:
+                sys.exit(f"{which} worker failed:\n{out.stderr[-3000:]}")
             results[which].append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(f"round {r + 1}/{args.rounds} {which}: {results[which][-1]['steps_per_s']:.3f} steps/s", flush=True)
     summary = {}
