@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any, Sequence
 
@@ -27,6 +28,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("archlab: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `archlab ... | head`: the reader left; stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -439,6 +443,9 @@ def _query_targets(args: argparse.Namespace, resolution: int) -> tuple[list, lis
         data = read_yaml(target)
         if isinstance(data, dict) and "kind" in data:
             return [_block_from_yaml(data, target)], []
+        if isinstance(data, dict) and {"base", "params"} <= set(data):
+            raise ArchlabError(f"{target}: a search space is not one network; `archlab space {target} --sample N "
+                               "--json` gives configs to query, or query its blocks (`archlab space --signatures`)")
         ladder = load_ladder(target)
         rows = [ladder.row(args.row)] if args.row is not None else ladder.rows
         res = {"latent.resolution": args.resolution} if args.resolution else {}
