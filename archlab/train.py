@@ -341,5 +341,7 @@ def train(arch: ArchConfig, data: ImageSet, t: TrainConfig, out: str | Path | No
             if out:
                 save_samples(fake, Path(out))
     if out:
-        write_atomic(Path(out) / "result.json", json.dumps({**result.to_dict(), "settings": settings}, indent=1) + "\n")
+        val = {"images": min(t.val_images, len(data.val)), "selection": "balanced over classes", "timesteps": VAL_TIMESTEPS}
+        write_atomic(Path(out) / "result.json",
+                     json.dumps({**result.to_dict(), "settings": settings, "val": val}, indent=1) + "\n")
     return result

@@ -79,7 +79,10 @@ def cmd_report(args) -> None:
         info = json.loads((d / "run.json").read_text())
         fake = torch.load(d / "samples.pt")
         scores = {ext: score_images(fake, data, ext) for ext in args.extractors}
+        val = result.get("val") or {"images": 1000, "selection": "the first images of the class-ordered validation set "
+                                                             "(half of the classes; the trainer then took a prefix)"}
         runs[name] = {"result": {k: result[k] for k in ("status", "steps", "seconds", "val_loss", "train_loss", "params")},
+                      "val": val,
                       "scores": scores, "samples": len(fake), "run": info}
         print(name, {e: round(s["fid"], 2) for e, s in scores.items()}, flush=True)
     n = runs["trained"]["samples"]  # reference points with as many images as the models were scored on
@@ -104,7 +107,8 @@ def cmd_report(args) -> None:
              f"logit-normal t, EMA {t['ema']}, label dropout {t['label_dropout']}, {tr['result']['seconds']:.0f} s. "
              f"{tr['samples']} images sampled per model (Euler, {info['sample_steps']} steps, CFG "
              f"{info['cfg_scale']}); FID/KID against the validation set; validation loss = flow-matching loss "
-             "on held-out images at 8 fixed timesteps and fixed noise.", "",
+             f"at 8 fixed timesteps and fixed noise on {tr['val']['images']} validation images, "
+             f"{tr['val']['selection']}.", "",
              "| model | val loss | " + " | ".join(f"FID [{e}] | KID [{e}]" for e in args.extractors) + " |",
              "|---|---:|" + "---:|---:|" * len(args.extractors)]
     for name, r in (("untrained (0 steps)", u), (f"trained ({tr['result']['steps']} steps)", tr)):
