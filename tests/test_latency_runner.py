@@ -37,9 +37,9 @@ def test_bundle_has_manifest_models_and_runner(bundle):
 
 def test_export_resumes_without_redoing(bundle):
     out, cfg = bundle
-    before = {p.name: p.stat().st_mtime_ns for p in (out / "onnx").iterdir()}
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "onnx").rglob("*.onnx")}
     export_bundle(out, [], [cfg], resolution=RES, name="tiny")
-    assert {p.name: p.stat().st_mtime_ns for p in (out / "onnx").iterdir()} == before
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "onnx").rglob("*.onnx")} == before
 
 
 def test_run_resumes_and_keeps_finished_rows(bundle, tmp_path):

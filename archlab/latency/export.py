@@ -1,7 +1,8 @@
 """Export blocks (by signature) and whole networks to an ONNX bundle for `runner.py`.
 
 A bundle is a folder: `manifest.json` (items with key, kind, role, file and input shapes), `onnx/`
-and a copy of `runner.py`, so it can be copied to a device that has only onnxruntime and numpy.
+(one folder per model: `model.onnx`, and `model.onnx.data` beside it for models over 2 GB) and a
+copy of `runner.py`, so it can be copied to a device that has only onnxruntime and numpy.
 Exporting resumes: items already in the manifest are skipped; the manifest is rewritten
 atomically after each item.
 """
@@ -41,16 +42,20 @@ def network_key(cfg: ArchConfig) -> str:
     return f"network({cfg.name})#{cfg.digest()}"
 
 
-def _export(module: torch.nn.Module, inputs: tuple, path: Path, opset: int) -> dict[str, list[int]]:
+def _export(module: torch.nn.Module, inputs: tuple, folder: Path, opset: int) -> dict[str, list[int]]:
+    """Export to `folder/model.onnx` (plus `model.onnx.data` for models over protobuf's 2 GB), atomically:
+    into a temporary folder that is renamed when complete."""
     names = [f"in{i}" for i in range(len(inputs))]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a crash
+    tmp.mkdir(parents=True)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-        torch.onnx.export(module.eval(), inputs, str(tmp), input_names=names, opset_version=opset,
+        torch.onnx.export(module.eval(), inputs, str(tmp / "model.onnx"), input_names=names, opset_version=opset,
                           dynamo=True, external_data=False)
-    os.replace(tmp, path)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
     return {n: list(t.shape) for n, t in zip(names, inputs)}
 
 
@@ -90,8 +95,9 @@ def export_bundle(out_dir: str | Path, blocks: list[BlockSpec], networks: list[A
             inputs = (torch.randn(1, cfg.latent.channels, resolution, resolution, generator=g),
                       torch.tensor([500.0]),
                       torch.randn(1, cfg.conditioning.context_len, cfg.conditioning.context_dim, generator=g))
-        file = f"onnx/{hashlib.sha1(key.encode()).hexdigest()[:16]}.onnx"
-        shapes = _export(module, inputs, out / file, opset)
+        folder = f"onnx/{hashlib.sha1(key.encode()).hexdigest()[:16]}"
+        shapes = _export(module, inputs, out / folder, opset)
+        file = f"{folder}/model.onnx"
         item = {"key": key, "kind": kind, "role": role, "file": file, "inputs": shapes}
         if role == "network":
             item["config"] = obj.to_dict()

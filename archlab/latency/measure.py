@@ -9,6 +9,7 @@ Items already in the table are skipped, so an interrupted measurement resumes wh
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from archlab.config import ArchConfig
@@ -59,12 +60,12 @@ def _measure(table, bundle, blocks, networks, resolution, device, threads, opt_l
 
 
 def prune_bundle(bundle: Path, keys: set[str]) -> None:
-    """Delete the ONNX files (and manifest entries) of items in `keys`; the reference stays."""
+    """Delete the ONNX folders (and manifest entries) of items in `keys`; the reference stays."""
     manifest = runner.load_manifest(bundle)
     keep = []
     for it in manifest["items"]:
         if it["key"] in keys and it["key"] != manifest["reference"]:
-            (bundle / it["file"]).unlink(missing_ok=True)
+            shutil.rmtree((bundle / it["file"]).parent, ignore_errors=True)
         else:
             keep.append(it)
     manifest["items"] = keep
