@@ -120,7 +120,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _dataset_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default="synthetic", help="`synthetic` (embedded default) or an ImageNet-style folder")
+    p.add_argument("--dataset", default="synthetic",
+                   help="`synthetic` (embedded default), an ImageNet-style folder, or a prepared .pt set")
     p.add_argument("--image-size", type=int, default=32, help="proxy resolution in pixels (default 32)")
     p.add_argument("--classes", type=int, help="use the first N classes")
     p.add_argument("--per-class", type=int, help="train images per class")
