@@ -67,6 +67,25 @@ def _build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--json", action="store_true", help="print the result as a JSON object")
     tr.set_defaults(run=cmd_train)
 
+    se = sub.add_parser("search", help="latency-constrained architecture search: Optuna on Ray Tune, proxy trainings")
+    se.add_argument("--space", default="search_spaces/snapgen_unet.yaml", help="search space YAML")
+    se.add_argument("--table", default="latency_tables/amd-epyc-2c.csv", help="measured latency table (fitted)")
+    se.add_argument("--budget-ms", type=float, help="predicted-latency budget; candidates over it are never trained")
+    se.add_argument("--trials", type=int, default=6, help="candidates to train (rejected ones do not count)")
+    se.add_argument("--objective", default="val_loss", help="val_loss, fid or kid (minimised)")
+    se.add_argument("--multi", action="store_true", help="optimise (objective, predicted latency) for a Pareto front")
+    se.add_argument("--sampler", default="tpe", help="tpe, nsga2 or random")
+    se.add_argument("--cpus-per-trial", type=int, default=2)
+    se.add_argument("--concurrency", type=int, default=1, help="trials at once")
+    se.add_argument("--address", help="attach to a running Ray cluster (e.g. auto or HOST:6379)")
+    se.add_argument("--storage", help="Optuna storage URL (default: a journal file in the run folder)")
+    se.add_argument("--no-asha", action="store_true", help="no early stopping on the training curve")
+    se.add_argument("--out", help="run folder (default runs/search-<date>-<time>)")
+    se.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted search (all other flags come from it)")
+    _dataset_args(se)
+    _train_args(se)
+    se.set_defaults(run=cmd_search)
+
     da = sub.add_parser("data", help="load a dataset and summarise it; --export writes a prepared copy")
     _dataset_args(da)
     da.add_argument("--export", metavar="FILE.pt", help="write the prepared set (uint8) for other machines")
@@ -297,6 +316,35 @@ def cmd_train(args: argparse.Namespace) -> int:
                                                          f"  [{result.fid_extractor}, {tcfg.samples} samples]"
                                                          if result.fid is not None else ""))
     return 0 if result.status == "ok" else 1
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    import datetime as dt
+    from dataclasses import asdict
+
+    from archlab.search import SearchSettings, run_search
+
+    if args.resume:
+        summary = run_search(None, args.resume, resume=True)
+    else:
+        if args.budget_ms is None:
+            raise ArchlabError("--budget-ms: required (e.g. archlab latency query on a design you like gives a scale)")
+        settings = SearchSettings(space=args.space, table=args.table, budget_ms=args.budget_ms, trials=args.trials,
+                                  objective=args.objective, multi=args.multi, sampler=args.sampler, seed=args.seed,
+                                  cpus_per_trial=args.cpus_per_trial, concurrency=args.concurrency, address=args.address,
+                                  storage=args.storage, asha=not args.no_asha, data=asdict(_data_config(args)),
+                                  train=asdict(_train_config(args)))
+        out = args.out or f"runs/search-{dt.datetime.now():%Y%m%d-%H%M%S}"
+        summary = run_search(settings, out)
+    print(f"{summary['run_dir']}: {summary['trained']} trained, {summary['rejected_over_budget']} rejected over budget, "
+          f"{summary['stopped_early']} stopped early, {summary['failed']} failed")
+    if "best" in summary:
+        b = summary["best"]
+        print(f"best: trial {b['trial']} -> {b['config']}")
+    if "stopped" in summary:
+        print(summary["stopped"], file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_data(args: argparse.Namespace) -> int:

@@ -17,23 +17,28 @@ The Ray Tune driver (trainable, scheduler, resume) builds on these; see docs/sea
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import warnings
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 
+from archlab.data import DataConfig
 from archlab.errors import ArchlabError
 from archlab.space import SearchSpace, load_space
+from archlab.train import TrainConfig
 
 log = logging.getLogger(__name__)
 
 OBJECTIVES = ("val_loss", "fid", "kid")
 SAMPLERS = ("tpe", "nsga2", "random")
 LATENCY = "predicted_ms"
+INTERRUPTED = "interrupted: the search stopped before Ray recorded this trial"
 
 
 def suggest_point(trial: optuna.Trial, space: SearchSpace) -> dict[str, Any]:
@@ -98,7 +103,7 @@ class Candidates:
         ms = float(self.predictor.predict_many([cfg])[0])
         trial.set_user_attr(LATENCY, ms)
         trial.set_constraint("latency_ms", ms - self.budget_ms)
-        return {LATENCY: ms}
+        return {LATENCY: ms, "optuna_trial": trial.number}
 
 
 def _searcher_base():
@@ -141,10 +146,18 @@ class BudgetedOptunaSearch(_searcher_base()):
                   self._max_rejections)
         return Searcher.FINISHED
 
+    def restore(self, checkpoint_path: str) -> None:
+        """After a crash: Optuna trials still RUNNING that Ray no longer knows (created after its last
+        checkpoint) would stay RUNNING forever and bias TPE; close them as interrupted."""
+        super().restore(checkpoint_path)
+        live = {t._trial_id for tid, t in self._ot_trials.items() if tid not in self._completed_trials}
+        for ft in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if ft._trial_id not in live:
+                optuna.trial.Trial(self._ot_study, ft._trial_id).set_user_attr("reason", INTERRUPTED)
+                self._ot_study.tell(ft.number, state=TrialState.FAIL, skip_if_finished=True)
+
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if isinstance(self.metric, list) or self.metric not in result:
-            return  # intermediate reports (train_loss) are for the scheduler
-        super().on_trial_result(trial_id, result)
+        """Intermediate reports are for the scheduler (ASHA); Optuna gets the final scores only."""
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id not in self._ot_trials or trial_id in self._completed_trials:
@@ -237,6 +250,266 @@ def export_best(df, space: SearchSpace, objective: str, out_dir: str | Path, k: 
 
 def counts(df) -> dict[str, int]:
     states = df["state"].value_counts().to_dict()
+    interrupted = int(((df["state"] == "FAIL") & (df["reason"] == INTERRUPTED)).sum())
     return {"sampled": int(len(df)), "rejected_over_budget": int(states.get("REJECTED", 0)),
             "trained": int(states.get("COMPLETE", 0)), "stopped_early": int(states.get("PRUNED", 0)),
-            "failed": int(states.get("FAIL", 0)), "running": int(states.get("RUNNING", 0))}
+            "failed": int(states.get("FAIL", 0)) - interrupted, "interrupted": interrupted,
+            "running": int(states.get("RUNNING", 0))}
+
+
+# ---- the Ray Tune driver ------------------------------------------------------------------------
+
+@dataclass
+class SearchSettings:
+    """Everything a search needs; saved as `search.json` in its run folder, so `--resume` needs nothing else."""
+    space: str
+    table: str
+    budget_ms: float
+    trials: int = 6
+    objective: str = "val_loss"
+    multi: bool = False  # objectives (quality, predicted latency) instead of quality under the budget
+    sampler: str = "tpe"
+    seed: int = 0
+    cpus_per_trial: int = 2
+    concurrency: int = 1
+    address: str | None = None
+    storage: str | None = None  # Optuna storage URL; default: a journal file in the run folder
+    asha: bool = True
+    max_rejections: int = 2000
+    max_failed_share: float = 0.5
+    data: dict = field(default_factory=lambda: asdict(DataConfig()))
+    train: dict = field(default_factory=lambda: asdict(TrainConfig()))
+
+    def validate(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ArchlabError(f"--objective: {self.objective!r} is not one of {', '.join(OBJECTIVES)}")
+        make_sampler(self.sampler, self.seed)
+        for name, ok in (("trials", self.trials >= 1), ("cpus_per_trial", self.cpus_per_trial >= 1),
+                         ("concurrency", self.concurrency >= 1), ("budget_ms", self.budget_ms > 0),
+                         ("max_failed_share", 0 < self.max_failed_share <= 1)):
+            if not ok:
+                raise ArchlabError(f"--{name.replace('_', '-')}: {getattr(self, name)!r} is out of range")
+        if self.objective != "val_loss" and not self.train_config.samples:
+            raise ArchlabError(f"--objective {self.objective} needs generated images: --samples must be > 0")
+        self.train_config.validate()
+
+    @property
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(**self.train)
+
+    @property
+    def data_config(self) -> DataConfig:
+        return DataConfig(**self.data)
+
+    @property
+    def metrics(self) -> list[str]:
+        return [self.objective, LATENCY] if self.multi else [self.objective]
+
+
+def _trial(config: dict, settings: dict, run_dir: str) -> None:
+    """One Ray Tune trial: train the candidate at proxy scale, report the train loss as it goes and
+    the scores at the end. A diverged run raises, so Tune records it as failed with the reason.
+
+    The scores are also written to the Optuna trial (user attr `scores`) before they are reported:
+    if Ray runs a finished trial again after a crash of the driver, it reports them without training."""
+    import torch
+    from ray import tune
+
+    from archlab.data import load_dataset
+    from archlab.train import train
+
+    s = SearchSettings(**settings)
+    study = optuna.load_study(study_name=Path(run_dir).name, storage=_storage(s, Path(run_dir)))
+    frozen = study.trials[config["optuna_trial"]]
+    if "scores" in frozen.user_attrs:
+        tune.report(frozen.user_attrs["scores"])
+        return
+    torch.set_num_threads(s.cpus_per_trial)
+    space = load_space(s.space)
+    point = {p.path: config[p.path] for p in space.params}
+    cfg = space.config(point, name=f"{space.name}-{tune.get_context().get_trial_id()}")
+    data = load_dataset(s.data_config)
+    out = Path(tune.get_context().get_trial_dir()) / "proxy"  # its checkpoint: a resumed trial continues
+
+    def report(step: int, metrics: dict) -> None:
+        tune.report({"train_loss": metrics["train_loss"], "step": step})
+
+    r = train(cfg, data, s.train_config, out=out, on_report=report, with_scores=True)
+    if r.status != "ok":
+        raise RuntimeError(f"{r.status}: {r.reason}")
+    scores = {"train_loss": r.train_loss, "step": r.steps, "val_loss": r.val_loss, "fid": r.fid, "kid": r.kid,
+              LATENCY: config[LATENCY], "fid_extractor": r.fid_extractor or "", "seconds": r.seconds}
+    optuna.trial.Trial(study, frozen._trial_id).set_user_attr("scores", scores)
+    tune.report(scores)
+
+
+class _FailureGuard:
+    """Stops the search when most trials fail (at least 3), instead of burning the budget."""
+
+    def __init__(self, share: float):
+        self.share, self.failed, self.done, self.message = share, 0, 0, ""
+
+    def callback(self):
+        from ray.tune import Callback
+
+        guard = self
+
+        class _Count(Callback):
+            def on_trial_complete(self, iteration, trials, trial, **info):
+                guard.done += 1
+
+            def on_trial_error(self, iteration, trials, trial, **info):
+                guard.done += 1
+                guard.failed += 1
+                if guard.failed >= 3 and guard.failed > guard.share * guard.done:
+                    guard.message = (f"{guard.failed} of {guard.done} trials failed (see their error.txt in the "
+                                     "run folder): stopping the search")
+
+        return _Count()
+
+    def stopper(self):
+        from ray.tune.stopper import Stopper
+
+        guard = self
+
+        class _Stop(Stopper):
+            def __call__(self, trial_id, result):
+                return False
+
+            def stop_all(self):
+                return bool(guard.message)
+
+        return _Stop()
+
+
+def _storage(settings: SearchSettings, run_dir: Path):
+    if settings.storage:
+        return settings.storage  # an RDB URL (sqlite:///..., postgresql://...)
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    return JournalStorage(JournalFileBackend(str(run_dir / "optuna.journal")))
+
+
+def run_search(settings: SearchSettings | None, run_dir: str | Path, resume: bool = False) -> dict:
+    """Run (or resume) a search in `run_dir`; writes the outputs there and returns the summary."""
+    import os
+
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from archlab.data import load_dataset
+    from archlab.io import cache_dir, write_atomic
+
+    run_dir = Path(run_dir).resolve()
+    saved = run_dir / "search.json"
+    if resume:
+        if not saved.is_file():
+            raise ArchlabError(f"--resume: {run_dir} is not a search run folder (no search.json)")
+        settings = SearchSettings(**json.loads(saved.read_text()))
+    elif saved.exists():
+        raise ArchlabError(f"--out: {run_dir} already holds a search: resume it with --resume {run_dir}, or pick another folder")
+    else:  # trials run in their own folders (and maybe other machines): absolute paths only
+        settings.space, settings.table = str(Path(settings.space).resolve()), str(Path(settings.table).resolve())
+        if settings.data["spec"] != "synthetic":
+            settings.data = {**settings.data, "spec": str(Path(settings.data["spec"]).resolve())}
+    settings.validate()
+    candidates = Candidates(settings.space, settings.table, settings.budget_ms)
+    candidates.predictor  # a missing or stale table fails now
+    load_dataset(settings.data_config, progress=True)  # decode and cache once, before the trials
+    if not resume:
+        write_atomic(saved, json.dumps(asdict(settings), indent=1) + "\n")
+
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled" if not settings.address else os.environ.get("RAY_AUTH_MODE", "token"))
+    env = {"ARCHLAB_CACHE": str(cache_dir().resolve()), "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1"}
+    if not ray.is_initialized():
+        kwargs = {"address": settings.address} if settings.address else {"address": "local", "num_cpus": os.cpu_count()}
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False,
+                 runtime_env={"env_vars": env}, **kwargs)
+    t = settings.train_config
+    trainable = tune.with_resources(tune.with_parameters(_trial, settings=asdict(settings), run_dir=str(run_dir)),
+                                    {"cpu": settings.cpus_per_trial})
+    exp = run_dir / "ray" / "search"
+    guard = _FailureGuard(settings.max_failed_share)
+    if resume and tune.Tuner.can_restore(str(exp)):
+        tuner = tune.Tuner.restore(str(exp), trainable, resume_unfinished=True, resume_errored=False)
+    else:
+        modes = ["min"] * len(settings.metrics)
+        searcher = BudgetedOptunaSearch(space=candidates, metric=settings.metrics if settings.multi else settings.objective,
+                                        mode=modes if settings.multi else "min", sampler=make_sampler(settings.sampler, settings.seed),
+                                        storage=_storage(settings, run_dir), study_name=run_dir.name,
+                                        max_rejections=settings.max_rejections)
+        scheduler = None
+        iterations = len({*range(t.report_every, t.steps + 1, t.report_every), t.steps}) + 1  # + the final scores
+        if settings.asha and iterations > 3:  # fewer reports than that leave nothing to stop on
+            scheduler = ASHAScheduler(time_attr="training_iteration", metric="train_loss", mode="min",
+                                      max_t=iterations, grace_period=max(2, iterations // 4), reduction_factor=3)
+        tuner = tune.Tuner(trainable,
+                           tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=settings.trials,
+                                                       max_concurrent_trials=settings.concurrency),
+                           run_config=tune.RunConfig(name="search", storage_path=str(run_dir / "ray"), verbose=1,
+                                                     callbacks=[guard.callback()], stop=guard.stopper()))
+    grid = tuner.fit()
+    errors = {}
+    for r in grid:
+        if r.error is not None and r.config:
+            errors[r.config.get("optuna_trial")] = str(r.error).strip().splitlines()[-1][:300]
+    summary = write_outputs(settings, run_dir, errors)
+    if guard.message:
+        summary["stopped"] = guard.message
+    return summary
+
+
+def write_outputs(settings: SearchSettings, run_dir: Path, errors: dict | None = None) -> dict:
+    """trials.csv/.parquet, pareto.png, best/*.yaml and summary.md from the run's Optuna study."""
+    from archlab.io import write_atomic
+
+    study = optuna.load_study(study_name=run_dir.name, storage=_storage(settings, run_dir))
+    df = trials_frame(study, settings.metrics)
+    for number, reason in (errors or {}).items():
+        df.loc[df["number"] == number, "reason"] = reason
+    trained = df[df["state"] == "COMPLETE"]
+    over = trained[trained[LATENCY] > settings.budget_ms]
+    if len(over):  # cannot happen: the searcher rejects them; say so loudly if it ever does
+        raise ArchlabError(f"trials {list(over['number'])} were trained over the budget")
+    tmp = run_dir / ".trials.csv.tmp"
+    df.to_csv(tmp, index=False)
+    tmp.replace(run_dir / "trials.csv")
+    df.to_parquet(run_dir / ".trials.parquet.tmp", index=False)
+    (run_dir / ".trials.parquet.tmp").replace(run_dir / "trials.parquet")
+    n = counts(df)
+    summary = {"run_dir": str(run_dir), "settings": asdict(settings), **n}
+    if len(trained):
+        pareto_plot(df, settings.objective, settings.budget_ms, run_dir / "pareto.png")
+        best = export_best(df, load_space(settings.space).at_resolution(Candidates(
+            settings.space, settings.table, settings.budget_ms).predictor.resolution), settings.objective, run_dir / "best")
+        top = trained.sort_values(settings.objective).iloc[0]
+        summary["best"] = {"trial": int(top["number"]), settings.objective: float(top[settings.objective]),
+                           LATENCY: float(top[LATENCY]), "config": str(best[0])}
+    write_atomic(run_dir / "summary.md", summary_markdown(summary, df, settings))
+    write_atomic(run_dir / "summary.json", json.dumps(summary, indent=1, default=str) + "\n")
+    return summary
+
+
+def summary_markdown(summary: dict, df, settings: SearchSettings) -> str:
+    o = settings.objective
+    lines = [f"# Search `{Path(summary['run_dir']).name}`", "",
+             f"Space `{settings.space}`, budget {settings.budget_ms:g} ms predicted on `{settings.table}`, "
+             f"objective `{o}`{' and predicted latency (multi-objective)' if settings.multi else ''}, sampler "
+             f"`{settings.sampler}` (seed {settings.seed}), dataset `{settings.data['spec']}`, {settings.train['steps']} "
+             f"steps per trial at width x{settings.train['width_mult']}.", "",
+             f"- candidates sampled: {summary['sampled']}; rejected over the budget before training: "
+             f"{summary['rejected_over_budget']}",
+             f"- trained to the end: {summary['trained']}; stopped early by ASHA: {summary['stopped_early']}; "
+             f"failed: {summary['failed']}; interrupted (and sampled again on resume): {summary['interrupted']}"]
+    if "best" in summary:
+        b = summary["best"]
+        lines += [f"- best: trial {b['trial']}, {o} {b[o]:.4g}, predicted {b[LATENCY]:.1f} ms -> `{b['config']}`", "",
+                  "![Pareto front](pareto.png)", ""]
+    failed = df[(df["state"] == "FAIL") & (df["reason"] != INTERRUPTED)]
+    if len(failed):
+        lines += ["", "Failed trials:", ""] + [f"- trial {int(r['number'])}: {r['reason'] or 'see its error.txt'}"
+                                              for _, r in failed.iterrows()]
+    return "\n".join(lines) + "\n"

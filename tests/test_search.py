@@ -1,8 +1,15 @@
-"""The latency-budgeted Optuna searcher and the search outputs (no Ray cluster needed)."""
+"""The latency-budgeted Optuna searcher and the search outputs; a real Ray Tune search killed and resumed."""
 
+import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import optuna
+
 import pytest
 import yaml
 
@@ -100,3 +107,56 @@ def test_outputs_pareto_plot_and_best_configs(setup, tmp_path):
     assert cfg.name == f"tiny-trial{int(row['number'])}" and len(decompose(cfg)) > 0
     assert math.isclose(Candidates(space_path, table, 1).predictor.predict(cfg).latency_ms, row["predicted_ms"],
                         rel_tol=1e-9)
+
+
+def _study(run):
+    from archlab.search import SearchSettings, _storage
+
+    settings = SearchSettings(**json.loads((run / "search.json").read_text()))
+    return optuna.load_study(study_name=run.name, storage=_storage(settings, run))
+
+
+def _trained(study):
+    return {t.number: (t.values, t.datetime_complete) for t in study.get_trials(deepcopy=False)
+            if t.state.name == "COMPLETE" and not t.user_attrs.get("rejected")}
+
+
+def test_search_runs_on_ray_and_resumes_after_sigkill(setup, tmp_path):
+    """A real search (tiny proxies on the synthetic set), killed with SIGKILL once a trial has
+    finished, then resumed: finished trials are kept as they were, and the total reaches 4."""
+    space_path, space, table, every = setup
+    budget = every[len(every) // 2]
+    run = tmp_path / "run"
+    base = [sys.executable, "-m", "archlab.cli", "search"]
+    argv = base + ["--space", str(space_path), "--table", str(table), "--budget-ms", str(budget), "--trials", "4",
+                   "--dataset", "synthetic", "--image-size", "8", "--classes", "3", "--per-class", "8",
+                   "--val-per-class", "4", "--steps", "6", "--batch", "4", "--width-mult", "1", "--samples", "0",
+                   "--cpus-per-trial", "1", "--out", str(run)]
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
+    proc = subprocess.Popen(argv, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if (run / "optuna.journal").exists() and _trained(_study(run)):
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, "the search ended before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    before = _trained(_study(run))
+    assert 1 <= len(before) < 4
+    done = subprocess.run(base + ["--resume", str(run)], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    after = _trained(_study(run))
+    assert len(after) == 4
+    assert all(after[k] == v for k, v in before.items())  # finished trials kept, not told again
+    for name in ("trials.csv", "trials.parquet", "pareto.png", "summary.md", "best/best-1.yaml"):
+        assert (run / name).is_file(), name
+    import pandas as pd
+
+    df = pd.read_csv(run / "trials.csv")
+    assert (df[df["state"] == "COMPLETE"]["predicted_ms"] <= budget).all()
+    assert "rejected over the budget" in (run / "summary.md").read_text()
