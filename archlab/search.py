@@ -477,7 +477,8 @@ def write_outputs(settings: SearchSettings, run_dir: Path, errors: dict | None =
     tmp = run_dir / ".trials.csv.tmp"
     df.to_csv(tmp, index=False)
     tmp.replace(run_dir / "trials.csv")
-    df.to_parquet(run_dir / ".trials.parquet.tmp", index=False)
+    mixed = [c for c in df.columns if c.startswith("param.") and df[c].map(type).nunique() > 1]
+    df.astype({c: str for c in mixed}).to_parquet(run_dir / ".trials.parquet.tmp", index=False)  # kv_heads: 2 or "mqa"
     (run_dir / ".trials.parquet.tmp").replace(run_dir / "trials.parquet")
     n = counts(df)
     summary = {"run_dir": str(run_dir), "settings": asdict(settings), **n}
