@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 
 def cache_dir() -> Path:
@@ -12,25 +13,29 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ARCHLAB_CACHE", "runs/cache"))
 
 
-def _tmp(path: Path) -> Path:
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path (same folder and suffix) to write to; renamed to `path` if the block succeeds."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_atomic(path: str | Path, text: str) -> Path:
-    path = Path(path)
-    tmp = _tmp(path)
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
 
 
 def save_atomic(obj: Any, path: str | Path) -> Path:
     """torch.save, atomically."""
     import torch
 
-    path = Path(path)
-    tmp = _tmp(path)
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-    return path
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)

@@ -30,6 +30,7 @@ from optuna.trial import TrialState
 
 from archlab.data import DataConfig
 from archlab.errors import ArchlabError
+from archlab.io import atomic_path, write_atomic
 from archlab.space import SearchSpace, load_space
 from archlab.train import TrainConfig
 
@@ -224,19 +225,14 @@ def pareto_plot(df, objective: str, budget_ms: float, path: str | Path) -> Path:
     ax.set_ylabel(objective)
     ax.legend(frameon=False, fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    tmp.replace(path)
-    return path
+    return Path(path)
 
 
 def export_best(df, space: SearchSpace, objective: str, out_dir: str | Path, k: int = 3) -> list[Path]:
     """The k best trained trials by `objective` as ArchConfig YAML files (for cost, latency query, train)."""
-    from archlab.io import write_atomic
-
     done = df[(df["state"] == "COMPLETE") & df[objective].notna()].sort_values(objective).head(k)
     paths = []
     for rank, (_, r) in enumerate(done.iterrows(), 1):
@@ -400,7 +396,7 @@ def run_search(settings: SearchSettings | None, run_dir: str | Path, resume: boo
     from ray.tune.schedulers import ASHAScheduler
 
     from archlab.data import load_dataset
-    from archlab.io import cache_dir, write_atomic
+    from archlab.io import cache_dir
 
     run_dir = Path(run_dir).resolve()
     saved = run_dir / "search.json"
@@ -421,8 +417,9 @@ def run_search(settings: SearchSettings | None, run_dir: str | Path, resume: boo
     if not resume:
         write_atomic(saved, json.dumps(asdict(settings), indent=1) + "\n")
 
-    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled" if not settings.address else os.environ.get("RAY_AUTH_MODE", "token"))
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # the driver reads it; workers get `env`
+    if not settings.address:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster; a shared one keeps its auth
     env = {"ARCHLAB_CACHE": str(cache_dir().resolve()), "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1"}
     if not ray.is_initialized():
         kwargs = {"address": settings.address} if settings.address else {"address": "local", "num_cpus": os.cpu_count()}
@@ -464,8 +461,6 @@ def run_search(settings: SearchSettings | None, run_dir: str | Path, resume: boo
 
 def write_outputs(settings: SearchSettings, run_dir: Path, errors: dict | None = None) -> dict:
     """trials.csv/.parquet, pareto.png, best/*.yaml and summary.md from the run's Optuna study."""
-    from archlab.io import write_atomic
-
     study = optuna.load_study(study_name=run_dir.name, storage=_storage(settings, run_dir))
     df = trials_frame(study, settings.metrics)
     for number, reason in (errors or {}).items():
@@ -474,12 +469,11 @@ def write_outputs(settings: SearchSettings, run_dir: Path, errors: dict | None =
     over = trained[trained[LATENCY] > settings.budget_ms]
     if len(over):  # cannot happen: the searcher rejects them; say so loudly if it ever does
         raise ArchlabError(f"trials {list(over['number'])} were trained over the budget")
-    tmp = run_dir / ".trials.csv.tmp"
-    df.to_csv(tmp, index=False)
-    tmp.replace(run_dir / "trials.csv")
+    with atomic_path(run_dir / "trials.csv") as tmp:
+        df.to_csv(tmp, index=False)
     mixed = [c for c in df.columns if c.startswith("param.") and df[c].map(type).nunique() > 1]
-    df.astype({c: str for c in mixed}).to_parquet(run_dir / ".trials.parquet.tmp", index=False)  # kv_heads: 2 or "mqa"
-    (run_dir / ".trials.parquet.tmp").replace(run_dir / "trials.parquet")
+    with atomic_path(run_dir / "trials.parquet") as tmp:
+        df.astype({c: str for c in mixed}).to_parquet(tmp, index=False)  # kv_heads: 2 or "mqa"
     n = counts(df)
     summary = {"run_dir": str(run_dir), "settings": asdict(settings), **n}
     if len(trained):
