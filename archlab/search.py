@@ -148,14 +148,9 @@ class BudgetedOptunaSearch(_searcher_base()):
         return Searcher.FINISHED
 
     def restore(self, checkpoint_path: str) -> None:
-        """After a crash: Optuna trials still RUNNING that Ray no longer knows (created after its last
-        checkpoint) would stay RUNNING forever and bias TPE; close them as interrupted."""
         super().restore(checkpoint_path)
-        live = {t._trial_id for tid, t in self._ot_trials.items() if tid not in self._completed_trials}
-        for ft in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if ft._trial_id not in live:
-                optuna.trial.Trial(self._ot_study, ft._trial_id).set_user_attr("reason", INTERRUPTED)
-                self._ot_study.tell(ft.number, state=TrialState.FAIL, skip_if_finished=True)
+        close_interrupted(self._ot_study, live={t._trial_id for tid, t in self._ot_trials.items()
+                                                 if tid not in self._completed_trials})
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         """Intermediate reports are for the scheduler (ASHA); Optuna gets the final scores only."""
@@ -175,6 +170,25 @@ class BudgetedOptunaSearch(_searcher_base()):
         self._ot_study.tell(ot_trial, values if values is None or len(values) > 1 else values[0], state=state,
                             skip_if_finished=True)
         self._completed_trials.add(trial_id)
+
+
+def close_interrupted(study: optuna.Study, live: set[int] = frozenset()) -> int:
+    """After a crash: Optuna trials still RUNNING that Ray will not run again (created after its last
+    checkpoint) would stay RUNNING forever and bias TPE; close them as failed, `interrupted`.
+    `live`: storage ids of the trials Ray restores. Returns how many were closed."""
+    closed = 0
+    for ft in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if ft._trial_id not in live:
+            optuna.trial.Trial(study, ft._trial_id).set_user_attr("reason", INTERRUPTED)
+            study.tell(ft.number, state=TrialState.FAIL, skip_if_finished=True)
+            closed += 1
+    return closed
+
+
+def finished(study: optuna.Study) -> int:
+    """Trials that count toward the total: trained, stopped early or failed (not rejected, not interrupted)."""
+    return sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
+               if not t.user_attrs.get("rejected") and t.user_attrs.get("reason") != INTERRUPTED)
 
 
 # ---- outputs ------------------------------------------------------------------------------------
@@ -236,7 +250,7 @@ def export_best(df, space: SearchSpace, objective: str, out_dir: str | Path, k: 
     done = df[(df["state"] == "COMPLETE") & df[objective].notna()].sort_values(objective).head(k)
     paths = []
     for rank, (_, r) in enumerate(done.iterrows(), 1):
-        point = {c[len("param."):]: r[c] for c in df.columns if c.startswith("param.")}
+        point = space.point_from({c[len("param."):]: r[c] for c in df.columns if c.startswith("param.")})
         cfg = space.config(point, name=f"{space.name}-trial{int(r['number'])}")
         header = (f"# trial {int(r['number'])}: {objective} {r[objective]:.4g}, predicted {r[LATENCY]:.1f} ms "
                   f"(rank {rank} of the trained trials)\n")
@@ -430,8 +444,20 @@ def run_search(settings: SearchSettings | None, run_dir: str | Path, resume: boo
                                     {"cpu": settings.cpus_per_trial})
     exp = run_dir / "ray" / "search"
     guard = _FailureGuard(settings.max_failed_share)
-    if resume and tune.Tuner.can_restore(str(exp)):
+    restorable = resume and tune.Tuner.can_restore(str(exp))
+    remaining = settings.trials
+    if resume and not restorable:  # killed before Ray's first checkpoint (or before the study existed)
+        try:
+            study = optuna.load_study(study_name=run_dir.name, storage=_storage(settings, run_dir))
+        except KeyError:
+            study = None
+        if study is not None:
+            close_interrupted(study)
+            remaining = settings.trials - finished(study)
+    if restorable:
         tuner = tune.Tuner.restore(str(exp), trainable, resume_unfinished=True, resume_errored=False)
+    elif remaining <= 0:
+        tuner = None
     else:
         modes = ["min"] * len(settings.metrics)
         searcher = BudgetedOptunaSearch(space=candidates, metric=settings.metrics if settings.multi else settings.objective,
@@ -444,11 +470,11 @@ def run_search(settings: SearchSettings | None, run_dir: str | Path, resume: boo
             scheduler = ASHAScheduler(time_attr="training_iteration", metric="train_loss", mode="min",
                                       max_t=iterations, grace_period=max(2, iterations // 4), reduction_factor=3)
         tuner = tune.Tuner(trainable,
-                           tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=settings.trials,
+                           tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=remaining,
                                                        max_concurrent_trials=settings.concurrency),
                            run_config=tune.RunConfig(name="search", storage_path=str(run_dir / "ray"), verbose=1,
                                                      callbacks=[guard.callback()], stop=guard.stopper()))
-    grid = tuner.fit()
+    grid = tuner.fit() if tuner else []
     errors = {}
     for r in grid:
         if r.error is not None and r.config:

@@ -64,6 +64,22 @@ class SearchSpace:
         values = {"name": name or self.base.name, **point}
         return self.base.with_values(values, where=f"{self.path or self.name}: point {point}")
 
+    def point_from(self, values: dict[str, Any]) -> dict[str, Any]:
+        """A point read back from a table (CSV, a pandas column upcast to float by a missing cell,
+        numpy scalars, a Parquet column stored as text) with each value snapped to the choice it
+        stands for; a value that matches no choice is an error."""
+        point = {}
+        for p in self.params:
+            v = values.get(p.path)
+            v = v.item() if hasattr(v, "item") else v
+            match = [c for c in p.choices if type(c) is type(v) and c == v] or \
+                    [c for c in p.choices if not isinstance(c, (bool, str)) and not isinstance(v, (bool, str))
+                     and v is not None and c == v] or [c for c in p.choices if str(c) == str(v)]
+            if not match:
+                raise ArchlabError(f"{self.path or self.name}: {p.path}: {v!r} is not one of {list(p.choices)}")
+            point[p.path] = match[0]
+        return point
+
     def sample_point(self, rng: random.Random) -> dict[str, Any]:
         return {p.path: rng.choice(p.choices) for p in self.params}
 

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -160,3 +161,29 @@ def test_search_runs_on_ray_and_resumes_after_sigkill(setup, tmp_path):
     df = pd.read_csv(run / "trials.csv")
     assert (df[df["state"] == "COMPLETE"]["predicted_ms"] <= budget).all()
     assert "rejected over the budget" in (run / "summary.md").read_text()
+
+
+def test_resume_without_ray_state_runs_only_the_remaining_trials(setup, tmp_path):
+    """Killed before Ray wrote its first checkpoint: the resume counts what the study already finished,
+    closes the trial that was being set up as interrupted, and runs only the rest."""
+    space_path, space, table, every = setup
+    run = tmp_path / "run"
+    base = [sys.executable, "-m", "archlab.cli", "search"]
+    argv = base + ["--space", str(space_path), "--table", str(table), "--budget-ms", str(every[-1]), "--trials", "2",
+                   "--dataset", "synthetic", "--image-size", "8", "--classes", "3", "--per-class", "8",
+                   "--val-per-class", "4", "--steps", "4", "--batch", "4", "--width-mult", "1", "--samples", "0",
+                   "--cpus-per-trial", "1", "--out", str(run)]
+    first = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = _trained(_study(run))
+    assert len(before) == 2
+    shutil.rmtree(run / "ray")
+    _study(run).ask()  # a trial the killed driver had created but not yet filled in: no params at all
+    settings = json.loads((run / "search.json").read_text())
+    (run / "search.json").write_text(json.dumps({**settings, "trials": 3}))
+    done = subprocess.run(base + ["--resume", str(run)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    after = _trained(_study(run))
+    assert len(after) == 3 and all(after[k] == v for k, v in before.items())
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["interrupted"] == 1 and summary["running"] == 0 and (run / "best" / "best-1.yaml").is_file()

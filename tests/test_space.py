@@ -90,3 +90,19 @@ def test_sample_gives_distinct_networks_outside_avoid(tmp_path):
     assert sorted(cfg.digest() for _, cfg in got) == keep
     with pytest.raises(ArchlabError, match="found only 2 distinct networks outside the 4 to avoid, asked 3"):
         space.sample(3, seed=3, avoid=every - set(keep))
+
+
+def test_point_from_a_table_snaps_values_to_their_choices(space):
+    """Values read back from trials.csv / Parquet / a NaN-upcast pandas column are the space's choices again."""
+    import numpy as np
+
+    point, cfg = space.sample(1, seed=2)[0]
+    table = {k: (float(v) if isinstance(v, int) and not isinstance(v, bool) else str(v)) for k, v in point.items()}
+    table["stages.1.transformer_depth"] = np.float64(point["stages.1.transformer_depth"])
+    back = space.point_from(table)
+    assert back == point and all(type(back[k]) is type(point[k]) for k in point)
+    assert space.config(back).digest() == cfg.digest()
+    with pytest.raises(ArchlabError, match="stages.0.conv"):
+        space.point_from({**point, "stages.0.conv": "dilated"})
+    with pytest.raises(ArchlabError, match="stages.2.expansion"):
+        space.point_from({**point, "stages.2.expansion": float("nan")})
