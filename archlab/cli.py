@@ -86,6 +86,28 @@ def _build_parser() -> argparse.ArgumentParser:
     _train_args(se)
     se.set_defaults(run=cmd_search)
 
+    ab = sub.add_parser("ablate", help="run an ablation ladder: cost, predicted and measured latency, K proxy trainings per row")
+    ab.add_argument("ladder", metavar="LADDER", help="ladder YAML (e.g. search_spaces/snapgen_ablation.yaml)")
+    ab.add_argument("--seeds", type=int, default=2, help="proxy trainings per row (training seeds --seed, --seed+1, ...)")
+    ab.add_argument("--rows", help="comma-separated row indices or names (default: every row)")
+    ab.add_argument("--table", default="latency_tables/amd-epyc-2c.csv",
+                    help="latency table to predict from; measured networks are looked up in its folder")
+    ab.add_argument("--measure", default="32,128",
+                    help="latent resolutions to measure end to end in ORT, comma-separated, or `none` (default 32,128)")
+    ab.add_argument("--threads", type=int, help="ORT threads for measuring (default: the table's)")
+    ab.add_argument("--cpus-per-trial", type=int, default=2)
+    ab.add_argument("--concurrency", type=int, default=1, help="trainings at once (Ray Tune trials)")
+    ab.add_argument("--address", help="attach to a running Ray cluster (e.g. auto or HOST:6379)")
+    ab.add_argument("--out", help="results folder (default runs/ablate-<ladder name>); re-running resumes it")
+    _dataset_args(ab)
+    _train_args(ab)
+    ab.set_defaults(run=cmd_ablate)
+
+    rp = sub.add_parser("report", help="write the ablation report (Markdown, CSV, plots) from an ablate folder")
+    rp.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by `archlab ablate`")
+    rp.add_argument("--out", default="reports", help="where to write ablation.md, ablation.csv and the plots")
+    rp.set_defaults(run=cmd_report)
+
     da = sub.add_parser("data", help="load a dataset and summarise it; --export writes a prepared copy")
     _dataset_args(da)
     da.add_argument("--export", metavar="FILE.pt", help="write the prepared set (uint8) for other machines")
@@ -344,6 +366,51 @@ def cmd_search(args: argparse.Namespace) -> int:
     if "stopped" in summary:
         print(summary["stopped"], file=sys.stderr)
         return 1
+    return 0
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    import shlex
+    from dataclasses import asdict
+
+    from archlab.ablate import AblateSettings, run_ablation
+    from archlab.ladder import load_ladder
+
+    ladder = load_ladder(args.ladder)
+    rows = None
+    if args.rows:
+        rows = sorted({ladder.row(x.strip()).index for x in args.rows.split(",") if x.strip()})
+    if args.measure.strip().lower() in ("none", ""):
+        measure = []
+    else:
+        try:
+            measure = [int(x) for x in args.measure.split(",")]
+        except ValueError:
+            raise ArchlabError(f"--measure: {args.measure!r} is not a comma-separated list of resolutions") from None
+    settings = AblateSettings(ladder=args.ladder, seeds=args.seeds, rows=rows, table=args.table, measure=measure,
+                              threads=args.threads, cpus_per_trial=args.cpus_per_trial, concurrency=args.concurrency,
+                              address=args.address, data=asdict(_data_config(args)), train=asdict(_train_config(args)),
+                              command="archlab " + shlex.join(args.argv))
+    out = args.out or f"runs/ablate-{ladder.name}"
+    run = run_ablation(settings, out, progress=sys.stderr.isatty())
+    done = [r for r in run["results"] if r.get("status") == "ok"]
+    print(f"{run['run_dir']}: {len(done)} of {len(run['results'])} trainings finished")
+    for r in run["results"]:
+        if r.get("status") != "ok":
+            print(f"  row {r['index']} {r['name']} seed {r['seed']}: {r.get('status')}: {r.get('reason', '')}")
+    print(f"report: archlab report {out}")
+    return 0 if len(done) == len(run["results"]) else 1
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    import shlex
+
+    from archlab.report import write_report
+
+    rep = write_report(args.run_dir, args.out, command="archlab " + shlex.join(args.argv))
+    agree = [m["agree"] for c in rep["changes"] for m in c["metrics"] if m["agree"] is not None]
+    print(f"{rep['out']}/ablation.md, ablation.csv, ablation_changes.png, ablation_latency_quality.png: "
+          f"{len(rep['rows'])} rows; {sum(a is True for a in agree)} of {len(agree)} directions agree with the paper")
     return 0
 
 

@@ -30,7 +30,8 @@ from archlab.errors import ArchlabError
 PAPER_KEYS = ("fid", "params_m", "flops_g", "latency_ms")
 ROW_KEYS = ("name", "change", "set", "paper", "why_differs", "note")
 LADDER_KEYS = ("name", "source", "setting", "choices", "base", "rows")
-METRICS = ("params", "macs")  # what why_differs may explain (paper flops compare with our MACs)
+METRICS = ("params", "macs", "latency", "fid")  # what why_differs may explain (paper flops compare with our MACs;
+# `fid` explains a disagreement of any quality score: FID, KID or validation loss)
 
 
 @dataclass(frozen=True)

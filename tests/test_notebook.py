@@ -17,3 +17,4 @@ def test_quickstart_notebook_runs(monkeypatch):
     assert len(namespace["table"]) == 8
     assert namespace["ladder_ms"]["predicted ms"].gt(0).all() and namespace["p"].latency_ms > 0
     assert namespace["result"].status == "ok" and namespace["result"].fid_extractor == "randconv-v1"
+    assert namespace["found"]["trained"] == 2 and (namespace["run_dir"] / "pareto.png").is_file()

@@ -1,0 +1,336 @@
+"""The ablation ladder, rebuilt by the lab: every row costed, timed and trained.
+
+`run_ablation(settings, run_dir)` fills a run folder with everything `archlab report` needs:
+
+- `ablate.json`: the settings (ladder, dataset, proxy training, seeds, latency tables) and provenance
+  (command, git commit, package versions). A folder made with another ladder, dataset or training
+  is refused, so results never mix.
+- `cost.json`: params / MACs / FLOPs of every row at paper scale (`cost.ladder_cost`).
+- `latency.json`: per row, the latency predicted from the committed table, and measured end to end
+  in ONNX Runtime at each resolution of `measure` (default 32x32 and the paper's 128x128 latent).
+  Measured networks are looked up in the device's tables first (`<tables>/<device>*.csv` made with
+  the same device, resolution and threads); missing ones are measured into
+  `<tables>/<device>.ladder<res>.csv` and stay there, so a ladder is timed once per device.
+- `results/<row>/seed<k>.json`: one proxy training (FID, KID, validation loss) per row and seed, run
+  as Ray Tune trials (rows in parallel, `concurrency` at a time). A finished (row, seed) is never
+  trained again; an interrupted one continues from its checkpoint in `train/<row>/seed<k>/`. A run
+  that diverges or raises is recorded as failed with its reason, not dropped.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from archlab.data import DataConfig
+from archlab.errors import ArchlabError
+from archlab.io import write_atomic
+from archlab.ladder import Ladder, load_ladder
+from archlab.train import TrainConfig
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TABLE = "latency_tables/amd-epyc-2c.csv"
+# what makes results comparable: a folder holding results made with other values is refused
+IDENTITY = ("ladder_sha", "data", "train")
+PACKAGES = ("torch", "onnxruntime", "onnx", "optuna", "ray", "torchmetrics", "fvcore", "numpy", "pandas")
+
+
+@dataclass
+class AblateSettings:
+    ladder: str
+    seeds: int = 2
+    rows: list[int] | None = None  # row indices to run (default: all)
+    table: str = DEFAULT_TABLE  # predictor table; measured tables are looked up beside it
+    measure: list[int] = field(default_factory=lambda: [32, 128])  # latent resolutions to time end to end
+    threads: int | None = None  # ORT threads for measuring (default: the predictor table's)
+    cpus_per_trial: int = 2
+    concurrency: int = 1
+    address: str | None = None
+    data: dict = field(default_factory=lambda: asdict(DataConfig()))
+    train: dict = field(default_factory=lambda: asdict(TrainConfig()))
+    ladder_sha: str = ""
+    command: str = ""
+
+    def validate(self, ladder: Ladder) -> None:
+        for name, ok in (("seeds", self.seeds >= 1), ("cpus_per_trial", self.cpus_per_trial >= 1),
+                         ("concurrency", self.concurrency >= 1), ("threads", self.threads is None or self.threads >= 1)):
+            if not ok:
+                raise ArchlabError(f"--{name.replace('_', '-')}: {getattr(self, name)!r} is out of range")
+        for res in self.measure:
+            if res < 8 or res & (res - 1):
+                raise ArchlabError(f"--measure: {res} is not a power-of-two latent resolution >= 8")
+        for i in self.rows or []:
+            if not 0 <= i < len(ladder.rows):
+                raise ArchlabError(f"--rows: {i} is not a row of {ladder.path} (0..{len(ladder.rows) - 1})")
+        self.train_config.validate()
+
+    @property
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(**self.train)
+
+    @property
+    def data_config(self) -> DataConfig:
+        return DataConfig(**self.data)
+
+    def selected(self, ladder: Ladder):
+        return [r for r in ladder.rows if self.rows is None or r.index in self.rows]
+
+
+def file_sha(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def row_dir(row) -> str:
+    return f"{row.index:02d}-{row.name}"
+
+
+def result_path(run_dir: Path, row, seed: int) -> Path:
+    return run_dir / "results" / row_dir(row) / f"seed{seed}.json"
+
+
+def provenance() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    try:
+        here = Path(__file__).resolve().parent
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                                    capture_output=True, text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = "", False
+    return {"python": sys.version.split()[0], "packages": versions, "git_commit": commit or None,
+            "git_dirty": dirty}
+
+
+# ---- settings and the run folder ------------------------------------------------------------------
+
+def open_run(settings: AblateSettings, run_dir: Path) -> tuple[AblateSettings, Ladder]:
+    """Check the settings against the ladder and against what the folder already holds; save them."""
+    ladder = load_ladder(settings.ladder)  # a bad row fails here, with its one line
+    settings.ladder = str(Path(settings.ladder).resolve())
+    settings.table = str(Path(settings.table).resolve())
+    settings.ladder_sha = file_sha(settings.ladder)
+    if settings.data["spec"] != "synthetic":
+        settings.data = {**settings.data, "spec": str(Path(settings.data["spec"]).resolve())}
+        if not Path(settings.data["spec"]).exists():
+            raise ArchlabError(f"--dataset: {settings.data['spec']} does not exist")
+    settings.validate(ladder)
+    saved = run_dir / "ablate.json"
+    if saved.is_file():
+        old = json.loads(saved.read_text())
+        if old.get("ladder_sha") != settings.ladder_sha:
+            raise ArchlabError(f"--out: {run_dir} holds results of another ladder ({old.get('ladder')}, "
+                               f"sha {old.get('ladder_sha')}); pick another folder")
+        for key in IDENTITY[1:]:
+            if old.get(key) != asdict(settings)[key]:
+                diff = sorted(k for k in set(old[key]) | set(asdict(settings)[key])
+                              if old[key].get(k) != asdict(settings)[key].get(k))
+                raise ArchlabError(f"--out: {run_dir} holds results made with other {key} settings "
+                                   f"({', '.join(diff)}); pick another folder")
+        settings.seeds = max(settings.seeds, old.get("seeds", 0))  # asking for fewer seeds keeps the others
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(saved, json.dumps({**asdict(settings), "provenance": provenance(),
+                                    "updated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")},
+                                   indent=1) + "\n")
+    return settings, ladder
+
+
+# ---- cost and latency ----------------------------------------------------------------------------
+
+def cost_rows(ladder: Ladder, selected, run_dir: Path, progress: bool = False) -> dict[int, dict]:
+    """Params / MACs / FLOPs at paper scale of the selected rows, cached in `cost.json` by the ladder's sha."""
+    from tqdm import tqdm
+
+    from archlab.cost import network_cost
+
+    path, sha = run_dir / "cost.json", file_sha(ladder.path)
+    cached = json.loads(path.read_text()) if path.is_file() else {}
+    rows = {int(k): v for k, v in cached.get("rows", {}).items()} if cached.get("ladder_sha") == sha else {}
+    todo = [r for r in selected if r.index not in rows]
+    for r in tqdm(todo, desc="costing", unit="row", disable=not progress, leave=False):
+        c = network_cost(r.config)
+        rows[r.index] = {"index": r.index, "name": r.name, "params": c.params, "macs": c.macs, "flops": c.flops}
+    if todo or not cached:
+        write_atomic(path, json.dumps({"ladder_sha": sha, "rows": rows}, indent=1) + "\n")
+    return rows
+
+
+def measured_tables(folder: Path, device: str, resolution: int, threads: int) -> list[tuple[Path, dict, list[dict]]]:
+    """Every table in `folder` made on `device` at `resolution` with `threads`, with its rows."""
+    from archlab.latency import runner
+
+    found = []
+    for path in sorted(folder.glob(f"{device}*.csv")):
+        try:
+            meta, rows = runner.read_table(path)
+        except runner.RunnerError:
+            continue  # not a latency table (the predictor's own table is read, checked, elsewhere)
+        if meta.get("device") == device and meta.get("resolution") == resolution and meta.get("threads") == threads:
+            found.append((path, meta, rows))
+    return found
+
+
+def latency_rows(selected, settings: AblateSettings, run_dir: Path, progress: bool = False) -> dict:
+    """Predicted and measured latency of the selected rows; measures what no table of the device holds yet."""
+    from archlab.io import cache_dir
+    from archlab.latency.export import network_key
+    from archlab.latency.measure import measure
+    from archlab.latency.predictor import load_for_table
+
+    pred = load_for_table(settings.table)
+    device, threads = pred.settings["device"], settings.threads or pred.settings["threads"]
+    folder = Path(settings.table).parent
+    out = {"device": device, "cpu": pred.settings.get("cpu"), "ort_version": pred.settings.get("ort_version"),
+           "threads": threads, "table": Path(settings.table).name, "predicted_resolution": pred.resolution,
+           "resolutions": [str(r) for r in settings.measure], "rows": {}}
+    for row in selected:
+        p = pred.predict(row.config.with_values({"latent.resolution": pred.resolution}, where=row.name))
+        out["rows"][row.index] = {"index": row.index, "name": row.name, "predicted_ms": p.latency_ms,
+                                  "predicted_raw_ms": p.raw_sum_ms, "measured": {},
+                                  "predicted_flag": "extrapolated" if p.extrapolated else
+                                  ("outside calibration" if p.outside_calibration else "")}
+    for res in settings.measure:
+        cfgs = [r.config.with_values({"latent.resolution": res}, where=r.name) for r in selected]
+        keys = [network_key(c) for c in cfgs]
+
+        def lookup():
+            hits = {}
+            for path, _, rows in measured_tables(folder, device, res, threads):
+                for r in rows:
+                    if r["key"] in keys and r["key"] not in hits:
+                        hits[r["key"]] = {"ms": float(r["norm_ms"]), "median_ms": float(r["median_ms"]),
+                                          "cv": float(r["cv"]), "runs": int(r["runs"]), "table": path.name}
+            return hits
+
+        hits = lookup()
+        missing = [c for c, k in zip(cfgs, keys) if k not in hits]
+        if missing:
+            table = folder / f"{device}.ladder{res}.csv"
+            if progress:
+                print(f"measuring {len(missing)} ladder networks at {res}x{res} latent into {table}", file=sys.stderr)
+            measure(table, cache_dir() / "bundles" / f"ablate-{device}-{res}", networks=missing, resolution=res,
+                    device=device, threads=threads, warmup=1, runs=3, rounds=3, budget_s=10.0,
+                    reference_ms=pred.settings.get("reference_ms"), progress=_tqdm("export") if progress else None)
+            hits = lookup()
+        for row, k in zip(selected, keys):
+            out["rows"][row.index]["measured"][str(res)] = hits[k]
+    write_atomic(run_dir / "latency.json", json.dumps(out, indent=1) + "\n")
+    return out
+
+
+def _tqdm(desc: str):
+    from tqdm import tqdm
+
+    return lambda items: tqdm(items, desc=desc, unit="item", leave=False)
+
+
+# ---- proxy trainings ----------------------------------------------------------------------------
+
+def run_one(settings: AblateSettings, row_index: int, seed: int, run_dir: Path, on_report=None) -> dict:
+    """Train one (row, seed) at proxy scale and score it; the result is written to its JSON file.
+
+    Cached: a finished result is returned as it is. A run that diverges or raises becomes a result
+    with `status` and `reason`, so the report shows it instead of losing it."""
+    import time
+
+    from archlab.data import load_dataset
+    from archlab.train import train
+
+    ladder = load_ladder(settings.ladder)
+    row = ladder.rows[row_index]
+    path = result_path(run_dir, row, seed)
+    if path.is_file():
+        return json.loads(path.read_text())
+    t = TrainConfig(**{**settings.train, "seed": settings.train["seed"] + seed})
+    start = time.time()
+    base = {"index": row.index, "name": row.name, "seed": seed, "train_seed": t.seed}
+    try:
+        data = load_dataset(settings.data_config)
+        r = train(row.config, data, t, out=run_dir / "train" / row_dir(row) / f"seed{seed}", on_report=on_report)
+        result = {**base, **r.to_dict()}
+    except Exception as e:  # noqa: BLE001 - any failure of one training is a result, not a crash of the ladder
+        log.exception("row %s seed %d failed", row.name, seed)
+        result = {**base, "status": "failed", "reason": f"{type(e).__name__}: {e}"[:500],
+                  "seconds": time.time() - start}
+    write_atomic(path, json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def _ray_trial(config: dict, settings: dict, run_dir: str) -> None:
+    """A Ray Tune trial: one (row, seed) of the grid, `config["job"]`."""
+    import torch
+    from ray import tune
+
+    s = AblateSettings(**settings)
+    torch.set_num_threads(s.cpus_per_trial)
+    result = run_one(s, config["job"]["row"], config["job"]["seed"], Path(run_dir),
+                     on_report=lambda step, m: tune.report({"train_loss": m["train_loss"], "step": step}))
+    tune.report({k: v for k, v in result.items() if isinstance(v, (int, float, str)) and v is not None})
+
+
+def train_rows(settings: AblateSettings, ladder: Ladder, run_dir: Path) -> None:
+    """Every (row, seed) without a result, as Ray Tune trials, `concurrency` at a time."""
+    todo = [{"row": r.index, "seed": k} for r in settings.selected(ladder) for k in range(settings.seeds)
+            if not result_path(run_dir, r, k).is_file()]
+    if not todo:
+        return
+    import ray
+    from ray import tune
+
+    from archlab.data import load_dataset
+    from archlab.io import cache_dir
+
+    load_dataset(settings.data_config, progress=True)  # decode and cache once, before the trials
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    if not settings.address:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    env = {"ARCHLAB_CACHE": str(cache_dir().resolve()), "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1"}
+    if not ray.is_initialized():
+        kwargs = {"address": settings.address} if settings.address else {"address": "local", "num_cpus": os.cpu_count()}
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False,
+                 runtime_env={"env_vars": env}, **kwargs)
+    trainable = tune.with_resources(tune.with_parameters(_ray_trial, settings=asdict(settings), run_dir=str(run_dir)),
+                                    {"cpu": settings.cpus_per_trial})
+    tuner = tune.Tuner(trainable, param_space={"job": tune.grid_search(todo)},
+                       tune_config=tune.TuneConfig(max_concurrent_trials=settings.concurrency),
+                       run_config=tune.RunConfig(name=f"ablate-{dt.datetime.now():%Y%m%d-%H%M%S}",
+                                                 storage_path=str(run_dir / "ray"), verbose=1))
+    tuner.fit()
+
+
+def results(settings: AblateSettings, ladder: Ladder, run_dir: Path) -> list[dict]:
+    """Every (row, seed) result asked for; one that never finished is `missing` (the run stopped)."""
+    out = []
+    for r in settings.selected(ladder):
+        for k in range(settings.seeds):
+            path = result_path(run_dir, r, k)
+            out.append(json.loads(path.read_text()) if path.is_file() else
+                       {"index": r.index, "name": r.name, "seed": k, "status": "missing",
+                        "reason": "no result: the ablation stopped before this run finished"})
+    return out
+
+
+def run_ablation(settings: AblateSettings, run_dir: str | Path, progress: bool = False) -> dict:
+    """Cost, time and train every selected row; returns what `archlab report` reads."""
+    run_dir = Path(run_dir).resolve()
+    settings, ladder = open_run(settings, run_dir)
+    selected = settings.selected(ladder)
+    cost = cost_rows(ladder, selected, run_dir, progress)
+    latency = latency_rows(selected, settings, run_dir, progress)
+    train_rows(settings, ladder, run_dir)
+    return {"run_dir": str(run_dir), "cost": cost, "latency": latency, "results": results(settings, ladder, run_dir)}

@@ -1,0 +1,337 @@
+"""`archlab report RUN_DIR`: the ablation ladder, the paper's numbers beside the lab's.
+
+Reads only what `archlab ablate` stored in the run folder (ablate.json, cost.json, latency.json,
+results/), so the same folder always gives the same files:
+
+- `ablation.csv`: one line per ladder row and seed (cost, latency, scores, status, paper numbers);
+- `ablation.md`: per row, the paper's FID / params / FLOPs / latency next to the lab's params /
+  MACs / FLOPs / predicted and measured latency / FID, KID and validation loss (mean +- std over
+  seeds); the row-to-row changes of both with a mark where the lab's direction agrees (ok) or
+  disagrees (DIFF) with the paper's, and the reason where it disagrees; failed runs; provenance;
+- `ablation_changes.png` (per-row changes, paper vs lab) and `ablation_latency_quality.png`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+from archlab.ablate import AblateSettings, results
+from archlab.cost import UNCHANGED, direction
+from archlab.errors import ArchlabError
+from archlab.io import atomic_path, write_atomic
+from archlab.ladder import load_ladder
+
+SCORES = ("fid", "kid", "val_loss")
+MARK = {True: "ok", False: "DIFF", None: "", "noise": "~"}
+
+
+def load_run(run_dir: str | Path) -> dict:
+    """Everything stored in an ablation folder, checked; a folder that is not one is an error."""
+    run_dir = Path(run_dir)
+    saved = run_dir / "ablate.json"
+    if not saved.is_file():
+        raise ArchlabError(f"RUN_DIR: {run_dir} is not an ablation folder (no ablate.json)")
+    raw = json.loads(saved.read_text())
+    prov = raw.pop("provenance", {})
+    updated = raw.pop("updated", "")
+    settings = AblateSettings(**raw)
+    if not Path(settings.ladder).is_file():
+        raise ArchlabError(f"{saved}: ladder {settings.ladder} no longer exists")
+    ladder = load_ladder(settings.ladder)
+    for name in ("cost.json", "latency.json"):
+        if not (run_dir / name).is_file():
+            raise ArchlabError(f"RUN_DIR: {run_dir / name} is missing: run `archlab ablate` into this folder again")
+    cost = json.loads((run_dir / "cost.json").read_text())
+    if cost.get("ladder_sha") != settings.ladder_sha:
+        raise ArchlabError(f"{run_dir}/cost.json: made for another version of {settings.ladder}")
+    return {"settings": settings, "ladder": ladder, "provenance": prov, "updated": updated,
+            "cost": {int(k): v for k, v in cost["rows"].items()},
+            "latency": json.loads((run_dir / "latency.json").read_text()),
+            "results": results(settings, ladder, run_dir)}
+
+
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def rows(run: dict) -> list[dict]:
+    """One summary per selected ladder row: cost, latency, paper numbers, scores over seeds."""
+    settings, lat = run["settings"], run["latency"]
+    out = []
+    for row in settings.selected(run["ladder"]):
+        c = run["cost"][row.index]
+        lr = lat["rows"].get(str(row.index))
+        if row.index not in run["cost"] or lr is None:
+            raise ArchlabError(f"RUN_DIR: row {row.index} {row.name} has no cost or latency: run `archlab ablate` again")
+        runs = [r for r in run["results"] if r["index"] == row.index]
+        ok = [r for r in runs if r.get("status") == "ok"]
+        s = {"index": row.index, "name": row.name, "change": row.change, "paper": dict(row.paper),
+             "why_differs": dict(row.why_differs), "params": c["params"], "macs": c["macs"], "flops": c["flops"],
+             "predicted_ms": lr["predicted_ms"], "predicted_flag": lr.get("predicted_flag", ""),
+             "seeds": len(runs), "ok": len(ok), "failed": [r for r in runs if r.get("status") != "ok"]}
+        for res, m in lr["measured"].items():
+            s[f"measured_ms_{res}"], s[f"measured_cv_{res}"] = m["ms"], m["cv"]
+        for k in SCORES:
+            s[k], s[f"{k}_std"] = _mean_std([r.get(k) for r in ok])
+        out.append(s)
+    return out
+
+
+def changes(summary: list[dict], resolutions: list[str]) -> list[dict]:
+    """Row-to-row changes, ours and the paper's, with an agreement mark and the reason per metric.
+
+    Marks: True agree, False disagree, None no paper number, "noise" (ours is within noise: for a
+    score, within one combined std over seeds; for a measured latency, within 2x the run-to-run CV)."""
+    pairs = [("params", "params", "params_m"), ("MACs (paper: FLOPs)", "macs", "flops_g"), ("predicted latency", "predicted_ms", "latency_ms")]
+    pairs += [(f"measured latency {r}x{r}", f"measured_ms_{r}", "latency_ms") for r in resolutions]
+    pairs += [("FID", "fid", "fid"), ("KID", "kid", "fid"), ("val loss", "val_loss", "fid")]
+    out = []
+    for prev, cur in zip(summary, summary[1:]):
+        if cur["index"] != prev["index"] + 1:
+            continue  # rows not adjacent in the ladder (a --rows selection): no change to compare
+        ch = {"index": cur["index"], "name": cur["name"], "metrics": []}
+        for label, ours, theirs in pairs:
+            a, b = prev.get(ours), cur.get(ours)
+            pa, pb = prev["paper"].get(theirs), cur["paper"].get(theirs)
+            m = {"metric": label, "ours": None if a is None or b is None or not a else (b - a) / a,
+                 "paper": None if pa is None or pb is None else (pb - pa) / pa, "agree": None, "reason": ""}
+            if m["ours"] is not None and m["paper"] is not None:
+                m["agree"] = direction(a, b) == direction(pa, pb)
+                noise = _noise(prev, cur, ours)
+                if not m["agree"] and noise is not None and abs(b - a) <= noise:
+                    m["agree"] = "noise"
+                    m["reason"] = f"our change ({b - a:+.3g}) is within the noise (+-{noise:.3g})"
+                elif not m["agree"]:
+                    key = {"params": "params", "MACs (paper: FLOPs)": "macs", "FID": "fid", "KID": "fid", "val loss": "fid"}.get(
+                        label, "latency")
+                    m["reason"] = cur["why_differs"].get(key, "no reason recorded: add why_differs."
+                                                              f"{key} to the ladder row")
+            ch["metrics"].append(m)
+        out.append(ch)
+    return out
+
+
+def _noise(prev: dict, cur: dict, key: str) -> float | None:
+    if key in SCORES:
+        sa, sb = prev.get(f"{key}_std"), cur.get(f"{key}_std")
+        return None if sa is None or sb is None else math.hypot(sa, sb)
+    if key.startswith("measured_ms_"):
+        res = key.rsplit("_", 1)[1]
+        return 2 * math.hypot(prev[key] * prev[f"measured_cv_{res}"], cur[key] * cur[f"measured_cv_{res}"])
+    return None
+
+
+# ---- files --------------------------------------------------------------------------------------
+
+def csv_frame(run: dict, summary: list[dict]):
+    import pandas as pd
+
+    by_index = {s["index"]: s for s in summary}
+    lines = []
+    for r in run["results"]:
+        s = by_index[r["index"]]
+        line = {"index": r["index"], "name": r["name"], "seed": r["seed"], "train_seed": r.get("train_seed"),
+                "status": r.get("status"), "reason": r.get("reason", ""),
+                **{k: r.get(k) for k in ("fid", "kid", "kid_std", "val_loss", "train_loss", "steps", "seconds")},
+                "fid_extractor": r.get("fid_extractor"), "proxy_params": r.get("params"),
+                "params": s["params"], "macs": s["macs"], "flops": s["flops"], "predicted_ms": s["predicted_ms"]}
+        line.update({k: s[k] for k in s if k.startswith("measured_ms_")})
+        line.update({f"paper_{k}": s["paper"].get(k) for k in ("fid", "params_m", "flops_g", "latency_ms")})
+        lines.append(line)
+    return pd.DataFrame(lines)
+
+
+def _f(v, fmt: str = ".3g") -> str:
+    return "" if v is None else format(v, fmt)
+
+
+def _pm(mean, std, fmt: str) -> str:
+    if mean is None:
+        return "failed"
+    return format(mean, fmt) + ("" if std is None else " +- " + format(std, fmt))
+
+
+def _ratio(v, base) -> str:
+    return "" if v is None or not base else f" ({v / base:.2f})"
+
+
+def markdown(run: dict, summary: list[dict], ch: list[dict], command: str) -> str:
+    s, lat, prov = run["settings"], run["latency"], run["provenance"]
+    t, d = s.train, s.data
+    res = lat["resolutions"]
+    extractors = sorted({r.get("fid_extractor") for r in run["results"] if r.get("fid_extractor")})
+    base = summary[0]
+    lines = [f"# Ablation ladder: {run['ladder'].name}", "",
+             f"The paper's ladder ({run['ladder'].source}) rebuilt by the lab: every row costed at paper scale, its "
+             f"latency predicted and measured in ONNX Runtime, and trained at proxy scale ({s.seeds} seed"
+             f"{'s' if s.seeds > 1 else ''} per row). Paper setting: {run['ladder'].setting}.", "",
+             "Regenerate:", "", "```", s.command or "(command not recorded)", command, "```", "",
+             "## Per row", "",
+             "Latency in ms, with the ratio to the first row in brackets. Paper FLOPs are the paper's (convention "
+             "unconfirmed); ours are MACs as fvcore counts them (FLOPs = 2 x MACs). Predicted latency: from "
+             f"`{lat['table']}` at {lat['predicted_resolution']}x{lat['predicted_resolution']} latent; measured: "
+             f"end to end in ORT on `{lat['device']}` ({lat['threads']} thread{'s' if lat['threads'] > 1 else ''}) at "
+             + ", ".join(f"{r}x{r}" for r in res) + " latent. Scores: mean +- std over seeds; FID and KID with "
+             f"{', '.join(extractors) or 'no extractor'} features.", ""]
+    head = (["#", "row", "paper FID", "paper params M", "paper FLOPs G", "paper latency"]
+            + ["params M", "MACs G", "FLOPs G", f"predicted {lat['predicted_resolution']}^2"]
+            + [f"measured {r}^2" for r in res] + ["FID", "KID", "val loss", "runs ok"])
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in summary:
+        p = r["paper"]
+        cells = [str(r["index"]), r["name"], _f(p.get("fid"), "g"), _f(p.get("params_m"), "g"), _f(p.get("flops_g"), "g"),
+                 _f(p.get("latency_ms"), "g") + _ratio(p.get("latency_ms"), base["paper"].get("latency_ms")),
+                 f"{r['params'] / 1e6:.1f}", f"{r['macs'] / 1e9:.1f}", f"{r['flops'] / 1e9:.1f}",
+                 f"{r['predicted_ms']:.0f}" + _ratio(r["predicted_ms"], base["predicted_ms"])
+                 + (f" [{r['predicted_flag']}]" if r["predicted_flag"] else "")]
+        cells += [f"{r[f'measured_ms_{x}']:.0f}" + _ratio(r[f"measured_ms_{x}"], base[f"measured_ms_{x}"]) for x in res]
+        cells += [_pm(r["fid"], r["fid_std"], ".1f"), _pm(r["kid"], r["kid_std"], ".4f"),
+                  _pm(r["val_loss"], r["val_loss_std"], ".4f"), f"{r['ok']}/{r['seeds']}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "## Row-to-row changes", "",
+              "Each row against the one above it: the paper's change and ours, and whether the directions agree "
+              f"(ok), disagree (DIFF, with the reason) or ours is within noise (~). Changes under {UNCHANGED:.1%} "
+              "count as no change. Every quality metric is compared with the paper's FID change (lower is better "
+              "for all of them).", "",
+              "![row-to-row changes](ablation_changes.png)", ""]
+    metrics = [m["metric"] for m in ch[0]["metrics"]] if ch else []
+    if ch:
+        lines += ["| # | row | " + " | ".join(f"{m} (paper / ours)" for m in metrics) + " |",
+                  "|" + "---|" * (2 + len(metrics))]
+        for c in ch:
+            cells = [f"{_f(None if m['paper'] is None else 100 * m['paper'], '+.1f')}% / "
+                     f"{_f(None if m['ours'] is None else 100 * m['ours'], '+.1f')}% {MARK[m['agree']]}"
+                     .replace("% / %", " / ").strip() for m in c["metrics"]]
+            lines.append(f"| {c['index']} | {c['name']} | " + " | ".join(cells) + " |")
+        reasons = [(c, m) for c in ch for m in c["metrics"] if m["agree"] is False or m["agree"] == "noise"]
+        if reasons:
+            lines += ["", "Where ours disagrees with the paper (DIFF) or cannot tell (~):", ""]
+            lines += [f"- row {c['index']} {c['name']}, {m['metric']} ({MARK[m['agree']]}): {m['reason']}"
+                      for c, m in reasons]
+        agree = sum(1 for c in ch for m in c["metrics"] if m["agree"] is True)
+        told = sum(1 for c in ch for m in c["metrics"] if m["agree"] is not None)
+        lines += ["", f"Directions: {agree} of {told} comparisons agree with the paper."]
+    lines += ["", "## Latency and quality", "", "![latency vs quality](ablation_latency_quality.png)", ""]
+    failed = [f for r in summary for f in r["failed"]]
+    if failed:
+        lines += ["## Runs that did not finish", ""]
+        lines += [f"- row {f['index']} {f['name']}, seed {f['seed']}: {f.get('status')}: {f.get('reason', '')}"
+                  for f in failed]
+        lines.append("")
+    lines += ["## Provenance", "",
+              f"- ladder: `{Path(s.ladder).name}` (sha256 {s.ladder_sha}); rows {'all' if s.rows is None else s.rows}",
+              f"- dataset: `{_short(d['spec'])}` at {d['resolution']} px, classes {d.get('classes') or 'all'}, "
+              f"{d.get('per_class') or 'all'} train / {d.get('val_per_class') or 'default'} val images per class",
+              f"- proxy: width x{t['width_mult']} (same topology), pixels at {d['resolution']} px, class as "
+              f"{t['context_len']} context tokens of dim {t['context_dim']}; {t['steps']} steps, batch {t['batch']}, "
+              f"lr {t['lr']}, {t['timesteps']} timesteps, EMA {t['ema']}",
+              f"- seeds: {s.seeds} (training seeds {t['seed']}..{t['seed'] + s.seeds - 1}); scores on the EMA weights: "
+              f"val loss on up to {t['val_images']} held-out images at fixed t and noise; FID/KID on {t['samples']} samples "
+              f"({t['sample_steps']} Euler steps, CFG {t['cfg_scale']}) against the validation images, extractor "
+              f"{', '.join(extractors) or '-'}",
+              f"- latency: device `{lat['device']}` ({lat.get('cpu')}), onnxruntime {lat.get('ort_version')}, "
+              f"{lat['threads']} thread(s); measured tables: "
+              + ", ".join(sorted({f"`{m['table']}`" for r in lat["rows"].values() for m in r["measured"].values()})),
+              f"- training: {s.cpus_per_trial} CPU(s) per trial, {s.concurrency} at a time, on Ray Tune",
+              f"- git commit {prov.get('git_commit')}{' (uncommitted changes)' if prov.get('git_dirty') else ''}, "
+              f"python {prov.get('python')}; " + ", ".join(f"{k} {v}" for k, v in prov.get("packages", {}).items() if v),
+              f"- results last updated {run['updated']}"]
+    return "\n".join(lines) + "\n"
+
+
+def _short(spec: str) -> str:
+    p = Path(spec)
+    return spec if spec == "synthetic" else "/".join(p.parts[-2:])
+
+
+def plots(summary: list[dict], ch: list[dict], resolutions: list[str], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    paths = []
+    if ch:
+        metrics = [m["metric"] for m in ch[0]["metrics"]]
+        fig, axes = plt.subplots(1, len(metrics), figsize=(2.3 * len(metrics), 3.6), dpi=110, sharey=True)
+        y = np.arange(len(ch))
+        for ax, k in zip(np.atleast_1d(axes), range(len(metrics))):
+            paper = [c["metrics"][k]["paper"] for c in ch]
+            ours = [c["metrics"][k]["ours"] for c in ch]
+            ax.barh(y - 0.2, [100 * v if v is not None else 0 for v in paper], 0.4, color="0.65", label="paper")
+            ax.barh(y + 0.2, [100 * v if v is not None else 0 for v in ours], 0.4, color="C0", label="lab")
+            for i, c in enumerate(ch):
+                mark = MARK[c["metrics"][k]["agree"]]
+                if mark:
+                    ax.annotate(mark, (0.98, i + 0.2), xycoords=("axes fraction", "data"), ha="right", va="center",
+                                fontsize=7, color="C3" if mark == "DIFF" else "0.3")
+            ax.axvline(0, color="k", lw=0.6)
+            ax.margins(x=0.25)
+            ax.set_title(metrics[k], fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.set_xlabel("change vs row above (%)", fontsize=7)
+        ax0 = np.atleast_1d(axes)[0]
+        ax0.set_yticks(y, [f"{c['index']} {c['name']}" for c in ch])
+        ax0.invert_yaxis()
+        ax0.legend(fontsize=7, frameon=False)
+        fig.tight_layout()
+        paths.append(_save(fig, out / "ablation_changes.png"))
+        plt.close(fig)
+
+    lat_key = f"measured_ms_{resolutions[-1]}" if resolutions else "predicted_ms"
+    lat_label = f"measured latency at {resolutions[-1]}x{resolutions[-1]} (ms)" if resolutions else "predicted latency (ms)"
+    quality = [("fid", "FID (lab)"), ("val_loss", "validation loss (lab)")]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8), dpi=110)
+    for ax, (key, label) in zip(axes[:2], quality):
+        pts = [(r[lat_key], r[key], r.get(f"{key}_std") or 0, r) for r in summary if r[key] is not None]
+        if pts:
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], fmt="o-", color="C0", ms=4)
+            for x, yv, _, r in pts:
+                ax.annotate(str(r["index"]), (x, yv), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.set_xlabel(lat_label, fontsize=8)
+        ax.set_ylabel(label, fontsize=8)
+    pts = [(r["paper"]["latency_ms"], r["paper"]["fid"], r) for r in summary
+           if "latency_ms" in r["paper"] and "fid" in r["paper"]]
+    if pts:
+        axes[2].plot([p[0] for p in pts], [p[1] for p in pts], "o-", color="0.5", ms=4)
+        for x, yv, r in pts:
+            axes[2].annotate(str(r["index"]), (x, yv), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    axes[2].set_xlabel("paper latency, iPhone, 1024 px (ms)", fontsize=8)
+    axes[2].set_ylabel("paper FID (ImageNet 256 px)", fontsize=8)
+    for ax in axes:
+        ax.tick_params(labelsize=7)
+    fig.suptitle("latency vs quality along the ladder (numbers: row index)", fontsize=9)
+    fig.tight_layout()
+    paths.append(_save(fig, out / "ablation_latency_quality.png"))
+    plt.close(fig)
+    return paths
+
+
+def _save(fig, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", metadata={"Software": None})  # no version stamp: same input, same bytes
+    return path
+
+
+def write_report(run_dir: str | Path, out: str | Path, command: str) -> dict:
+    """Write ablation.md / ablation.csv / the plots into `out`; returns the summary rows and changes."""
+    run = load_run(run_dir)
+    summary = rows(run)
+    if not summary:
+        raise ArchlabError(f"RUN_DIR: {run_dir} has no rows")
+    resolutions = run["latency"]["resolutions"]
+    ch = changes(summary, resolutions)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "ablation.csv") as tmp:
+        csv_frame(run, summary).to_csv(tmp, index=False)
+    plots(summary, ch, resolutions, out)
+    write_atomic(out / "ablation.md", markdown(run, summary, ch, command))
+    return {"rows": summary, "changes": ch, "out": str(out)}

@@ -1,0 +1,148 @@
+"""archlab ablate + archlab report: a tiny ladder costed, measured in ORT, trained on Ray and reported;
+the real ladder's first two rows (the CI-size version of the committed report); failures and errors."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import yaml
+
+from archlab.decompose import decompose
+from archlab.latency.predictor import fit, predictor_path
+from archlab.ladder import load_ladder
+from conftest import LADDER, tiny_dict
+from test_latency_predictor import RES, write_synthetic
+
+CLI = [sys.executable, "-m", "archlab.cli"]
+TINY_TRAIN = ["--dataset", "synthetic", "--image-size", "8", "--classes", "3", "--per-class", "8", "--val-per-class", "4",
+              "--steps", "3", "--batch", "4", "--width-mult", "1", "--samples", "8", "--sample-steps", "2",
+              "--fid-extractor", "randconv", "--cpus-per-trial", "1"]
+
+
+@pytest.fixture(scope="module")
+def tiny_lab(tmp_path_factory):
+    """A two-row ladder of tiny networks and a fitted (synthetic) latency table that covers them."""
+    d = tmp_path_factory.mktemp("ablate")
+    ladder = d / "ladder.yaml"
+    ladder.write_text(yaml.safe_dump({
+        "name": "tiny-ladder", "source": "test", "setting": "test",
+        "base": tiny_dict(latent=dict(channels=4, resolution=RES)),
+        "rows": [{"name": "base", "paper": {"fid": 4.0, "params_m": 10, "flops_g": 10, "latency_ms": 100}},
+                 {"name": "separable", "set": {"stages.*.conv": "separable"},
+                  "paper": {"fid": 3.0, "params_m": 8, "flops_g": 7, "latency_ms": 60}}]}))
+    lad = load_ladder(ladder)
+    blocks = {s.signature: s for r in lad.rows for s in decompose(r.config)}
+    table = d / "tables" / "synthetic-cpu.csv"
+    table.parent.mkdir()
+    write_synthetic(table, list(blocks.values()), [])
+    fit(table).save(predictor_path(table))
+    return ladder, table
+
+
+def _run(argv, timeout=600):
+    return subprocess.run(CLI + argv, capture_output=True, text=True, timeout=timeout)
+
+
+def test_ablate_measures_trains_and_reports_then_resumes_without_redoing(tiny_lab, tmp_path):
+    ladder, table = tiny_lab
+    run, out = tmp_path / "run", tmp_path / "report"
+    argv = ["ablate", str(ladder), "--seeds", "2", "--table", str(table), "--measure", str(RES), "--out", str(run)]
+    first = _run(argv + TINY_TRAIN)
+    assert first.returncode == 0, first.stderr[-3000:]
+    measured = table.parent / f"synthetic-cpu.ladder{RES}.csv"  # measured for real with ORT, kept beside the table
+    assert measured.is_file() and len(pd.read_csv(measured).query("kind == 'network'")) == 2
+    results = sorted((run / "results").rglob("seed*.json"))
+    assert len(results) == 4 and all(json.loads(p.read_text())["status"] == "ok" for p in results)
+    stamps = {p: p.stat().st_mtime_ns for p in results}
+
+    rep = _run(["report", str(run), "--out", str(out)])
+    assert rep.returncode == 0, rep.stderr[-3000:]
+    csv = pd.read_csv(out / "ablation.csv")
+    assert len(csv) == 4 and set(csv["name"]) == {"base", "separable"} and (csv["status"] == "ok").all()
+    assert csv["measured_ms_8"].notna().all() and csv["predicted_ms"].gt(0).all() and csv["val_loss"].notna().all()
+    assert (csv.groupby("name")["seed"].apply(sorted) == pd.Series({"base": [0, 1], "separable": [0, 1]})).all()
+    md = (out / "ablation.md").read_text()
+    assert "| 1 | separable |" in md and "## Provenance" in md and "randconv" in md and "git commit" in md
+    assert "ablate " + str(ladder) in md  # the command that regenerates it
+    for png in ("ablation_changes.png", "ablation_latency_quality.png"):
+        assert (out / png).stat().st_size > 5000
+
+    again = _run(argv + TINY_TRAIN)  # everything cached: nothing trained or measured again
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in results} == stamps
+    assert len(pd.read_csv(measured)) == len(pd.read_csv(measured).drop_duplicates("key"))
+    before = (out / "ablation.csv").read_bytes()
+    assert _run(["report", str(run), "--out", str(out)]).returncode == 0
+    assert (out / "ablation.csv").read_bytes() == before  # the same folder gives the same tables
+
+
+def test_real_ladder_two_rows_with_committed_latency(tmp_path):
+    """The CI-size version of the committed report: the real ladder's first two rows, paper-scale cost,
+    measured latency looked up in the committed tables (nothing to measure), one tiny training each."""
+    run, out = tmp_path / "run", tmp_path / "report"
+    done = _run(["ablate", str(LADDER), "--rows", "0,1", "--seeds", "1", "--measure", "32", "--out", str(run)] + TINY_TRAIN)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "measuring" not in done.stderr
+    assert _run(["report", str(run), "--out", str(out)]).returncode == 0
+    csv = pd.read_csv(out / "ablation.csv")
+    assert list(csv["name"]) == ["baseline", "no-highres-sa"] and list(csv["paper_fid"]) == [3.76, 3.12]
+    assert csv["params"].iloc[0] > 7e8 and csv["macs"].iloc[1] < csv["macs"].iloc[0]
+    assert csv["measured_ms_32"].iloc[1] < csv["measured_ms_32"].iloc[0]
+    md = (out / "ablation.md").read_text()
+    assert "MACs (paper: FLOPs)" in md and "-17.5% / -16.9% ok" in md
+
+
+def test_a_failed_training_is_reported_not_dropped(tiny_lab, tmp_path, monkeypatch):
+    from archlab import ablate, train
+    from archlab.report import write_report
+
+    ladder, table = tiny_lab
+    settings, lad = ablate.open_run(ablate.AblateSettings(
+        ladder=str(ladder), seeds=1, table=str(table), measure=[],
+        data={"spec": "synthetic", "resolution": 8, "classes": 3, "per_class": 8, "val_per_class": 4, "seed": 0},
+        train={**dataclasses.asdict(train.TrainConfig(steps=2, batch=4, width_mult=1.0, samples=0))}), tmp_path)
+    ablate.cost_rows(lad, lad.rows, tmp_path)
+    ablate.latency_rows(lad.rows, settings, tmp_path)
+    ok = ablate.run_one(settings, 0, 0, tmp_path)
+
+    def boom(*a, **k):
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(train, "train", boom)
+    bad = ablate.run_one(settings, 1, 0, tmp_path)
+    assert ok["status"] == "ok" and bad["status"] == "failed" and "out of memory (simulated)" in bad["reason"]
+    rep = write_report(tmp_path, tmp_path / "report", command="test")
+    md = (tmp_path / "report" / "ablation.md").read_text()
+    assert "## Runs that did not finish" in md and "row 1 separable, seed 0: failed: RuntimeError: out of memory" in md
+    assert "| 1 | separable |" in md and "| failed |" in md
+    csv = pd.read_csv(tmp_path / "report" / "ablation.csv")
+    assert list(csv["status"]) == ["ok", "failed"]
+    assert rep["rows"][1]["val_loss"] is None
+
+
+def test_errors_are_one_line(tiny_lab, tmp_path):
+    ladder, table = tiny_lab
+    other = tmp_path / "other.yaml"
+    data = yaml.safe_load(ladder.read_text())
+    data["rows"][1]["set"] = {"stages.*.ffn_ratio": 2}
+    other.write_text(yaml.safe_dump(data))
+    run = tmp_path / "run"
+    base = ["--table", str(table), "--out", str(run)]
+    from archlab import ablate
+
+    ablate.open_run(ablate.AblateSettings(ladder=str(ladder), table=str(table), measure=[]), run)
+    bad_row = tmp_path / "bad.yaml"
+    data["rows"][1]["set"] = {"stages.7.conv": "separable"}
+    bad_row.write_text(yaml.safe_dump(data))
+    cases = [(["ablate", str(other), "--measure", "none"] + base, "holds results of another ladder"),
+             (["ablate", str(ladder), "--measure", "none", "--dataset", str(tmp_path / "nowhere")] + base, "--dataset"),
+             (["ablate", str(bad_row), "--measure", "none"] + base, "stages.7"),
+             (["ablate", str(ladder), "--measure", "32,big"] + base, "--measure"),
+             (["ablate", str(ladder), "--measure", "none", "--rows", "nope"] + base, "--row"),
+             (["report", str(tmp_path)], "not an ablation folder")]
+    for argv, message in cases:
+        r = _run(argv, timeout=60)
+        assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, (argv, r.stderr)
