@@ -393,8 +393,11 @@ class _FailureGuard:
 
 
 def _storage(settings: SearchSettings, run_dir: Path):
-    if settings.storage:
-        return settings.storage  # an RDB URL (sqlite:///..., postgresql://...)
+    if settings.storage:  # an RDB URL (sqlite:///..., postgresql://...)
+        try:
+            return optuna.storages.RDBStorage(settings.storage)
+        except Exception as e:  # noqa: BLE001 - a bad URL, a missing driver, a server that does not answer
+            raise ArchlabError(f"--storage: cannot open {settings.storage!r}: {str(e).splitlines()[0][:200]}") from None
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 

@@ -187,3 +187,21 @@ def test_resume_without_ray_state_runs_only_the_remaining_trials(setup, tmp_path
     assert len(after) == 3 and all(after[k] == v for k, v in before.items())
     summary = json.loads((run / "summary.json").read_text())
     assert summary["interrupted"] == 1 and summary["running"] == 0 and (run / "best" / "best-1.yaml").is_file()
+
+
+def test_rdb_storage_url_is_accepted_and_a_bad_one_is_one_line(setup, tmp_path):
+    from archlab.errors import ArchlabError
+    from archlab.search import SearchSettings, _storage
+
+    space_path, _, table, every = setup
+    settings = SearchSettings(space=str(space_path), table=str(table), budget_ms=every[-1],
+                              storage=f"sqlite:///{tmp_path / 'study.db'}")
+    searcher = BudgetedOptunaSearch(space=Candidates(space_path, table, every[-1]), metric=["val_loss", "predicted_ms"],
+                                    mode=["min", "min"], sampler=make_sampler("nsga2", 0),
+                                    storage=_storage(settings, tmp_path), study_name="s")
+    searcher.suggest("t0")
+    searcher.on_trial_complete("t0", {"val_loss": 0.5, "predicted_ms": 1.0})
+    study = optuna.load_study(study_name="s", storage=settings.storage)  # what optuna-dashboard opens
+    assert [t.state.name for t in study.trials if not t.user_attrs.get("rejected")] == ["COMPLETE"]
+    with pytest.raises(ArchlabError, match="--storage"):
+        _storage(SearchSettings(space="", table="", budget_ms=1, storage="nosuchdb://x"), tmp_path)
