@@ -23,13 +23,12 @@ import datetime as dt
 import hashlib
 import json
 import logging
-import os
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from archlab.data import DataConfig
+from archlab.cluster import TrialSettings, init_ray
 from archlab.errors import ArchlabError
 from archlab.io import write_atomic
 from archlab.ladder import Ladder, load_ladder
@@ -38,50 +37,52 @@ from archlab.train import TrainConfig
 log = logging.getLogger(__name__)
 
 DEFAULT_TABLE = "latency_tables/amd-epyc-2c.csv"
-# what makes results comparable: a folder holding results made with other values is refused
-IDENTITY = ("ladder_sha", "data", "train")
+# settings that do not change a training's result: a folder made with other values is still resumed
+RUN_ONLY = ("device", "report_every", "checkpoint_every")
 PACKAGES = ("torch", "onnxruntime", "onnx", "optuna", "ray", "torchmetrics", "fvcore", "numpy", "pandas")
 
 
 @dataclass
-class AblateSettings:
+class AblateSettings(TrialSettings):
     ladder: str
     seeds: int = 2
     rows: list[int] | None = None  # row indices to run (default: all)
     table: str = DEFAULT_TABLE  # predictor table; measured tables are looked up beside it
     measure: list[int] = field(default_factory=lambda: [32, 128])  # latent resolutions to time end to end
     threads: int | None = None  # ORT threads for measuring (default: the predictor table's)
-    cpus_per_trial: int = 2
-    concurrency: int = 1
-    address: str | None = None
-    data: dict = field(default_factory=lambda: asdict(DataConfig()))
-    train: dict = field(default_factory=lambda: asdict(TrainConfig()))
     ladder_sha: str = ""
     command: str = ""
 
     def validate(self, ladder: Ladder) -> None:
-        for name, ok in (("seeds", self.seeds >= 1), ("cpus_per_trial", self.cpus_per_trial >= 1),
-                         ("concurrency", self.concurrency >= 1), ("threads", self.threads is None or self.threads >= 1)):
+        for name, ok in (("seeds", self.seeds >= 1), ("threads", self.threads is None or self.threads >= 1)):
             if not ok:
-                raise ArchlabError(f"--{name.replace('_', '-')}: {getattr(self, name)!r} is out of range")
+                raise ArchlabError(f"--{name}: {getattr(self, name)!r} is out of range")
         for res in self.measure:
             if res < 8 or res & (res - 1):
                 raise ArchlabError(f"--measure: {res} is not a power-of-two latent resolution >= 8")
         for i in self.rows or []:
             if not 0 <= i < len(ladder.rows):
                 raise ArchlabError(f"--rows: {i} is not a row of {ladder.path} (0..{len(ladder.rows) - 1})")
-        self.train_config.validate()
-
-    @property
-    def train_config(self) -> TrainConfig:
-        return TrainConfig(**self.train)
-
-    @property
-    def data_config(self) -> DataConfig:
-        return DataConfig(**self.data)
+        self.validate_trials()
 
     def selected(self, ladder: Ladder):
         return [r for r in ladder.rows if self.rows is None or r.index in self.rows]
+
+
+def identity(values: dict) -> dict:
+    """What makes two folders' results comparable (the ladder aside): data and training settings."""
+    return {k: v for k, v in values.items() if k not in RUN_ONLY}
+
+
+def read_settings(path: Path) -> AblateSettings:
+    """The settings saved in an ablation folder; a damaged file is a one-line error."""
+    try:
+        raw = json.loads(path.read_text())
+        raw.pop("provenance", None)
+        raw.pop("updated", None)
+        return AblateSettings(**raw)
+    except (ValueError, TypeError) as e:
+        raise ArchlabError(f"{path}: not a readable ablation settings file ({str(e).splitlines()[0][:120]})") from None
 
 
 def file_sha(path: str | Path) -> str:
@@ -94,6 +95,12 @@ def row_dir(row) -> str:
 
 def result_path(run_dir: Path, row, seed: int) -> Path:
     return run_dir / "results" / row_dir(row) / f"seed{seed}.json"
+
+
+def done(path: Path) -> bool:
+    """A result that stands: trained (or diverged, which the same seed would do again). A run that
+    raised (out of memory, a lost node, ...) is run again next time."""
+    return path.is_file() and json.loads(path.read_text()).get("status") != "failed"
 
 
 def provenance() -> dict:
@@ -132,17 +139,19 @@ def open_run(settings: AblateSettings, run_dir: Path) -> tuple[AblateSettings, L
     settings.validate(ladder)
     saved = run_dir / "ablate.json"
     if saved.is_file():
-        old = json.loads(saved.read_text())
-        if old.get("ladder_sha") != settings.ladder_sha:
-            raise ArchlabError(f"--out: {run_dir} holds results of another ladder ({old.get('ladder')}, "
-                               f"sha {old.get('ladder_sha')}); pick another folder")
-        for key in IDENTITY[1:]:
-            if old.get(key) != asdict(settings)[key]:
-                diff = sorted(k for k in set(old[key]) | set(asdict(settings)[key])
-                              if old[key].get(k) != asdict(settings)[key].get(k))
+        old = read_settings(saved)
+        if old.ladder_sha != settings.ladder_sha:
+            raise ArchlabError(f"--out: {run_dir} holds results of another ladder ({old.ladder}, "
+                               f"sha {old.ladder_sha}); pick another folder")
+        for key in ("data", "train"):
+            ours, theirs = identity(getattr(settings, key)), identity(getattr(old, key))
+            if ours != theirs:
+                diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
                 raise ArchlabError(f"--out: {run_dir} holds results made with other {key} settings "
                                    f"({', '.join(diff)}); pick another folder")
-        settings.seeds = max(settings.seeds, old.get("seeds", 0))  # asking for fewer seeds keeps the others
+        settings.seeds = max(settings.seeds, old.seeds)  # asking for fewer seeds keeps the others
+        if settings.rows is not None:  # and another selection of rows adds to the earlier one
+            settings.rows = None if old.rows is None else sorted(set(old.rows) | set(settings.rows))
     run_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(saved, json.dumps({**asdict(settings), "provenance": provenance(),
                                     "updated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")},
@@ -171,7 +180,8 @@ def cost_rows(ladder: Ladder, selected, run_dir: Path, progress: bool = False) -
 
 
 def measured_tables(folder: Path, device: str, resolution: int, threads: int) -> list[tuple[Path, dict, list[dict]]]:
-    """Every table in `folder` made on `device` at `resolution` with `threads`, with its rows."""
+    """Every table in `folder` made on `device` at `resolution` with `threads` (and full graph
+    optimisation, as the predictor's), with its rows. Each table records its onnxruntime version."""
     from archlab.latency import runner
 
     found = []
@@ -180,7 +190,8 @@ def measured_tables(folder: Path, device: str, resolution: int, threads: int) ->
             meta, rows = runner.read_table(path)
         except runner.RunnerError:
             continue  # not a latency table (the predictor's own table is read, checked, elsewhere)
-        if meta.get("device") == device and meta.get("resolution") == resolution and meta.get("threads") == threads:
+        if (meta.get("device"), meta.get("resolution"), meta.get("threads"), meta.get("opt_level")) == \
+                (device, resolution, threads, "all"):
             found.append((path, meta, rows))
     return found
 
@@ -210,21 +221,24 @@ def latency_rows(selected, settings: AblateSettings, run_dir: Path, progress: bo
 
         def lookup():
             hits = {}
-            for path, _, rows in measured_tables(folder, device, res, threads):
+            for path, meta, rows in measured_tables(folder, device, res, threads):
                 for r in rows:
                     if r["key"] in keys and r["key"] not in hits:
                         hits[r["key"]] = {"ms": float(r["norm_ms"]), "median_ms": float(r["median_ms"]),
-                                          "cv": float(r["cv"]), "runs": int(r["runs"]), "table": path.name}
+                                          "cv": float(r["cv"]), "runs": int(r["runs"]), "table": path.name,
+                                          "ort_version": meta.get("ort_version")}
             return hits
 
         hits = lookup()
         missing = [c for c, k in zip(cfgs, keys) if k not in hits]
         if missing:
-            table = folder / f"{device}.ladder{res}.csv"
+            table = folder / f"{device}.ladder{res}-{threads}t.csv"
             if progress:
                 print(f"measuring {len(missing)} ladder networks at {res}x{res} latent into {table}", file=sys.stderr)
+            # whole paper-width networks take seconds (32x32) to tens of seconds (128x128) a run: the untimed
+            # first run is the warm-up, then one run in each of two rounds, each next to the reference block
             measure(table, cache_dir() / "bundles" / f"ablate-{device}-{res}", networks=missing, resolution=res,
-                    device=device, threads=threads, warmup=1, runs=3, rounds=3, budget_s=10.0,
+                    device=device, threads=threads, warmup=0, runs=2, rounds=2, budget_s=10.0,
                     reference_ms=pred.settings.get("reference_ms"), progress=_tqdm("export") if progress else None)
             hits = lookup()
         for row, k in zip(selected, keys):
@@ -254,7 +268,7 @@ def run_one(settings: AblateSettings, row_index: int, seed: int, run_dir: Path, 
     ladder = load_ladder(settings.ladder)
     row = ladder.rows[row_index]
     path = result_path(run_dir, row, seed)
-    if path.is_file():
+    if done(path):
         return json.loads(path.read_text())
     t = TrainConfig(**{**settings.train, "seed": settings.train["seed"] + seed})
     start = time.time()
@@ -286,26 +300,17 @@ def _ray_trial(config: dict, settings: dict, run_dir: str) -> None:
 def train_rows(settings: AblateSettings, ladder: Ladder, run_dir: Path) -> None:
     """Every (row, seed) without a result, as Ray Tune trials, `concurrency` at a time."""
     todo = [{"row": r.index, "seed": k} for r in settings.selected(ladder) for k in range(settings.seeds)
-            if not result_path(run_dir, r, k).is_file()]
+            if not done(result_path(run_dir, r, k))]
     if not todo:
         return
-    import ray
     from ray import tune
 
-    from archlab.data import load_dataset
-    from archlab.io import cache_dir
+    from archlab.train import prepare
 
-    load_dataset(settings.data_config, progress=True)  # decode and cache once, before the trials
-    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
-    if not settings.address:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    env = {"ARCHLAB_CACHE": str(cache_dir().resolve()), "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1"}
-    if not ray.is_initialized():
-        kwargs = {"address": settings.address} if settings.address else {"address": "local", "num_cpus": os.cpu_count()}
-        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False,
-                 runtime_env={"env_vars": env}, **kwargs)
+    prepare(settings.data_config, settings.train_config)
+    init_ray(settings.address)
     trainable = tune.with_resources(tune.with_parameters(_ray_trial, settings=asdict(settings), run_dir=str(run_dir)),
-                                    {"cpu": settings.cpus_per_trial})
+                                    settings.resources)
     tuner = tune.Tuner(trainable, param_space={"job": tune.grid_search(todo)},
                        tune_config=tune.TuneConfig(max_concurrent_trials=settings.concurrency),
                        run_config=tune.RunConfig(name=f"ablate-{dt.datetime.now():%Y%m%d-%H%M%S}",

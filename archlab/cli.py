@@ -76,6 +76,7 @@ def _build_parser() -> argparse.ArgumentParser:
     se.add_argument("--multi", action="store_true", help="optimise (objective, predicted latency) for a Pareto front")
     se.add_argument("--sampler", default="tpe", help="tpe, nsga2 or random")
     se.add_argument("--cpus-per-trial", type=int, default=2)
+    se.add_argument("--gpus-per-trial", type=float, default=0, help="GPUs per trial (with --device cuda; fractions share one)")
     se.add_argument("--concurrency", type=int, default=1, help="trials at once")
     se.add_argument("--address", help="attach to a running Ray cluster (e.g. auto or HOST:6379)")
     se.add_argument("--storage", help="Optuna storage URL (default: a journal file in the run folder)")
@@ -96,6 +97,7 @@ def _build_parser() -> argparse.ArgumentParser:
                     help="latent resolutions to measure end to end in ORT, comma-separated, or `none` (default 32,128)")
     ab.add_argument("--threads", type=int, help="ORT threads for measuring (default: the table's)")
     ab.add_argument("--cpus-per-trial", type=int, default=2)
+    ab.add_argument("--gpus-per-trial", type=float, default=0, help="GPUs per trial (with --device cuda; fractions share one)")
     ab.add_argument("--concurrency", type=int, default=1, help="trainings at once (Ray Tune trials)")
     ab.add_argument("--address", help="attach to a running Ray cluster (e.g. auto or HOST:6379)")
     ab.add_argument("--out", help="results folder (default runs/ablate-<ladder name>); re-running resumes it")
@@ -353,8 +355,8 @@ def cmd_search(args: argparse.Namespace) -> int:
             raise ArchlabError("--budget-ms: required (e.g. archlab latency query on a design you like gives a scale)")
         settings = SearchSettings(space=args.space, table=args.table, budget_ms=args.budget_ms, trials=args.trials,
                                   objective=args.objective, multi=args.multi, sampler=args.sampler, seed=args.seed,
-                                  cpus_per_trial=args.cpus_per_trial, concurrency=args.concurrency, address=args.address,
-                                  storage=args.storage, asha=not args.no_asha, data=asdict(_data_config(args)),
+                                  cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
+                                  concurrency=args.concurrency, address=args.address, storage=args.storage, asha=not args.no_asha, data=asdict(_data_config(args)),
                                   train=asdict(_train_config(args)))
         out = args.out or f"runs/search-{dt.datetime.now():%Y%m%d-%H%M%S}"
         summary = run_search(settings, out)
@@ -388,7 +390,8 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         except ValueError:
             raise ArchlabError(f"--measure: {args.measure!r} is not a comma-separated list of resolutions") from None
     settings = AblateSettings(ladder=args.ladder, seeds=args.seeds, rows=rows, table=args.table, measure=measure,
-                              threads=args.threads, cpus_per_trial=args.cpus_per_trial, concurrency=args.concurrency,
+                              threads=args.threads, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
+                              concurrency=args.concurrency,
                               address=args.address, data=asdict(_data_config(args)), train=asdict(_train_config(args)),
                               command="archlab " + shlex.join(args.argv))
     out = args.out or f"runs/ablate-{ladder.name}"
@@ -405,12 +408,12 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     import shlex
 
-    from archlab.report import write_report
+    from archlab.report import tally, write_report
 
     rep = write_report(args.run_dir, args.out, command="archlab " + shlex.join(args.argv))
-    agree = [m["agree"] for c in rep["changes"] for m in c["metrics"] if m["agree"] is not None]
-    print(f"{rep['out']}/ablation.md, ablation.csv, ablation_changes.png, ablation_latency_quality.png: "
-          f"{len(rep['rows'])} rows; {sum(a is True for a in agree)} of {len(agree)} directions agree with the paper")
+    t = tally(rep["changes"])
+    print(f"{rep['out']}/ablation.md, ablation.csv and plots: {len(rep['rows'])} rows; directions: {t['agree']} agree "
+          f"with the paper, {t['disagree']} disagree, {t['noise']} within noise")
     return 0
 
 

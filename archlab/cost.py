@@ -114,7 +114,7 @@ UNCHANGED = 0.005  # a relative change below 0.5% counts as "unchanged" when com
 
 def direction(before: float, after: float) -> int:
     """-1, 0 or +1: the sign of a change, with changes under UNCHANGED (relative) counted as 0."""
-    rel = (after - before) / before if before else after
+    rel = (after - before) / abs(before) if before else after  # abs: an unbiased KID can be negative
     return 0 if abs(rel) < UNCHANGED else (1 if rel > 0 else -1)
 
 

@@ -18,7 +18,7 @@ import math
 import statistics
 from pathlib import Path
 
-from archlab.ablate import AblateSettings, results
+from archlab.ablate import file_sha, read_settings, results
 from archlab.cost import UNCHANGED, direction
 from archlab.errors import ArchlabError
 from archlab.io import atomic_path, write_atomic
@@ -34,12 +34,14 @@ def load_run(run_dir: str | Path) -> dict:
     saved = run_dir / "ablate.json"
     if not saved.is_file():
         raise ArchlabError(f"RUN_DIR: {run_dir} is not an ablation folder (no ablate.json)")
+    settings = read_settings(saved)
     raw = json.loads(saved.read_text())
-    prov = raw.pop("provenance", {})
-    updated = raw.pop("updated", "")
-    settings = AblateSettings(**raw)
+    prov, updated = raw.get("provenance", {}), raw.get("updated", "")
     if not Path(settings.ladder).is_file():
         raise ArchlabError(f"{saved}: ladder {settings.ladder} no longer exists")
+    if file_sha(settings.ladder) != settings.ladder_sha:
+        raise ArchlabError(f"{settings.ladder}: changed since the ablation in {run_dir} (sha {settings.ladder_sha}); "
+                           "run `archlab ablate` again into a new folder")
     ladder = load_ladder(settings.ladder)
     for name in ("cost.json", "latency.json"):
         if not (run_dir / name).is_file():
@@ -65,16 +67,17 @@ def rows(run: dict) -> list[dict]:
     settings, lat = run["settings"], run["latency"]
     out = []
     for row in settings.selected(run["ladder"]):
-        c = run["cost"][row.index]
         lr = lat["rows"].get(str(row.index))
         if row.index not in run["cost"] or lr is None:
             raise ArchlabError(f"RUN_DIR: row {row.index} {row.name} has no cost or latency: run `archlab ablate` again")
+        c = run["cost"][row.index]
         runs = [r for r in run["results"] if r["index"] == row.index]
         ok = [r for r in runs if r.get("status") == "ok"]
         s = {"index": row.index, "name": row.name, "change": row.change, "paper": dict(row.paper),
              "why_differs": dict(row.why_differs), "params": c["params"], "macs": c["macs"], "flops": c["flops"],
              "predicted_ms": lr["predicted_ms"], "predicted_flag": lr.get("predicted_flag", ""),
-             "seeds": len(runs), "ok": len(ok), "failed": [r for r in runs if r.get("status") != "ok"]}
+             "seeds": len(runs), "ok": len(ok), "failed": [r for r in runs if r.get("status") != "ok"],
+             "status": "ok" if ok else (runs[0].get("status", "missing") if runs else "missing")}
         for res, m in lr["measured"].items():
             s[f"measured_ms_{res}"], s[f"measured_cv_{res}"] = m["ms"], m["cv"]
         for k in SCORES:
@@ -99,15 +102,16 @@ def changes(summary: list[dict], resolutions: list[str]) -> list[dict]:
         for label, ours, theirs in pairs:
             a, b = prev.get(ours), cur.get(ours)
             pa, pb = prev["paper"].get(theirs), cur["paper"].get(theirs)
-            m = {"metric": label, "ours": None if a is None or b is None or not a else (b - a) / a,
-                 "paper": None if pa is None or pb is None else (pb - pa) / pa, "agree": None, "reason": ""}
+            m = {"metric": label, "ours": None if a is None or b is None or not a else (b - a) / abs(a),
+                 "paper": None if pa is None or pb is None or not pa else (pb - pa) / abs(pa), "agree": None, "reason": ""}
             if m["ours"] is not None and m["paper"] is not None:
-                m["agree"] = direction(a, b) == direction(pa, pb)
                 noise = _noise(prev, cur, ours)
-                if not m["agree"] and noise is not None and abs(b - a) <= noise:
+                if noise is not None and abs(b - a) <= noise:
                     m["agree"] = "noise"
                     m["reason"] = f"our change ({b - a:+.3g}) is within the noise (+-{noise:.3g})"
-                elif not m["agree"]:
+                else:
+                    m["agree"] = direction(a, b) == direction(pa, pb)
+                if m["agree"] is False:
                     key = {"params": "params", "MACs (paper: FLOPs)": "macs", "FID": "fid", "KID": "fid", "val loss": "fid"}.get(
                         label, "latency")
                     m["reason"] = cur["why_differs"].get(key, "no reason recorded: add why_differs."
@@ -115,6 +119,12 @@ def changes(summary: list[dict], resolutions: list[str]) -> list[dict]:
             ch["metrics"].append(m)
         out.append(ch)
     return out
+
+
+def tally(ch: list[dict]) -> dict[str, int]:
+    marks = [m["agree"] for c in ch for m in c["metrics"]]
+    return {"agree": sum(m is True for m in marks), "disagree": sum(m is False for m in marks),
+            "noise": sum(m == "noise" for m in marks)}
 
 
 def _noise(prev: dict, cur: dict, key: str) -> float | None:
@@ -151,9 +161,13 @@ def _f(v, fmt: str = ".3g") -> str:
     return "" if v is None else format(v, fmt)
 
 
-def _pm(mean, std, fmt: str) -> str:
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:+.1f}%"
+
+
+def _pm(mean, std, fmt: str, status: str = "ok") -> str:
     if mean is None:
-        return "failed"
+        return "-" if status == "ok" else status  # not computed (e.g. --samples 0), or every run failed
     return format(mean, fmt) + ("" if std is None else " +- " + format(std, fmt))
 
 
@@ -191,32 +205,30 @@ def markdown(run: dict, summary: list[dict], ch: list[dict], command: str) -> st
                  f"{r['predicted_ms']:.0f}" + _ratio(r["predicted_ms"], base["predicted_ms"])
                  + (f" [{r['predicted_flag']}]" if r["predicted_flag"] else "")]
         cells += [f"{r[f'measured_ms_{x}']:.0f}" + _ratio(r[f"measured_ms_{x}"], base[f"measured_ms_{x}"]) for x in res]
-        cells += [_pm(r["fid"], r["fid_std"], ".1f"), _pm(r["kid"], r["kid_std"], ".4f"),
-                  _pm(r["val_loss"], r["val_loss_std"], ".4f"), f"{r['ok']}/{r['seeds']}"]
+        cells += [_pm(r["fid"], r["fid_std"], ".1f", r["status"]), _pm(r["kid"], r["kid_std"], ".4f", r["status"]),
+                  _pm(r["val_loss"], r["val_loss_std"], ".4f", r["status"]), f"{r['ok']}/{r['seeds']}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "## Row-to-row changes", "",
               "Each row against the one above it: the paper's change and ours, and whether the directions agree "
               f"(ok), disagree (DIFF, with the reason) or ours is within noise (~). Changes under {UNCHANGED:.1%} "
               "count as no change. Every quality metric is compared with the paper's FID change (lower is better "
-              "for all of them).", "",
-              "![row-to-row changes](ablation_changes.png)", ""]
+              "for all of them)." + ("" if s.seeds > 1 else " With one seed there is no noise estimate for the scores."),
+              ""] + (["![row-to-row changes](ablation_changes.png)", ""] if ch else ["No two adjacent rows were run.", ""])
     metrics = [m["metric"] for m in ch[0]["metrics"]] if ch else []
     if ch:
         lines += ["| # | row | " + " | ".join(f"{m} (paper / ours)" for m in metrics) + " |",
                   "|" + "---|" * (2 + len(metrics))]
         for c in ch:
-            cells = [f"{_f(None if m['paper'] is None else 100 * m['paper'], '+.1f')}% / "
-                     f"{_f(None if m['ours'] is None else 100 * m['ours'], '+.1f')}% {MARK[m['agree']]}"
-                     .replace("% / %", " / ").strip() for m in c["metrics"]]
+            cells = [f"{_pct(m['paper'])} / {_pct(m['ours'])} {MARK[m['agree']]}".strip() for m in c["metrics"]]
             lines.append(f"| {c['index']} | {c['name']} | " + " | ".join(cells) + " |")
         reasons = [(c, m) for c in ch for m in c["metrics"] if m["agree"] is False or m["agree"] == "noise"]
         if reasons:
             lines += ["", "Where ours disagrees with the paper (DIFF) or cannot tell (~):", ""]
             lines += [f"- row {c['index']} {c['name']}, {m['metric']} ({MARK[m['agree']]}): {m['reason']}"
                       for c, m in reasons]
-        agree = sum(1 for c in ch for m in c["metrics"] if m["agree"] is True)
-        told = sum(1 for c in ch for m in c["metrics"] if m["agree"] is not None)
-        lines += ["", f"Directions: {agree} of {told} comparisons agree with the paper."]
+        n = tally(ch)
+        lines += ["", f"Directions: {n['agree']} agree with the paper, {n['disagree']} disagree, {n['noise']} within "
+                  "our noise (no verdict)."]
     lines += ["", "## Latency and quality", "", "![latency vs quality](ablation_latency_quality.png)", ""]
     failed = [f for r in summary for f in r["failed"]]
     if failed:
@@ -235,9 +247,10 @@ def markdown(run: dict, summary: list[dict], ch: list[dict], command: str) -> st
               f"val loss on up to {t['val_images']} held-out images at fixed t and noise; FID/KID on {t['samples']} samples "
               f"({t['sample_steps']} Euler steps, CFG {t['cfg_scale']}) against the validation images, extractor "
               f"{', '.join(extractors) or '-'}",
-              f"- latency: device `{lat['device']}` ({lat.get('cpu')}), onnxruntime {lat.get('ort_version')}, "
-              f"{lat['threads']} thread(s); measured tables: "
-              + ", ".join(sorted({f"`{m['table']}`" for r in lat["rows"].values() for m in r["measured"].values()})),
+              f"- latency: device `{lat['device']}` ({lat.get('cpu')}), {lat['threads']} thread(s); predictor table "
+              f"`{lat['table']}` (onnxruntime {lat.get('ort_version')}); measured tables: "
+              + ", ".join(sorted({f"`{m['table']}` (onnxruntime {m.get('ort_version')})"
+                                  for r in lat["rows"].values() for m in r["measured"].values()})),
               f"- training: {s.cpus_per_trial} CPU(s) per trial, {s.concurrency} at a time, on Ray Tune",
               f"- git commit {prov.get('git_commit')}{' (uncommitted changes)' if prov.get('git_dirty') else ''}, "
               f"python {prov.get('python')}; " + ", ".join(f"{k} {v}" for k, v in prov.get("packages", {}).items() if v),
@@ -284,6 +297,8 @@ def plots(summary: list[dict], ch: list[dict], resolutions: list[str], out: Path
         fig.tight_layout()
         paths.append(_save(fig, out / "ablation_changes.png"))
         plt.close(fig)
+    else:
+        (out / "ablation_changes.png").unlink(missing_ok=True)  # not a stale one from another run
 
     lat_key = f"measured_ms_{resolutions[-1]}" if resolutions else "predicted_ms"
     lat_label = f"measured latency at {resolutions[-1]}x{resolutions[-1]} (ms)" if resolutions else "predicted latency (ms)"

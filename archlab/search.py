@@ -21,18 +21,17 @@ import json
 import logging
 import math
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 
-from archlab.data import DataConfig
+from archlab.cluster import TrialSettings, init_ray
 from archlab.errors import ArchlabError
 from archlab.io import atomic_path, write_atomic
 from archlab.space import SearchSpace, load_space
-from archlab.train import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -270,7 +269,7 @@ def counts(df) -> dict[str, int]:
 # ---- the Ray Tune driver ------------------------------------------------------------------------
 
 @dataclass
-class SearchSettings:
+class SearchSettings(TrialSettings):
     """Everything a search needs; saved as `search.json` in its run folder, so `--resume` needs nothing else."""
     space: str
     table: str
@@ -280,36 +279,22 @@ class SearchSettings:
     multi: bool = False  # objectives (quality, predicted latency) instead of quality under the budget
     sampler: str = "tpe"
     seed: int = 0
-    cpus_per_trial: int = 2
-    concurrency: int = 1
-    address: str | None = None
     storage: str | None = None  # Optuna storage URL; default: a journal file in the run folder
     asha: bool = True
     max_rejections: int = 2000
     max_failed_share: float = 0.5
-    data: dict = field(default_factory=lambda: asdict(DataConfig()))
-    train: dict = field(default_factory=lambda: asdict(TrainConfig()))
 
     def validate(self) -> None:
         if self.objective not in OBJECTIVES:
             raise ArchlabError(f"--objective: {self.objective!r} is not one of {', '.join(OBJECTIVES)}")
         make_sampler(self.sampler, self.seed)
-        for name, ok in (("trials", self.trials >= 1), ("cpus_per_trial", self.cpus_per_trial >= 1),
-                         ("concurrency", self.concurrency >= 1), ("budget_ms", self.budget_ms > 0),
+        for name, ok in (("trials", self.trials >= 1), ("budget_ms", self.budget_ms > 0),
                          ("max_failed_share", 0 < self.max_failed_share <= 1)):
             if not ok:
                 raise ArchlabError(f"--{name.replace('_', '-')}: {getattr(self, name)!r} is out of range")
         if self.objective != "val_loss" and not self.train_config.samples:
             raise ArchlabError(f"--objective {self.objective} needs generated images: --samples must be > 0")
-        self.train_config.validate()
-
-    @property
-    def train_config(self) -> TrainConfig:
-        return TrainConfig(**self.train)
-
-    @property
-    def data_config(self) -> DataConfig:
-        return DataConfig(**self.data)
+        self.validate_trials()
 
     @property
     def metrics(self) -> list[str]:
@@ -406,14 +391,10 @@ def _storage(settings: SearchSettings, run_dir: Path):
 
 def run_search(settings: SearchSettings | None, run_dir: str | Path, resume: bool = False) -> dict:
     """Run (or resume) a search in `run_dir`; writes the outputs there and returns the summary."""
-    import os
-
-    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from archlab.data import load_dataset
-    from archlab.io import cache_dir
+    from archlab.train import prepare
 
     run_dir = Path(run_dir).resolve()
     saved = run_dir / "search.json"
@@ -430,21 +411,14 @@ def run_search(settings: SearchSettings | None, run_dir: str | Path, resume: boo
     settings.validate()
     candidates = Candidates(settings.space, settings.table, settings.budget_ms)
     candidates.predictor  # a missing or stale table fails now
-    load_dataset(settings.data_config, progress=True)  # decode and cache once, before the trials
+    prepare(settings.data_config, settings.train_config)
     if not resume:
         write_atomic(saved, json.dumps(asdict(settings), indent=1) + "\n")
 
-    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # the driver reads it; workers get `env`
-    if not settings.address:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster; a shared one keeps its auth
-    env = {"ARCHLAB_CACHE": str(cache_dir().resolve()), "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1"}
-    if not ray.is_initialized():
-        kwargs = {"address": settings.address} if settings.address else {"address": "local", "num_cpus": os.cpu_count()}
-        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False,
-                 runtime_env={"env_vars": env}, **kwargs)
+    init_ray(settings.address)
     t = settings.train_config
     trainable = tune.with_resources(tune.with_parameters(_trial, settings=asdict(settings), run_dir=str(run_dir)),
-                                    {"cpu": settings.cpus_per_trial})
+                                    settings.resources)
     exp = run_dir / "ray" / "search"
     guard = _FailureGuard(settings.max_failed_share)
     restorable = resume and tune.Tuner.can_restore(str(exp))

@@ -210,12 +210,30 @@ def score(model: ProxyModel, data: ImageSet, t: TrainConfig) -> tuple[dict, torc
     return score_images(fake, data, t.fid_extractor), fake
 
 
-def score_images(fake: torch.Tensor, data: ImageSet, extractor_name: str = "auto") -> dict:
-    """FID/KID of uint8 images against the validation set of `data`, with a named extractor."""
-    from archlab.metrics import extractor, features, fid_kid, real_features
+def reference_features(data: ImageSet, extractor_name: str = "auto"):
+    """(extractor, features of the validation images): computed once, then cached on disk."""
+    from archlab.metrics import extractor, real_features
 
     ext = extractor(extractor_name)
-    real = real_features(ext, data.val, f"{data.key}-val{len(data.val)}")
+    return ext, real_features(ext, data.val, f"{data.key}-val{len(data.val)}")
+
+
+def prepare(data_cfg, t: TrainConfig) -> ImageSet:
+    """Decode (and cache) a dataset and its FID reference statistics once, before parallel trials
+    would each do it at the same time."""
+    from archlab.data import load_dataset
+
+    data = load_dataset(data_cfg, progress=True)
+    if t.samples:
+        reference_features(data, t.fid_extractor)
+    return data
+
+
+def score_images(fake: torch.Tensor, data: ImageSet, extractor_name: str = "auto") -> dict:
+    """FID/KID of uint8 images against the validation set of `data`, with a named extractor."""
+    from archlab.metrics import features, fid_kid
+
+    ext, real = reference_features(data, extractor_name)
     return {**fid_kid(real, features(ext, fake)), "fid_extractor": ext.name}
 
 

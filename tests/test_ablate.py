@@ -52,7 +52,7 @@ def test_ablate_measures_trains_and_reports_then_resumes_without_redoing(tiny_la
     argv = ["ablate", str(ladder), "--seeds", "2", "--table", str(table), "--measure", str(RES), "--out", str(run)]
     first = _run(argv + TINY_TRAIN)
     assert first.returncode == 0, first.stderr[-3000:]
-    measured = table.parent / f"synthetic-cpu.ladder{RES}.csv"  # measured for real with ORT, kept beside the table
+    measured = table.parent / f"synthetic-cpu.ladder{RES}-1t.csv"  # measured for real with ORT, kept beside the table
     assert measured.is_file() and len(pd.read_csv(measured).query("kind == 'network'")) == 2
     results = sorted((run / "results").rglob("seed*.json"))
     assert len(results) == 4 and all(json.loads(p.read_text())["status"] == "ok" for p in results)
@@ -121,6 +121,9 @@ def test_a_failed_training_is_reported_not_dropped(tiny_lab, tmp_path, monkeypat
     csv = pd.read_csv(tmp_path / "report" / "ablation.csv")
     assert list(csv["status"]) == ["ok", "failed"]
     assert rep["rows"][1]["val_loss"] is None
+    monkeypatch.undo()  # a run that raised is run again next time; a finished one is not
+    assert ablate.run_one(settings, 1, 0, tmp_path)["status"] == "ok"
+    assert ablate.run_one(settings, 0, 0, tmp_path) == ok
 
 
 def test_errors_are_one_line(tiny_lab, tmp_path):
@@ -142,6 +145,7 @@ def test_errors_are_one_line(tiny_lab, tmp_path):
              (["ablate", str(bad_row), "--measure", "none"] + base, "stages.7"),
              (["ablate", str(ladder), "--measure", "32,big"] + base, "--measure"),
              (["ablate", str(ladder), "--measure", "none", "--rows", "nope"] + base, "--row"),
+             (["ablate", str(ladder), "--measure", "none", "--device", "cuda"] + base, "--gpus-per-trial"),
              (["report", str(tmp_path)], "not an ablation folder")]
     for argv, message in cases:
         r = _run(argv, timeout=60)

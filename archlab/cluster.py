@@ -1,0 +1,77 @@
+"""Ray for the search and the ablation: one way to start or join a cluster and to ask for resources.
+
+Local by default (a private Ray on this machine, all its CPUs); `address` joins a running cluster
+(`auto` or HOST:6379), which keeps its own authentication settings. Workers get `ARCHLAB_CACHE`
+(decoded datasets, reference statistics) from the driver, so point it at a folder every node
+mounts. With GPUs, Ray gives each trial its own devices (CUDA_VISIBLE_DEVICES), so a trial's
+`--device cuda` is the GPU Ray assigned to it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+
+from archlab.data import DataConfig
+from archlab.errors import ArchlabError
+from archlab.train import TrainConfig
+
+
+def init_ray(address: str | None) -> None:
+    import ray
+
+    from archlab.io import cache_dir
+
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # the driver reads it; workers get `env`
+    if not address:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster
+    if ray.is_initialized():
+        return
+    env = {"ARCHLAB_CACHE": str(cache_dir().resolve()), "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1"}
+    kwargs = {"address": address} if address else {"address": "local", "num_cpus": os.cpu_count()}
+    try:
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False,
+                 runtime_env={"env_vars": env}, **kwargs)
+    except ConnectionError as e:
+        raise ArchlabError(f"--address: cannot join a Ray cluster at {address!r}: {str(e).splitlines()[0][:200]}") from None
+
+
+def trial_resources(cpus: int, gpus: float, device: str) -> dict:
+    if cpus < 1:
+        raise ArchlabError(f"--cpus-per-trial: {cpus!r} is out of range")
+    if gpus < 0 or (gpus > 0 and device == "cpu"):
+        raise ArchlabError(f"--gpus-per-trial: {gpus!r} needs --device cuda (or another accelerator) and must be >= 0")
+    if device.startswith("cuda") and not gpus:  # Ray hides every GPU from a trial that asks for none
+        raise ArchlabError(f"--device {device}: trials run on Ray, which gives a trial GPUs only when it asks for "
+                           "them: add --gpus-per-trial (e.g. 1, or 0.5 for two trials per GPU)")
+    return {"cpu": cpus, "gpu": gpus} if gpus else {"cpu": cpus}
+
+
+@dataclass(kw_only=True)
+class TrialSettings:
+    """What the search and the ablation share: the proxy training their Ray trials run, and where."""
+    cpus_per_trial: int = 2
+    gpus_per_trial: float = 0
+    concurrency: int = 1
+    address: str | None = None
+    data: dict = field(default_factory=lambda: asdict(DataConfig()))
+    train: dict = field(default_factory=lambda: asdict(TrainConfig()))
+
+    @property
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(**self.train)
+
+    @property
+    def data_config(self) -> DataConfig:
+        return DataConfig(**self.data)
+
+    def validate_trials(self) -> None:
+        if self.concurrency < 1:
+            raise ArchlabError(f"--concurrency: {self.concurrency!r} is out of range")
+        self.resources  # raises if the request cannot be met
+        self.train_config.validate()
+
+    @property
+    def resources(self) -> dict:
+        """Ray resources of one trial; GPUs only for a trial that trains on one."""
+        return trial_resources(self.cpus_per_trial, self.gpus_per_trial, self.train_config.device)
