@@ -85,8 +85,12 @@ def read_settings(path: Path) -> AblateSettings:
         raise ArchlabError(f"{path}: not a readable ablation settings file ({str(e).splitlines()[0][:120]})") from None
 
 
-def file_sha(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+def ladder_sha(ladder: Ladder) -> str:
+    """The identity of a ladder's designs: its rows' names and architectures. The paper's numbers and
+    the `why_differs` notes are annotations: editing them keeps a folder's results valid, and the
+    report shows the new text."""
+    rows = [(r.name, r.config.digest()) for r in ladder.rows]
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
 
 
 def row_dir(row) -> str:
@@ -131,7 +135,7 @@ def open_run(settings: AblateSettings, run_dir: Path) -> tuple[AblateSettings, L
     ladder = load_ladder(settings.ladder)  # a bad row fails here, with its one line
     settings.ladder = str(Path(settings.ladder).resolve())
     settings.table = str(Path(settings.table).resolve())
-    settings.ladder_sha = file_sha(settings.ladder)
+    settings.ladder_sha = ladder_sha(ladder)
     if settings.data["spec"] != "synthetic":
         settings.data = {**settings.data, "spec": str(Path(settings.data["spec"]).resolve())}
         if not Path(settings.data["spec"]).exists():
@@ -167,7 +171,7 @@ def cost_rows(ladder: Ladder, selected, run_dir: Path, progress: bool = False) -
 
     from archlab.cost import network_cost
 
-    path, sha = run_dir / "cost.json", file_sha(ladder.path)
+    path, sha = run_dir / "cost.json", ladder_sha(ladder)
     cached = json.loads(path.read_text()) if path.is_file() else {}
     rows = {int(k): v for k, v in cached.get("rows", {}).items()} if cached.get("ladder_sha") == sha else {}
     todo = [r for r in selected if r.index not in rows]
@@ -197,7 +201,11 @@ def measured_tables(folder: Path, device: str, resolution: int, threads: int) ->
 
 
 def latency_rows(selected, settings: AblateSettings, run_dir: Path, progress: bool = False) -> dict:
-    """Predicted and measured latency of the selected rows; measures what no table of the device holds yet."""
+    """Predicted and measured latency of the selected rows; measures what no table of the device holds yet.
+
+    Measured latency is the median of the end-to-end runs (`median_ms`). A new table at the
+    predictor's resolution shares its reference speed (so `norm_ms` compares across the two); at
+    another resolution the reference block is another size, and the table keeps its own."""
     from archlab.io import cache_dir
     from archlab.latency.export import network_key
     from archlab.latency.measure import measure
@@ -224,7 +232,7 @@ def latency_rows(selected, settings: AblateSettings, run_dir: Path, progress: bo
             for path, meta, rows in measured_tables(folder, device, res, threads):
                 for r in rows:
                     if r["key"] in keys and r["key"] not in hits:
-                        hits[r["key"]] = {"ms": float(r["norm_ms"]), "median_ms": float(r["median_ms"]),
+                        hits[r["key"]] = {"ms": float(r["median_ms"]), "norm_ms": float(r["norm_ms"]),
                                           "cv": float(r["cv"]), "runs": int(r["runs"]), "table": path.name,
                                           "ort_version": meta.get("ort_version")}
             return hits
@@ -239,7 +247,8 @@ def latency_rows(selected, settings: AblateSettings, run_dir: Path, progress: bo
             # first run is the warm-up, then one run in each of two rounds, each next to the reference block
             measure(table, cache_dir() / "bundles" / f"ablate-{device}-{res}", networks=missing, resolution=res,
                     device=device, threads=threads, warmup=0, runs=2, rounds=2, budget_s=10.0,
-                    reference_ms=pred.settings.get("reference_ms"), progress=_tqdm("export") if progress else None)
+                    reference_ms=pred.settings.get("reference_ms") if res == pred.resolution else None,
+                    progress=_tqdm("export") if progress else None)
             hits = lookup()
         for row, k in zip(selected, keys):
             out["rows"][row.index]["measured"][str(res)] = hits[k]

@@ -18,7 +18,7 @@ import math
 import statistics
 from pathlib import Path
 
-from archlab.ablate import file_sha, read_settings, results
+from archlab.ablate import ladder_sha, read_settings, results
 from archlab.cost import UNCHANGED, direction
 from archlab.errors import ArchlabError
 from archlab.io import atomic_path, write_atomic
@@ -39,10 +39,10 @@ def load_run(run_dir: str | Path) -> dict:
     prov, updated = raw.get("provenance", {}), raw.get("updated", "")
     if not Path(settings.ladder).is_file():
         raise ArchlabError(f"{saved}: ladder {settings.ladder} no longer exists")
-    if file_sha(settings.ladder) != settings.ladder_sha:
-        raise ArchlabError(f"{settings.ladder}: changed since the ablation in {run_dir} (sha {settings.ladder_sha}); "
-                           "run `archlab ablate` again into a new folder")
     ladder = load_ladder(settings.ladder)
+    if ladder_sha(ladder) != settings.ladder_sha:
+        raise ArchlabError(f"{settings.ladder}: its designs changed since the ablation in {run_dir} (sha "
+                           f"{settings.ladder_sha}); run `archlab ablate` again into a new folder")
     for name in ("cost.json", "latency.json"):
         if not (run_dir / name).is_file():
             raise ArchlabError(f"RUN_DIR: {run_dir / name} is missing: run `archlab ablate` into this folder again")
@@ -237,7 +237,7 @@ def markdown(run: dict, summary: list[dict], ch: list[dict], command: str) -> st
                   for f in failed]
         lines.append("")
     lines += ["## Provenance", "",
-              f"- ladder: `{Path(s.ladder).name}` (sha256 {s.ladder_sha}); rows {'all' if s.rows is None else s.rows}",
+              f"- ladder: `{Path(s.ladder).name}` (designs sha256 {s.ladder_sha}); rows {'all' if s.rows is None else s.rows}",
               f"- dataset: `{_short(d['spec'])}` at {d['resolution']} px, classes {d.get('classes') or 'all'}, "
               f"{d.get('per_class') or 'all'} train / {d.get('val_per_class') or 'default'} val images per class",
               f"- proxy: width x{t['width_mult']} (same topology), pixels at {d['resolution']} px, class as "

@@ -150,3 +150,24 @@ def test_errors_are_one_line(tiny_lab, tmp_path):
     for argv, message in cases:
         r = _run(argv, timeout=60)
         assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, (argv, r.stderr)
+
+
+def test_annotations_can_change_designs_cannot(tiny_lab, tmp_path):
+    """Editing the paper's numbers or a why_differs note keeps a results folder; changing a design does not."""
+    from archlab import ablate
+    from archlab.errors import ArchlabError
+
+    ladder, table = tiny_lab
+    mine = tmp_path / "ladder.yaml"
+    data = yaml.safe_load(ladder.read_text())
+    mine.write_text(yaml.safe_dump(data))
+    run = tmp_path / "run"
+    ablate.open_run(ablate.AblateSettings(ladder=str(mine), table=str(table), measure=[]), run)
+    data["rows"][1]["paper"]["fid"] = 2.5
+    data["rows"][1]["why_differs"] = {"latency": "a reason written after the run"}
+    mine.write_text(yaml.safe_dump(data))
+    ablate.open_run(ablate.AblateSettings(ladder=str(mine), table=str(table), measure=[]), run)
+    data["rows"][1]["set"]["stages.*.ffn_ratio"] = 2
+    mine.write_text(yaml.safe_dump(data))
+    with pytest.raises(ArchlabError, match="another ladder"):
+        ablate.open_run(ablate.AblateSettings(ladder=str(mine), table=str(table), measure=[]), run)
