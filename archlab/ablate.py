@@ -2,8 +2,8 @@
 
 `run_ablation(settings, run_dir)` fills a run folder with everything `archlab report` needs:
 
-- `ablate.json`: the settings (ladder, dataset, proxy training, seeds, latency tables) and provenance
-  (command, git commit, package versions). A folder made with another ladder, dataset or training
+- `ablate.json`: the settings (ladder, dataset, proxy training, seeds, latency tables) and every
+  invocation's provenance (time, command, git commit, package versions). A folder made with another ladder, dataset or training
   is refused, so results never mix.
 - `cost.json`: params / MACs / FLOPs of every row at paper scale (`cost.ladder_cost`).
 - `latency.json`: per row, the latency predicted from the committed table, and measured end to end
@@ -78,8 +78,8 @@ def read_settings(path: Path) -> AblateSettings:
     """The settings saved in an ablation folder; a damaged file is a one-line error."""
     try:
         raw = json.loads(path.read_text())
-        raw.pop("provenance", None)
-        raw.pop("updated", None)
+        for key in ("invocations", "provenance", "updated"):
+            raw.pop(key, None)
         return AblateSettings(**raw)
     except (ValueError, TypeError) as e:
         raise ArchlabError(f"{path}: not a readable ablation settings file ({str(e).splitlines()[0][:120]})") from None
@@ -107,7 +107,8 @@ def done(path: Path) -> bool:
     return path.is_file() and json.loads(path.read_text()).get("status") != "failed"
 
 
-def provenance() -> dict:
+def provenance(command: str = "") -> dict:
+    """Who made this: the command, git commit (and whether the tree had uncommitted changes), versions."""
     from importlib.metadata import PackageNotFoundError, version
 
     versions = {}
@@ -124,8 +125,8 @@ def provenance() -> dict:
                                     capture_output=True, text=True, timeout=10).stdout.strip())
     except (OSError, subprocess.SubprocessError):
         commit, dirty = "", False
-    return {"python": sys.version.split()[0], "packages": versions, "git_commit": commit or None,
-            "git_dirty": dirty}
+    return {"at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "command": command,
+            "git_commit": commit or None, "git_dirty": dirty, "python": sys.version.split()[0], "packages": versions}
 
 
 # ---- settings and the run folder ------------------------------------------------------------------
@@ -157,8 +158,8 @@ def open_run(settings: AblateSettings, run_dir: Path) -> tuple[AblateSettings, L
         if settings.rows is not None:  # and another selection of rows adds to the earlier one
             settings.rows = None if old.rows is None else sorted(set(old.rows) | set(settings.rows))
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(saved, json.dumps({**asdict(settings), "provenance": provenance(),
-                                    "updated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")},
+    history = json.loads(saved.read_text()).get("invocations", []) if saved.is_file() else []
+    write_atomic(saved, json.dumps({**asdict(settings), "invocations": history + [provenance(settings.command)]},
                                    indent=1) + "\n")
     return settings, ladder
 

@@ -36,7 +36,7 @@ def load_run(run_dir: str | Path) -> dict:
         raise ArchlabError(f"RUN_DIR: {run_dir} is not an ablation folder (no ablate.json)")
     settings = read_settings(saved)
     raw = json.loads(saved.read_text())
-    prov, updated = raw.get("provenance", {}), raw.get("updated", "")
+    history = raw.get("invocations", [])
     if not Path(settings.ladder).is_file():
         raise ArchlabError(f"{saved}: ladder {settings.ladder} no longer exists")
     ladder = load_ladder(settings.ladder)
@@ -49,7 +49,7 @@ def load_run(run_dir: str | Path) -> dict:
     cost = json.loads((run_dir / "cost.json").read_text())
     if cost.get("ladder_sha") != settings.ladder_sha:
         raise ArchlabError(f"{run_dir}/cost.json: made for another version of {settings.ladder}")
-    return {"settings": settings, "ladder": ladder, "provenance": prov, "updated": updated,
+    return {"settings": settings, "ladder": ladder, "invocations": history,
             "cost": {int(k): v for k, v in cost["rows"].items()},
             "latency": json.loads((run_dir / "latency.json").read_text()),
             "results": results(settings, ladder, run_dir)}
@@ -176,7 +176,8 @@ def _ratio(v, base) -> str:
 
 
 def markdown(run: dict, summary: list[dict], ch: list[dict], command: str) -> str:
-    s, lat, prov = run["settings"], run["latency"], run["provenance"]
+    s, lat = run["settings"], run["latency"]
+    last = run["invocations"][-1] if run["invocations"] else {}
     t, d = s.train, s.data
     res = lat["resolutions"]
     extractors = sorted({r.get("fid_extractor") for r in run["results"] if r.get("fid_extractor")})
@@ -252,9 +253,10 @@ def markdown(run: dict, summary: list[dict], ch: list[dict], command: str) -> st
               + ", ".join(sorted({f"`{m['table']}` (onnxruntime {m.get('ort_version')})"
                                   for r in lat["rows"].values() for m in r["measured"].values()})),
               f"- training: {s.cpus_per_trial} CPU(s) per trial, {s.concurrency} at a time, on Ray Tune",
-              f"- git commit {prov.get('git_commit')}{' (uncommitted changes)' if prov.get('git_dirty') else ''}, "
-              f"python {prov.get('python')}; " + ", ".join(f"{k} {v}" for k, v in prov.get("packages", {}).items() if v),
-              f"- results last updated {run['updated']}"]
+              f"- python {last.get('python')}; " + ", ".join(f"{k} {v}" for k, v in last.get("packages", {}).items() if v),
+              "- made by these runs of `archlab ablate` (each resumes the folder; finished results are kept):"]
+    lines += [f"  - {h.get('at')}: git commit {h.get('git_commit')}"
+              f"{' (uncommitted changes)' if h.get('git_dirty') else ''}" for h in run["invocations"]]
     return "\n".join(lines) + "\n"
 
 
