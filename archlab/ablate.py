@@ -3,18 +3,19 @@
 `run_ablation(settings, run_dir)` fills a run folder with everything `archlab report` needs:
 
 - `ablate.json`: the settings (ladder, dataset, proxy training, seeds, latency tables) and every
-  invocation's provenance (time, command, git commit, package versions). A folder made with another ladder, dataset or training
-  is refused, so results never mix.
-- `cost.json`: params / MACs / FLOPs of every row at paper scale (`cost.ladder_cost`).
+  invocation's provenance (time, command, git commit, package versions). A folder made with
+  another ladder (its designs), dataset or training is refused, so results never mix.
+- `cost.json`: params / MACs / FLOPs of every row at paper scale (`cost.network_cost`).
 - `latency.json`: per row, the latency predicted from the committed table, and measured end to end
   in ONNX Runtime at each resolution of `measure` (default 32x32 and the paper's 128x128 latent).
   Measured networks are looked up in the device's tables first (`<tables>/<device>*.csv` made with
   the same device, resolution and threads); missing ones are measured into
-  `<tables>/<device>.ladder<res>.csv` and stay there, so a ladder is timed once per device.
+  `<tables>/<device>.ladder<res>-<threads>t.csv` and stay there, so a ladder is timed once per device.
 - `results/<row>/seed<k>.json`: one proxy training (FID, KID, validation loss) per row and seed, run
   as Ray Tune trials (rows in parallel, `concurrency` at a time). A finished (row, seed) is never
   trained again; an interrupted one continues from its checkpoint in `train/<row>/seed<k>/`. A run
-  that diverges or raises is recorded as failed with its reason, not dropped.
+  that diverges or raises is recorded with its status and reason, not dropped; one that raised is
+  retried by the next invocation.
 """
 
 from __future__ import annotations
@@ -74,14 +75,13 @@ def identity(values: dict) -> dict:
     return {k: v for k, v in values.items() if k not in RUN_ONLY}
 
 
-def read_settings(path: Path) -> AblateSettings:
-    """The settings saved in an ablation folder; a damaged file is a one-line error."""
+def read_settings(path: Path) -> tuple[AblateSettings, list[dict]]:
+    """The settings saved in an ablation folder and its invocations; a damaged file is a one-line error."""
     try:
         raw = json.loads(path.read_text())
-        for key in ("invocations", "provenance", "updated"):
-            raw.pop(key, None)
-        return AblateSettings(**raw)
-    except (ValueError, TypeError) as e:
+        history = raw.pop("invocations", [])
+        return AblateSettings(**raw), history
+    except (ValueError, TypeError, AttributeError) as e:
         raise ArchlabError(f"{path}: not a readable ablation settings file ({str(e).splitlines()[0][:120]})") from None
 
 
@@ -142,9 +142,9 @@ def open_run(settings: AblateSettings, run_dir: Path) -> tuple[AblateSettings, L
         if not Path(settings.data["spec"]).exists():
             raise ArchlabError(f"--dataset: {settings.data['spec']} does not exist")
     settings.validate(ladder)
-    saved = run_dir / "ablate.json"
+    saved, history = run_dir / "ablate.json", []
     if saved.is_file():
-        old = read_settings(saved)
+        old, history = read_settings(saved)
         if old.ladder_sha != settings.ladder_sha:
             raise ArchlabError(f"--out: {run_dir} holds results of another ladder ({old.ladder}, "
                                f"sha {old.ladder_sha}); pick another folder")
@@ -158,7 +158,6 @@ def open_run(settings: AblateSettings, run_dir: Path) -> tuple[AblateSettings, L
         if settings.rows is not None:  # and another selection of rows adds to the earlier one
             settings.rows = None if old.rows is None else sorted(set(old.rows) | set(settings.rows))
     run_dir.mkdir(parents=True, exist_ok=True)
-    history = json.loads(saved.read_text()).get("invocations", []) if saved.is_file() else []
     write_atomic(saved, json.dumps({**asdict(settings), "invocations": history + [provenance(settings.command)]},
                                    indent=1) + "\n")
     return settings, ladder
@@ -207,7 +206,7 @@ def latency_rows(selected, settings: AblateSettings, run_dir: Path, progress: bo
     Measured latency is the median of the end-to-end runs (`median_ms`). A new table at the
     predictor's resolution shares its reference speed (so `norm_ms` compares across the two); at
     another resolution the reference block is another size, and the table keeps its own."""
-    from archlab.io import cache_dir
+    from archlab.io import cache_dir, progress_bar
     from archlab.latency.export import network_key
     from archlab.latency.measure import measure
     from archlab.latency.predictor import load_for_table
@@ -249,18 +248,12 @@ def latency_rows(selected, settings: AblateSettings, run_dir: Path, progress: bo
             measure(table, cache_dir() / "bundles" / f"ablate-{device}-{res}", networks=missing, resolution=res,
                     device=device, threads=threads, warmup=0, runs=2, rounds=2, budget_s=10.0,
                     reference_ms=pred.settings.get("reference_ms") if res == pred.resolution else None,
-                    progress=_tqdm("export") if progress else None)
+                    progress=progress_bar("exporting", "model") if progress else None)
             hits = lookup()
         for row, k in zip(selected, keys):
             out["rows"][row.index]["measured"][str(res)] = hits[k]
     write_atomic(run_dir / "latency.json", json.dumps(out, indent=1) + "\n")
     return out
-
-
-def _tqdm(desc: str):
-    from tqdm import tqdm
-
-    return lambda items: tqdm(items, desc=desc, unit="item", leave=False)
 
 
 # ---- proxy trainings ----------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import sys
 from typing import Any, Sequence
 
 from archlab.errors import ArchlabError
+from archlab.io import progress_bar
 
 
 class _Parser(argparse.ArgumentParser):
@@ -485,18 +486,12 @@ def _selection(args: argparse.Namespace) -> tuple[list, list]:
     return list(blocks.values()), networks
 
 
-def _tqdm(desc: str):
-    from tqdm import tqdm
-
-    return lambda todo: tqdm(todo, desc=desc, unit="model", disable=not sys.stderr.isatty())
-
-
 def cmd_latency_export(args: argparse.Namespace) -> int:
     from archlab.latency.export import export_bundle
 
     blocks, networks = _selection(args)
     manifest = export_bundle(args.out, blocks, networks, resolution=args.resolution, opset=args.opset,
-                             progress=_tqdm("exporting"))
+                             progress=progress_bar("exporting", "model"))
     print(f"{len(manifest['items'])} models in {args.out} (latent {args.resolution}x{args.resolution}, opset {args.opset})")
     return 0
 
@@ -525,7 +520,7 @@ def cmd_latency_measure(args: argparse.Namespace) -> int:
     blocks, networks = _selection(args)
     bundle = args.bundle or str(Path("runs") / "bundles" / Path(args.out).stem)
     rows = measure(args.out, bundle, blocks=blocks, networks=networks, resolution=args.resolution,
-                   opset=args.opset, keep_onnx=args.keep_onnx, progress=_tqdm("exporting"), **_timing(args))
+                   opset=args.opset, keep_onnx=args.keep_onnx, progress=progress_bar("exporting", "model"), **_timing(args))
     print(f"{len(rows)} rows in {args.out}")
     return 0
 
@@ -533,7 +528,7 @@ def cmd_latency_measure(args: argparse.Namespace) -> int:
 def cmd_latency_fit(args: argparse.Namespace) -> int:
     from archlab.latency.predictor import fit, predictor_path
 
-    pred = fit(args.table, progress=_tqdm("fitting kinds"))
+    pred = fit(args.table, progress=progress_bar("fitting kinds", "kind"))
     path = pred.save(predictor_path(args.table))
     print(f"{path}: {len(pred.measured)} measured blocks, {len(pred.kinds)} kind models")
     print(_table([(k, m.n, "" if m.loo_mape is None else f"{100 * m.loo_mape:.1f}%",
@@ -649,7 +644,7 @@ def cmd_latency_evaluate(args: argparse.Namespace) -> int:
     heldout = args.heldout or str(Path(args.table).with_suffix(".heldout.csv"))
     report = evaluate(load_space(args.space), args.table, heldout, Path("runs") / "bundles" / Path(heldout).stem,
                       n=args.networks, seed=args.seed, ladder=load_ladder(args.ladder) if args.ladder else None,
-                      progress=_tqdm("exporting"))
+                      progress=progress_bar("exporting", "model"))
     command = "archlab " + " ".join(shlex.quote(a) for a in args.argv)
     js, md = write_report(report, args.out, command)
     print(f"{report['n']} held-out networks: MAPE {100 * report['mape']:.1f}%, within ±10% {100 * report['within_10']:.0f}%, "

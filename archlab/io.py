@@ -1,16 +1,26 @@
-"""Atomic writes: a crash never leaves a half-written file (write a temp file, then rename)."""
+"""I/O helpers: atomic writes (a crash never leaves a half-written file: write a temp file, then
+rename), the cache folder, and progress bars for long loops."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 
 def cache_dir() -> Path:
     """Where datasets and real-set features are cached: $ARCHLAB_CACHE, else runs/cache."""
     return Path(os.environ.get("ARCHLAB_CACHE", "runs/cache"))
+
+
+def progress_bar(desc: str, unit: str = "item") -> Callable[[Iterable], Iterable]:
+    """Wrap a loop in a tqdm bar on stderr, shown only when stderr is a terminal."""
+    import sys
+
+    from tqdm import tqdm
+
+    return lambda items: tqdm(items, desc=desc, unit=unit, leave=False, disable=not sys.stderr.isatty())
 
 
 @contextlib.contextmanager

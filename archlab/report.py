@@ -34,9 +34,7 @@ def load_run(run_dir: str | Path) -> dict:
     saved = run_dir / "ablate.json"
     if not saved.is_file():
         raise ArchlabError(f"RUN_DIR: {run_dir} is not an ablation folder (no ablate.json)")
-    settings = read_settings(saved)
-    raw = json.loads(saved.read_text())
-    history = raw.get("invocations", [])
+    settings, history = read_settings(saved)
     if not Path(settings.ladder).is_file():
         raise ArchlabError(f"{saved}: ladder {settings.ladder} no longer exists")
     ladder = load_ladder(settings.ladder)

@@ -56,6 +56,7 @@ def report(args, runs: dict[str, Path], command: str) -> dict:
     import matplotlib.pyplot as plt
     import pandas as pd
 
+    from archlab.io import atomic_path, write_atomic
     from archlab.search import pareto_front
 
     out = Path(args.report)
@@ -66,7 +67,8 @@ def report(args, runs: dict[str, Path], command: str) -> dict:
         dest = out / sampler
         dest.mkdir(exist_ok=True)
         for name in ("trials.csv", "pareto.png", "summary.md", "summary.json"):
-            shutil.copyfile(run_dir / name, dest / name)
+            with atomic_path(dest / name) as tmp:
+                shutil.copyfile(run_dir / name, tmp)
         s = json.loads((run_dir / "summary.json").read_text())
         df = pd.read_csv(run_dir / "trials.csv")
         trained = df[df["state"] == "COMPLETE"]
@@ -93,10 +95,11 @@ def report(args, runs: dict[str, Path], command: str) -> dict:
     for ax in (ax1, ax2):
         ax.legend(frameon=False, fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "comparison.png", metadata={"Software": None})
+    with atomic_path(out / "comparison.png") as tmp:
+        fig.savefig(tmp, format="png", metadata={"Software": None})
     plt.close(fig)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    (out / "summary.md").write_text(markdown(args, summary))
+    write_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+    write_atomic(out / "summary.md", markdown(args, summary))
     return summary
 
 
