@@ -216,6 +216,7 @@ def latency_rows(selected, settings: AblateSettings, run_dir: Path, progress: bo
     folder = Path(settings.table).parent
     out = {"device": device, "cpu": pred.settings.get("cpu"), "ort_version": pred.settings.get("ort_version"),
            "threads": threads, "table": Path(settings.table).name, "predicted_resolution": pred.resolution,
+           "predicted_error": pred.calibration.loo_mape if pred.calibration else None,
            "resolutions": [str(r) for r in settings.measure], "rows": {}}
     for row in selected:
         p = pred.predict(row.config.with_values({"latent.resolution": pred.resolution}, where=row.name))

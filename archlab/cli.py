@@ -220,6 +220,11 @@ def _timing_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs", type=int, default=30, help="timed runs per item (fewer for slow items, see --budget-s)")
     p.add_argument("--rounds", type=int, default=5, help="rounds; the reference is timed once per round")
     p.add_argument("--budget-s", type=float, default=10.0, help="about this many seconds per item")
+    p.add_argument("--max-cv", type=float,
+                   help="noise gate: time an item again when its run-to-run CV is above this (default 0.10)")
+    p.add_argument("--retries", type=int, help="re-timings of an item above the gate (default 2)")
+    p.add_argument("--redo-noisy", action="store_true",
+                   help="also time again the table's rows that are above the gate (replaced in place)")
 
 
 # ---- cost ---------------------------------------------------------------------------------------
@@ -497,18 +502,26 @@ def cmd_latency_export(args: argparse.Namespace) -> int:
 
 
 def _timing(args: argparse.Namespace) -> dict:
+    from archlab.latency.runner import MAX_CV, RETRIES
+
+    args.max_cv = MAX_CV if args.max_cv is None else args.max_cv
+    args.retries = RETRIES if args.retries is None else args.retries
     return dict(device=args.device, threads=args.threads, opt_level=args.opt, warmup=args.warmup, runs=args.runs,
-                rounds=args.rounds, budget_s=args.budget_s)
+                rounds=args.rounds, budget_s=args.budget_s, max_cv=args.max_cv, retries=args.retries)
 
 
 def cmd_latency_run(args: argparse.Namespace) -> int:
-    from archlab.latency.runner import RunnerError, run_bundle
+    from pathlib import Path
+
+    from archlab.latency.runner import RunnerError, noisy_keys, read_table, run_bundle, summary
 
     try:
-        rows = run_bundle(args.bundle, args.out, progress=sys.stderr.isatty(), **_timing(args))
+        timing = _timing(args)
+        redo = noisy_keys(read_table(Path(args.out))[1], args.max_cv) if args.redo_noisy else ()
+        rows = run_bundle(args.bundle, args.out, progress=sys.stderr.isatty(), redo=redo, **timing)
     except RunnerError as e:
         raise ArchlabError(str(e)) from None
-    print(f"{len(rows)} rows in {args.out}")
+    print(summary(rows, args.out, args.max_cv))
     return 0
 
 
@@ -516,21 +529,31 @@ def cmd_latency_measure(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from archlab.latency.measure import measure
+    from archlab.latency.runner import summary
 
     blocks, networks = _selection(args)
     bundle = args.bundle or str(Path("runs") / "bundles" / Path(args.out).stem)
     rows = measure(args.out, bundle, blocks=blocks, networks=networks, resolution=args.resolution,
-                   opset=args.opset, keep_onnx=args.keep_onnx, progress=progress_bar("exporting", "model"), **_timing(args))
-    print(f"{len(rows)} rows in {args.out}")
+                   opset=args.opset, keep_onnx=args.keep_onnx, redo_noisy=args.redo_noisy,
+                   progress=progress_bar("exporting", "model"), **_timing(args))
+    print(summary(rows, args.out, args.max_cv))
     return 0
 
 
 def cmd_latency_fit(args: argparse.Namespace) -> int:
-    from archlab.latency.predictor import fit, predictor_path
+    from archlab.latency.predictor import fit, predictor_path, read_checked_table
+    from archlab.latency.runner import MAX_CV, noisy_keys
 
     pred = fit(args.table, progress=progress_bar("fitting kinds", "kind"))
     path = pred.save(predictor_path(args.table))
     print(f"{path}: {len(pred.measured)} measured blocks, {len(pred.kinds)} kind models")
+    meta, rows = read_checked_table(args.table)
+    gate = meta.get("protocol", {}).get("max_cv", MAX_CV)
+    noisy = noisy_keys(rows, gate)
+    if noisy:
+        print(f"warning: {len(noisy)} of {len(rows)} rows have a run-to-run CV above {gate:.0%} (timed while the "
+              f"machine was busy); time them again with `archlab latency measure ... --redo-noisy` and fit again",
+              file=sys.stderr)
     print(_table([(k, m.n, "" if m.loo_mape is None else f"{100 * m.loo_mape:.1f}%",
                    ", ".join(f"{f}={c:.3g}" for f, c in zip(m.features, m.coef) if c))
                   for k, m in sorted(pred.kinds.items())], ("kind", "rows", "LOO MAPE", "ms per unit"), align="lrrl"))

@@ -74,6 +74,7 @@ def rows(run: dict) -> list[dict]:
         s = {"index": row.index, "name": row.name, "change": row.change, "paper": dict(row.paper),
              "why_differs": dict(row.why_differs), "params": c["params"], "macs": c["macs"], "flops": c["flops"],
              "predicted_ms": lr["predicted_ms"], "predicted_flag": lr.get("predicted_flag", ""),
+             "predicted_error": lat.get("predicted_error"),
              "seeds": len(runs), "ok": len(ok), "failed": [r for r in runs if r.get("status") != "ok"],
              "status": "ok" if ok else (runs[0].get("status", "missing") if runs else "missing")}
         for res, m in lr["measured"].items():
@@ -88,7 +89,8 @@ def changes(summary: list[dict], resolutions: list[str]) -> list[dict]:
     """Row-to-row changes, ours and the paper's, with an agreement mark and the reason per metric.
 
     Marks: True agree, False disagree, None no paper number, "noise" (ours is within noise: for a
-    score, within one combined std over seeds; for a measured latency, within 2x the run-to-run CV)."""
+    score, within one combined std over seeds; for a measured latency, within 2x the run-to-run CV;
+    for a predicted latency, within 2x the predictor's leave-one-out error on whole networks)."""
     pairs = [("params", "params", "params_m"), ("MACs (paper: FLOPs)", "macs", "flops_g"), ("predicted latency", "predicted_ms", "latency_ms")]
     pairs += [(f"measured latency {r}x{r}", f"measured_ms_{r}", "latency_ms") for r in resolutions]
     pairs += [("FID", "fid", "fid"), ("KID", "kid", "fid"), ("val loss", "val_loss", "fid")]
@@ -132,6 +134,8 @@ def _noise(prev: dict, cur: dict, key: str) -> float | None:
     if key.startswith("measured_ms_"):
         res = key.rsplit("_", 1)[1]
         return 2 * math.hypot(prev[key] * prev[f"measured_cv_{res}"], cur[key] * cur[f"measured_cv_{res}"])
+    if key == "predicted_ms" and cur.get("predicted_error") is not None:
+        return 2 * cur["predicted_error"] * math.hypot(prev[key], cur[key])
     return None
 
 
@@ -211,7 +215,9 @@ def markdown(run: dict, summary: list[dict], ch: list[dict], command: str) -> st
               "Each row against the one above it: the paper's change and ours, and whether the directions agree "
               f"(ok), disagree (DIFF, with the reason) or ours is within noise (~). Changes under {UNCHANGED:.1%} "
               "count as no change. Every quality metric is compared with the paper's FID change (lower is better "
-              "for all of them)." + ("" if s.seeds > 1 else " With one seed there is no noise estimate for the scores."),
+              "for all of them). Noise: the scores' std over seeds combined for the two rows; for measured latency 2x "
+              "the run-to-run CVs combined; for predicted latency 2x the predictor's leave-one-out error on whole "
+              "networks." + ("" if s.seeds > 1 else " With one seed there is no noise estimate for the scores."),
               ""] + (["![row-to-row changes](ablation_changes.png)", ""] if ch else ["No two adjacent rows were run.", ""])
     metrics = [m["metric"] for m in ch[0]["metrics"]] if ch else []
     if ch:

@@ -172,3 +172,20 @@ def test_annotations_can_change_designs_cannot(tiny_lab, tmp_path):
     mine.write_text(yaml.safe_dump(data))
     with pytest.raises(ArchlabError, match="another ladder"):
         ablate.open_run(ablate.AblateSettings(ladder=str(mine), table=str(table), measure=[]), run)
+
+
+def test_a_predicted_latency_change_within_the_predictors_error_gets_no_verdict():
+    from archlab.report import changes
+
+    def row(i, ms, err):
+        return {"index": i, "name": f"r{i}", "paper": {"latency_ms": 100}, "why_differs": {}, "predicted_ms": ms,
+                "predicted_error": err}
+
+    def mark(a, b, err):
+        (ch,) = changes([row(0, a, err), row(1, b, err)], [])
+        return next(m for m in ch["metrics"] if m["metric"] == "predicted latency")["agree"]
+
+    # the paper's latency is unchanged; 2 x 1.3% of hypot(1000, 1010) = 28 ms of predictor error
+    assert mark(1000, 1010, 0.013) == "noise"
+    assert mark(1000, 1050, 0.013) is False
+    assert mark(1000, 1010, None) is False  # an uncalibrated predictor has no error estimate: no band

@@ -269,3 +269,25 @@ def test_calibration_flags_networks_outside_its_range(synthetic):
     wide = tiny_cfg().with_values({"stages.*.ffn_ratio": 4, "stages.2.transformer_depth": 6})
     p = pred.predict(wide)
     assert (p.raw_sum_ms > hi * 1.25) == p.outside_calibration == p.extrapolated
+
+
+def test_fit_warns_about_rows_above_the_noise_gate(measured, tmp_path, capsys):
+    import csv
+    import shutil
+
+    d, space, table = measured
+    copy = tmp_path / "cpu.csv"
+    shutil.copy(table.with_suffix(".meta.json"), copy.with_suffix(".meta.json"))
+    with table.open() as f:
+        rows = list(csv.DictReader(f))
+    rows[3].update(cv="0.4", mean_ms="5.0")  # timed while the machine was busy
+    with copy.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    capsys.readouterr()
+    assert cli.main(["latency", "fit", str(copy)]) == 0
+    err = capsys.readouterr().err
+    assert "1 of" in err and "--redo-noisy" in err
+    assert cli.main(["latency", "fit", str(table)]) == 0
+    assert "warning" not in capsys.readouterr().err

@@ -86,3 +86,68 @@ def test_runner_works_with_onnxruntime_and_numpy_alone(bundle, tmp_path):
     assert r.returncode == 0, r.stderr
     with (tmp_path / "t.csv").open() as f:
         assert tuple(csv.DictReader(f).fieldnames) == FIELDS
+
+
+class _Machine:
+    """Stands in for the clock: noisy timings (CV ~0.5) until `quiet`, steady ones after."""
+
+    def __init__(self, monkeypatch, quiet_after_pause: bool, scale_ms: float = 1.0):
+        import archlab.latency.runner as runner
+
+        self.quiet, self.scale_ms = False, scale_ms
+        monkeypatch.setattr(runner, "_time", self.time)
+        monkeypatch.setattr(runner.time, "sleep", self.pause if quiet_after_pause else lambda s: None)
+
+    def pause(self, seconds):
+        self.quiet = True
+
+    def time(self, session, feeds, n):
+        times = [2.0] * n if self.quiet else [1.0, 3.0] * (n // 2) + [1.0] * (n % 2)
+        return [t * self.scale_ms for t in times]
+
+
+def test_noise_gate_times_a_noisy_item_again_and_keeps_the_quiet_attempt(bundle, tmp_path, monkeypatch):
+    out, _ = bundle
+    machine = _Machine(monkeypatch, quiet_after_pause=True)
+    table = tmp_path / "dev.csv"
+    rows = run_bundle(out, table, "test-cpu", threads=1, warmup=0, runs=4, rounds=2, progress=False, limit=1,
+                      max_cv=0.1, retries=2)
+    assert machine.quiet and float(rows[0]["cv"]) == 0 and float(rows[0]["median_ms"]) == 2.0
+    meta, _ = read_table(table)
+    assert meta["protocol"]["max_cv"] == 0.1 and meta["protocol"]["retries"] == 2
+    assert meta["sessions"][-1] | {"date": None} == {"date": None, "timed": 1, "retimed": 0, "retries": 1, "above_gate": 0}
+
+
+def test_rows_left_above_the_gate_are_kept_counted_and_redone_in_place(bundle, tmp_path, monkeypatch):
+    from archlab.latency.runner import noisy_keys, summary
+
+    out, _ = bundle
+    machine = _Machine(monkeypatch, quiet_after_pause=False)
+    table = tmp_path / "dev.csv"
+    rows = run_bundle(out, table, "test-cpu", threads=1, warmup=0, runs=4, rounds=2, progress=False, max_cv=0.1, retries=1)
+    keys = [r["key"] for r in rows]
+    assert len(rows) == 5 and noisy_keys(rows, 0.1) == set(keys)  # nothing dropped
+    meta, _ = read_table(table)
+    assert meta["sessions"][-1]["above_gate"] == 5 and meta["sessions"][-1]["retries"] == 5
+    assert "5 above the noise gate" in summary(rows, table, 0.1) and "--redo-noisy" in summary(rows, table, 0.1)
+
+    machine.quiet = True
+    redo = set(keys[1:3])
+    rows = run_bundle(out, table, "test-cpu", threads=1, warmup=0, runs=4, rounds=2, progress=False, max_cv=0.1,
+                      redo=redo)
+    assert [r["key"] for r in rows] == keys  # replaced where they were, not appended
+    assert noisy_keys(rows, 0.1) == set(keys) - redo
+    meta, saved = read_table(table)
+    assert [r["key"] for r in saved] == keys
+    assert meta["sessions"][-1] | {"date": None} == {"date": None, "timed": 0, "retimed": 2, "retries": 0, "above_gate": 0}
+
+
+def test_timer_jitter_on_a_tiny_item_is_not_noise(bundle, tmp_path, monkeypatch):
+    from archlab.latency.runner import MIN_SPREAD_MS, is_noisy
+
+    out, _ = bundle
+    _Machine(monkeypatch, quiet_after_pause=False, scale_ms=MIN_SPREAD_MS / 2)
+    rows = run_bundle(out, tmp_path / "dev.csv", "test-cpu", threads=1, warmup=0, runs=4, rounds=2, progress=False,
+                      limit=2, max_cv=0.1)
+    assert all(float(r["cv"]) > 0.1 and not is_noisy(r, 0.1) for r in rows)  # CV 50%, spread a quarter of the floor
+    assert read_table(tmp_path / "dev.csv")[0]["sessions"][-1]["retries"] == 0

@@ -25,6 +25,7 @@ from archlab.io import write_atomic
 from archlab.latency.export import network_key
 from archlab.latency.measure import measure
 from archlab.latency.predictor import TARGET, Predictor, load_for_table, predictor_path, read_checked_table
+from archlab.latency.runner import MAX_CV, noisy_keys
 from archlab.ladder import Ladder
 from archlab.space import SearchSpace
 
@@ -64,7 +65,7 @@ def evaluate(space: SearchSpace, table: str | Path, heldout_table: str | Path, b
         raise ArchlabError(f"--networks: {n}; an evaluation needs at least 3 held-out networks")
     table = Path(table)
     pred = load_for_table(table)
-    meta, _ = read_checked_table(table)
+    meta, table_rows = read_checked_table(table)
     res = pred.resolution
     space = space.at_resolution(res)
     calibrated = set(pred.calibration.digests) if pred.calibration else set()
@@ -76,10 +77,11 @@ def evaluate(space: SearchSpace, table: str | Path, heldout_table: str | Path, b
         _check_same_settings(read_checked_table(heldout_table)[0], meta, heldout_table, table)
 
     proto = meta.get("protocol", {})
+    gate = proto.get("max_cv", MAX_CV)
     measure(heldout_table, bundle, networks=nets + ladder_cfgs, resolution=res, device=meta["device"],
             threads=int(meta["threads"]), opt_level=meta["opt_level"], warmup=proto.get("warmup", 5),
             runs=proto.get("runs", 30), rounds=proto.get("rounds", 5), budget_s=proto.get("budget_s", 10.0),
-            opset=int(meta["opset"]), reference_ms=float(meta["reference_ms"]), progress=progress)
+            opset=int(meta["opset"]), reference_ms=float(meta["reference_ms"]), max_cv=gate, progress=progress)
     hmeta, hrows = read_checked_table(heldout_table, device=meta["device"], resolution=res)
     _check_same_settings(hmeta, meta, heldout_table, table)
     by_key = {r["key"]: r for r in hrows}
@@ -102,8 +104,11 @@ def evaluate(space: SearchSpace, table: str | Path, heldout_table: str | Path, b
         "noise": {"median_run_cv": float(np.median(cvs)), "max_run_cv": float(np.max(cvs)),
                   "reference_drift": {"min": float(ref_ratio.min()), "median": float(np.median(ref_ratio)),
                                       "max": float(ref_ratio.max())},
+                  "table_rows": len(table_rows), "table_median_cv": float(np.median([float(r["cv"]) for r in table_rows])),
+                  "table_rows_above_gate": len(noisy_keys(table_rows, gate)), "gate_cv": gate,
                   "what": "run_cv: each network's run-to-run coefficient of variation; reference_drift: the "
-                          "reference block's local median over the fitted table's, per network (1 = no drift)"},
+                          "reference block's local median over the fitted table's, per network (1 = no drift); "
+                          "table_*: the fitted table's rows (blocks and calibration networks)"},
         "raw_sum": errors(raw, meas),
         "against_unnormalised_median": errors(cal, meas_raw),
         "calibration": {"intercept_ms": pred.calibration.intercept_ms, "slope": pred.calibration.slope,
@@ -214,6 +219,9 @@ def markdown(r: dict) -> str:
         f"reference block ran at {d['min']:.3f}-{d['max']:.3f}x (median {d['median']:.3f}x) its speed in the fitted "
         "table, which `norm_ms` divides out.",
     ]
+    if "table_rows" in n:
+        lines[-1] += (f" The fitted table's {n['table_rows']} rows: median CV {_pct(n['table_median_cv'])}, "
+                      f"{n['table_rows_above_gate']} above the {_pct(n['gate_cv'])} noise gate.")
     if r.get("calibration"):
         c = r["calibration"]
         lines += ["", f"Calibration: measured = {c['intercept_ms']:.2f} ms + {c['slope']:.4f} x sum(blocks), fitted on "
