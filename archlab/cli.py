@@ -181,6 +181,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--width-mult", type=float, default=d.width_mult, help=f"proxy width (default {d.width_mult})")
     p.add_argument("--timesteps", default=d.timesteps, choices=("logit_normal", "uniform"))
+    p.add_argument("--mu", type=float, default=d.mu, help=f"logit-normal timestep mean (default {d.mu})")
+    p.add_argument("--sigma", type=float, default=d.sigma, help=f"logit-normal timestep std (default {d.sigma})")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--samples", type=int, default=d.samples, help="generated images for FID/KID (0: skip)")
     p.add_argument("--sample-steps", type=int, default=d.sample_steps, help="Euler steps")
@@ -199,7 +201,7 @@ def _train_config(args: argparse.Namespace):
     from archlab.train import TrainConfig
 
     return TrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, width_mult=args.width_mult,
-                       timesteps=args.timesteps, seed=args.seed, samples=args.samples, sample_steps=args.sample_steps,
+                       timesteps=args.timesteps, mu=args.mu, sigma=args.sigma, seed=args.seed, samples=args.samples, sample_steps=args.sample_steps,
                        cfg_scale=args.cfg_scale, fid_extractor=args.fid_extractor, device=args.device)
 
 
@@ -656,6 +658,10 @@ def cmd_latency_query(args: argparse.Namespace) -> int:
     return 0
 
 
+def _maybe(x: float | None, fmt: str) -> str:
+    return "n/a" if x is None else format(x, fmt)
+
+
 def cmd_latency_evaluate(args: argparse.Namespace) -> int:
     import shlex
     from pathlib import Path
@@ -671,7 +677,7 @@ def cmd_latency_evaluate(args: argparse.Namespace) -> int:
     command = "archlab " + " ".join(shlex.quote(a) for a in args.argv)
     js, md = write_report(report, args.out, command)
     print(f"{report['n']} held-out networks: MAPE {100 * report['mape']:.1f}%, within ±10% {100 * report['within_10']:.0f}%, "
-          f"Kendall tau {report['kendall_tau']:.3f} (raw block sum: MAPE {100 * report['raw_sum']['mape']:.1f}%); "
+          f"Kendall tau {_maybe(report['kendall_tau'], '.3f')} (raw block sum: MAPE {100 * report['raw_sum']['mape']:.1f}%); "
           f"noise CV {100 * report['noise_cv']:.1f}%")
     print(f"wrote {js} and {md}")
     return 0

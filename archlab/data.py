@@ -205,15 +205,17 @@ def _folder(cfg: DataConfig, progress: bool) -> ImageSet:
         class_dirs = class_dirs[:cfg.classes]
     val_root = root / "val" if (root / "val").is_dir() and train_dir != root else None
     files: dict[str, tuple[list[Path], list[Path]]] = {}
+    held_out = []  # classes that val/ lacks: validated on images held out of their training set
     for d in class_dirs:
         train = _images(d)
         if not train:
             raise ArchlabError(f"--dataset: class folder {d} has no images ({', '.join(IMAGE_EXTENSIONS)})")
-        if val_root is not None:
-            val = _images(val_root / d.name) if (val_root / d.name).is_dir() else []
-        else:  # hold out 10% of each class (at least one image)
+        val = _images(val_root / d.name) if val_root is not None and (val_root / d.name).is_dir() else []
+        if not val:  # no val/ split, or none for this class: hold out 10% of the class (at least one image)
             n_val = max(1, len(train) // 10)
             train, val = train[:-n_val], train[-n_val:]
+            if val_root is not None:
+                held_out.append(d.name)
         if not train:
             raise ArchlabError(f"--dataset: class folder {d} has {len(val)} image(s), all held out for validation: "
                                "no training images left")
@@ -222,9 +224,6 @@ def _folder(cfg: DataConfig, progress: bool) -> ImageSet:
         if cfg.val_per_class:
             val = val[:cfg.val_per_class]
         files[d.name] = (train, val)
-    if not any(v for _, v in files.values()):
-        raise ArchlabError(f"--dataset: {root} has no validation images (val/<class>/ is empty for every class)")
-
     listing = json.dumps({c: [[str(p), p.stat().st_size] for p in t + v] for c, (t, v) in files.items()})
     key = hashlib.sha1(f"{root.resolve()}|{cfg.resolution}|{listing}".encode()).hexdigest()[:16]
     cache = cache_dir() / "datasets" / f"{root.name}-{key}.pt"
@@ -235,6 +234,9 @@ def _folder(cfg: DataConfig, progress: bool) -> ImageSet:
         d = _decode(files, cfg.resolution, progress)
         save_atomic(d, cache)
     info = {"cache": str(cache), "classes_used": names[:5] + (["..."] if len(names) > 5 else [])}
+    if held_out:
+        info["val_held_out_from_train"] = f"{len(held_out)} classes without val/<class>/ images: " + ", ".join(held_out[:5]) + (
+            ", ..." if len(held_out) > 5 else "")
     return ImageSet(d["train"], d["train_labels"], d["val"], d["val_labels"], names, str(root),
                     f"{root.name}-{key}", d["skipped"], info)
 

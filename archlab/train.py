@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,13 +28,15 @@ from torch import nn
 from archlab.config import ArchConfig
 from archlab.data import ImageSet, to_model, to_uint8
 from archlab.errors import ArchlabError
-from archlab.io import save_atomic, write_atomic
+from archlab.io import atomic_path, save_atomic, write_atomic
 from archlab.unet import UNet
 
 # settings that do not change the trained weights: a checkpoint made with other values is resumed
 NOT_TRAINING = ("steps", "val_images", "samples", "sample_steps", "cfg_scale", "fid_extractor", "checkpoint_every",
                 "report_every", "device")
 VAL_TIMESTEPS = 8  # validation loss: t = (i + 0.5) / 8, i = 0..7, for every held-out image
+DIVERGED_LOSS = 50.0  # the target eps - x0 has a variance under 2 (a model that outputs 0 scores that): a batch
+# loss 25x over it is a blow-up, however finite
 
 
 @dataclass(frozen=True)
@@ -245,7 +248,8 @@ def save_samples(images: torch.Tensor, out: Path, columns: int = 16) -> None:
     n = min(len(images), columns * 8) // columns * columns
     if n:
         g = images[:n].view(n // columns, columns, *images.shape[1:]).permute(0, 3, 1, 4, 2)
-        Image.fromarray(g.reshape(g.shape[0] * g.shape[1], -1, 3).numpy()).save(out / "samples.png")
+        with atomic_path(out / "samples.png") as tmp:
+            Image.fromarray(g.reshape(g.shape[0] * g.shape[1], -1, 3).numpy()).save(tmp)
 
 
 class _Checkpoint:
@@ -256,7 +260,13 @@ class _Checkpoint:
     def load(self):
         if self.path is None or not self.path.is_file():
             return None
-        state = torch.load(self.path, map_location="cpu", weights_only=False)
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=False)
+        except Exception as e:  # truncated, or not a torch file
+            raise ArchlabError(f"{self.path}: cannot be read as a checkpoint ({type(e).__name__}); delete it or use "
+                               "another --out") from None
+        if not isinstance(state, dict) or "settings" not in state:
+            raise ArchlabError(f"{self.path}: not an archlab training checkpoint; delete it or use another --out")
         if state["settings"] != self.settings:
             raise ArchlabError(f"{self.path}: made by a run with other settings; use another --out or delete it")
         return state
@@ -322,8 +332,8 @@ def train(arch: ArchConfig, data: ImageSet, t: TrainConfig, out: str | Path | No
             group["lr"] = t.lr * min(1.0, (step + 1) / max(1, t.warmup))
         model.train()
         loss = flow_loss(model, x0, labels.to(t.device), tt, eps)
-        if not torch.isfinite(loss):
-            status, reason = "diverged", f"loss is {loss.item()} at step {step}"
+        if not torch.isfinite(loss) or loss.item() > DIVERGED_LOSS:
+            status, reason = "diverged", f"loss is {loss.item():.4g} at step {step}"
             break
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -358,6 +368,11 @@ def train(arch: ArchConfig, data: ImageSet, t: TrainConfig, out: str | Path | No
             result.fid, result.kid, result.kid_std, result.fid_extractor = s["fid"], s["kid"], s["kid_std"], s["fid_extractor"]
             if out:
                 save_samples(fake, Path(out))
+        bad = {k: v for k, v in (("val_loss", result.val_loss), ("fid", result.fid), ("kid", result.kid))
+               if v is not None and not math.isfinite(v)}
+        if bad:  # the weights went bad without the training loss showing it
+            result.status, result.reason = "diverged", "non-finite scores: " + ", ".join(f"{k}={v}" for k, v in bad.items())
+            result.val_loss = result.fid = result.kid = result.kid_std = None
     if out:
         val = {"images": min(t.val_images, len(data.val)), "selection": "balanced over classes", "timesteps": VAL_TIMESTEPS}
         write_atomic(Path(out) / "result.json",

@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from archlab.io import write_atomic
+
 ROOT = Path(__file__).resolve().parents[1]
 LADDER = ROOT / "search_spaces" / "snapgen_ablation.yaml"
 
@@ -60,7 +62,7 @@ def cmd_train(args) -> None:
                 "torch": torch.__version__, "wall_s": time.time() - t0, "dataset": data.describe(), "row": args.row,
                 "sample_steps": args.sample_steps, "cfg_scale": args.cfg_scale, "python": platform.python_version()}
         info["command"] = "python benchmarks/proxy_quality.py " + " ".join(sys.argv[1:])
-        (Path(args.out) / name / "run.json").write_text(json.dumps(info, indent=1) + "\n")
+        write_atomic(Path(args.out) / name / "run.json", json.dumps(info, indent=1) + "\n")
         print(f"{name}: {r.status} {r.reason} val_loss={r.val_loss} fid[randconv]={r.fid} in {info['wall_s']:.0f}s", flush=True)
 
 
@@ -95,7 +97,7 @@ def cmd_report(args) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {"runs": runs, "references": references, "train_settings": t, "dataset": data.describe(), "row": runs["trained"]["run"]["row"],
               "commands": [runs["trained"]["run"].get("command", ""), "python benchmarks/proxy_quality.py " + " ".join(sys.argv[1:])]}
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    write_atomic(out.with_suffix(".json"), json.dumps(report, indent=1) + "\n")
     u, tr = runs["untrained"], runs["trained"]
     info = tr["run"]
     lines = ["# Proxy training learns: trained vs untrained on real images", "",
@@ -123,7 +125,7 @@ def cmd_report(args) -> None:
               "![samples of the trained model](proxy_quality_samples.png)", "",
               "Regenerate (training ran with the first command, scoring here with the second):", "",
               *[f"    {c}" for c in report["commands"] if c], ""]
-    out.with_suffix(".md").write_text("\n".join(lines))
+    write_atomic(out.with_suffix(".md"), "\n".join(lines))
     png = Path(args.dir) / "trained" / "samples.png"
     if png.is_file():
         (out.parent / "proxy_quality_samples.png").write_bytes(png.read_bytes())

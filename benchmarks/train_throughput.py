@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from archlab.io import write_atomic
+
 ROOT = Path(__file__).resolve().parents[1]
 LADDER = ROOT / "search_spaces" / "snapgen_ablation.yaml"
 
@@ -151,7 +153,7 @@ def main() -> int:
               "command": "python benchmarks/train_throughput.py " + " ".join(sys.argv[1:])}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    write_atomic(out.with_suffix(".json"), json.dumps(report, indent=1) + "\n")
     lab, dif = summary["lab"], summary["diffusers"]
     md = ["# Training throughput: archlab UNet vs diffusers UNet2DConditionModel", "",
           f"Ladder row `{args.row}` at proxy scale (width x{args.width}, {args.res}x{args.res} pixels), batch "
@@ -166,7 +168,7 @@ def main() -> int:
           f"{', '.join(f'{r:.3f}' for r in round_ratios)}). Both are the same network: equal parameter counts, "
           "the same blocks; the time goes to the same convolutions, matmuls and attention.", "",
           f"torch {torch.__version__}, diffusers {diffusers.__version__}. Regenerate:", "", f"    {report['command']}", ""]
-    out.with_suffix(".md").write_text("\n".join(md))
+    write_atomic(out.with_suffix(".md"), "\n".join(md))
     print(f"ratio {ratio:.3f}; wrote {out.with_suffix('.md')}")
     return 0
 

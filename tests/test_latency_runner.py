@@ -151,3 +151,44 @@ def test_timer_jitter_on_a_tiny_item_is_not_noise(bundle, tmp_path, monkeypatch)
                       limit=2, max_cv=0.1)
     assert all(float(r["cv"]) > 0.1 and not is_noisy(r, 0.1) for r in rows)  # CV 50%, spread a quarter of the floor
     assert read_table(tmp_path / "dev.csv")[0]["sessions"][-1]["retries"] == 0
+
+
+def test_a_missing_or_corrupt_model_is_one_line_naming_the_item(bundle, tmp_path):
+    import shutil
+
+    out, _ = bundle
+    broken = tmp_path / "bundle"
+    shutil.copytree(out, broken)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    item = manifest["items"][1]
+    (broken / item["file"]).write_bytes(b"not an onnx model")  # e.g. a partial copy to the device
+    with pytest.raises(RunnerError, match=r"cannot load or run") as e:
+        run_bundle(broken, tmp_path / "t.csv", "test-cpu", threads=1, warmup=0, runs=1, rounds=1, progress=False)
+    assert item["key"] in str(e.value) and "\n" not in str(e.value)
+    assert len(read_table(tmp_path / "t.csv")[1]) == 1  # the reference row timed before it is kept
+    (broken / "manifest.json").write_text("null")
+    with pytest.raises(RunnerError, match="not a bundle manifest"):
+        run_bundle(broken, tmp_path / "t.csv", "test-cpu", threads=1, warmup=0, runs=1, rounds=1, progress=False)
+
+
+def test_an_interrupted_run_keeps_its_rows_and_resumes(bundle, tmp_path, monkeypatch):
+    import archlab.latency.runner as runner
+
+    out, _ = bundle
+    table = tmp_path / "dev.csv"
+    real, calls = runner._time, [0]
+
+    def interrupted(session, feeds, n):
+        calls[0] += 1
+        if calls[0] == 12:  # partway through the third item
+            raise KeyboardInterrupt
+        return real(session, feeds, n)
+
+    monkeypatch.setattr(runner, "_time", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_bundle(out, table, "test-cpu", threads=1, warmup=0, runs=2, rounds=2, progress=False)
+    kept = [r["key"] for r in read_table(table)[1]]
+    assert 1 <= len(kept) < 5 and not list(tmp_path.glob(".*.tmp"))
+    monkeypatch.setattr(runner, "_time", real)
+    rows = run_bundle(out, table, "test-cpu", threads=1, warmup=0, runs=2, rounds=2, progress=False)
+    assert [r["key"] for r in rows][:len(kept)] == kept and len({r["key"] for r in rows}) == 5

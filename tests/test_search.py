@@ -205,3 +205,20 @@ def test_rdb_storage_url_is_accepted_and_a_bad_one_is_one_line(setup, tmp_path):
     assert [t.state.name for t in study.trials if not t.user_attrs.get("rejected")] == ["COMPLETE"]
     with pytest.raises(ArchlabError, match="--storage"):
         _storage(SearchSettings(space="", table="", budget_ms=1, storage="nosuchdb://x"), tmp_path)
+
+
+def test_a_candidate_the_table_does_not_cover_is_flagged_in_the_trials(setup, tmp_path):
+    space_path, space, _, every = setup
+    samples = [c for _, c in space.sample(18, seed=0)]
+    table = tmp_path / "narrow.csv"  # calibrated on the cheapest sample only: bigger candidates leave its range
+    cheapest = min(samples, key=lambda c: sum(1 for _ in decompose(c)))
+    write_synthetic(table, space.block_signatures(), [cheapest])
+    fit(table).save(predictor_path(table))
+    cands = Candidates(space_path, table, every[-1] * 10)
+    searcher = BudgetedOptunaSearch(space=cands, metric="val_loss", mode="min", sampler=make_sampler("random", 0))
+    _drive(searcher, 10)
+    df = trials_frame(searcher._ot_study, ["val_loss"])
+    for _, row in df.iterrows():
+        point = space.point_from({p.path: row[f"param.{p.path}"] for p in space.params})
+        assert bool(row["latency_flag"]) == cands.predictor.predict(space.config(point)).extrapolated
+    assert set(df["latency_flag"]) == {"", "outside calibration"}  # both occur in this sample

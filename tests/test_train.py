@@ -154,6 +154,19 @@ def test_nan_loss_ends_the_run_as_diverged(arch, data, monkeypatch):
     assert r.status == "diverged" and "nan at step 2" in r.reason and r.steps == 2 and r.val_loss is None
 
 
+def test_a_finite_blow_up_also_ends_the_run_as_diverged(arch, data, monkeypatch):
+    real = T.flow_loss
+    monkeypatch.setattr(T, "flow_loss", lambda *args: real(*args) * 1e4)
+    r = T.train(arch, data, TINY_TRAIN)
+    assert r.status == "diverged" and "at step 0" in r.reason and r.val_loss is None
+
+
+def test_a_corrupt_checkpoint_is_one_line(arch, data, tmp_path):
+    (tmp_path / "checkpoint.pt").write_bytes(b"half a checkpoint")
+    with pytest.raises(ArchlabError, match="cannot be read as a checkpoint"):
+        T.train(arch, data, TINY_TRAIN, tmp_path)
+
+
 def test_sampler_is_deterministic(arch, data):
     model = T.ProxyModel(T.proxy_arch(arch, 8, TINY_TRAIN), data.num_classes)
     labels = torch.tensor([0, 1, 2, 0])
@@ -196,12 +209,14 @@ def test_train_cli_prints_scores_as_json(tmp_path, capsys, monkeypatch):
                                             attention=dict(head_dim=8, qk_norm=False, rope=False))))
     argv = ["train", str(cfg), "--dataset", "synthetic", "--image-size", "8", "--classes", "3", "--per-class", "8",
             "--val-per-class", "4", "--steps", "2", "--batch", "4", "--width-mult", "1", "--samples", "6",
-            "--sample-steps", "2", "--fid-extractor", "randconv", "--json", "--out", str(tmp_path / "run")]
+            "--sample-steps", "2", "--fid-extractor", "randconv", "--mu", "0.5", "--sigma", "0.8", "--json",
+            "--out", str(tmp_path / "run")]
     assert cli.main(argv) == 0
     out = json.loads(capsys.readouterr().out)
     for key in ("fid", "kid", "val_loss", "fid_extractor", "train", "dataset"):
         assert key in out
     assert out["status"] == "ok" and out["train"]["steps"] == 2 and out["dataset"]["classes"] == 3
+    assert (out["train"]["mu"], out["train"]["sigma"]) == (0.5, 0.8)
     assert cli.main([*argv[:4], "--steps", "-1"]) == 2
 
 
@@ -263,7 +278,44 @@ def test_folder_without_val_holds_out_a_share_and_refuses_a_class_with_nothing_l
         load_dataset(DataConfig(str(root / "train"), resolution=8))
 
 
+def test_a_class_missing_from_val_is_validated_on_held_out_images_and_said(tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setenv("ARCHLAB_CACHE", str(tmp_path / "cache"))
+    root = _write_folder(tmp_path / "imgs", per_class=10)
+    shutil.rmtree(root / "val" / "n01")
+    shutil.rmtree(root / "val" / "n02")
+    d = load_dataset(DataConfig(str(root), resolution=8))
+    assert sorted(np.bincount(d.val_labels.numpy()).tolist()) == [1, 1, 2]  # every class has validation images
+    assert len(d.train) == 28 and "2 classes" in d.describe()["val_held_out_from_train"]
+
+
 def test_bad_training_settings_fail_before_training(arch, data):
     for bad in ({"samples": 1}, {"grad_clip": 0.0}, {"fid_extractor": "vgg"}, {"device": "nonsense"}):
         with pytest.raises(ArchlabError, match=next(iter(bad))):
             T.train(arch, data, T.TrainConfig(**{**TINY_TRAIN.__dict__, **bad}))
+
+
+def test_fid_weights_that_are_not_torchscript_are_one_line(tmp_path, monkeypatch):
+    from archlab.metrics import extractor
+
+    weights = tmp_path / "pt_inception-2015-12-05.pth"
+    torch.save({"conv.weight": torch.zeros(1)}, weights)  # a state dict, as torch-fidelity ships
+    monkeypatch.setenv("ARCHLAB_FID_WEIGHTS", str(weights))
+    with pytest.raises(ArchlabError, match="not a TorchScript model"):
+        extractor("inception")
+
+
+def test_fid_weights_given_by_path_are_named_by_their_hash(tmp_path, monkeypatch):
+    from archlab.metrics import extractor
+
+    scripted = torch.jit.script(torch.nn.Flatten())
+    names = []
+    for i in range(2):
+        path = tmp_path / f"w{i}" / "default_1.pt"
+        path.parent.mkdir()
+        scripted.save(str(path))
+        path.write_bytes(path.read_bytes() + b"\0" * i)  # same file name, other bytes
+        monkeypatch.setenv("ARCHLAB_FID_WEIGHTS", str(path))
+        names.append(extractor("inception").name)
+    assert names[0] != names[1] and all("sha256" in n for n in names)

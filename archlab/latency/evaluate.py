@@ -216,7 +216,7 @@ def markdown(r: dict) -> str:
     lines += [
         "",
         f"Measurement noise: median run-to-run CV {_pct(n['median_run_cv'])} (max {_pct(n['max_run_cv'])}); the "
-        f"reference block ran at {d['min']:.3f}-{d['max']:.3f}x (median {d['median']:.3f}x) its speed in the fitted "
+        f"reference block took {d['min']:.3f}-{d['max']:.3f}x (median {d['median']:.3f}x) its time in the fitted "
         "table, which `norm_ms` divides out.",
     ]
     if "table_rows" in n:

@@ -103,7 +103,7 @@ def export_bundle(out_dir: str | Path, blocks: list[BlockSpec], networks: list[A
             item["config"] = obj.to_dict()
         manifest["items"].append(item)
         runner.write_atomic(path, json.dumps(manifest, indent=1) + "\n")
-    shutil.copyfile(runner.__file__, out / "runner.py")
+    runner.write_atomic(out / "runner.py", Path(runner.__file__).read_text())
     if not path.exists():
         runner.write_atomic(path, json.dumps(manifest, indent=1) + "\n")
     return manifest

@@ -6,7 +6,8 @@ folder and this file) to the target device, then::
     python runner.py BUNDLE --out table.csv --device my-phone-board [--threads 2] [--runs 30]
 
 Protocol, for a noisy machine: fixed intra-op threads, one inter-op thread, sequential execution,
-the same session options for blocks and whole networks; warm-up runs (at least ~1 s of them); then
+the same session options for blocks and whole networks; an untimed first run, then up to `warmup`
+more warm-up runs (fewer for slow items: about 1 s of them at most); then
 `rounds` rounds that each time the item k times and the bundle's reference model once, so every
 item has the reference timed right beside it. k is `runs // rounds`, lowered for slow items so
 that one item takes about `budget_s` seconds (a whole network is not run 30 times), never below 1.
@@ -75,6 +76,8 @@ def load_manifest(bundle: Path) -> dict:
         manifest = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise RunnerError(f"{path}: cannot read the bundle manifest: {e}") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("items"), list):
+        raise RunnerError(f"{path}: not a bundle manifest (an object with an `items` list)")
     for key in ("format", "items", "reference", "resolution", "opset"):
         if key not in manifest:
             raise RunnerError(f"{path}: manifest has no {key!r}")
@@ -83,6 +86,20 @@ def load_manifest(bundle: Path) -> dict:
         if missing:
             raise RunnerError(f"{path}: items[{i}] lacks {', '.join(sorted(missing))}")
     return manifest
+
+
+def load_item(bundle: Path, item: dict, threads: int, opt_level: str) -> tuple[ort.InferenceSession, dict, float]:
+    """(session, feeds, ms of a first run) of a bundle item; a missing, corrupt or failing model is a RunnerError."""
+    model = bundle / item["file"]
+    try:
+        sess = make_session(model, threads, opt_level)
+        feeds = make_feeds(sess, item["inputs"])
+        return sess, feeds, _time(sess, feeds, 1)[0]
+    except RunnerError:
+        raise
+    except Exception as e:  # onnxruntime's errors have no common base class
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RunnerError(f"{item['key']}: onnxruntime cannot load or run {model}: {first}") from None
 
 
 def make_session(model: Path, threads: int, opt_level: str) -> ort.InferenceSession:
@@ -123,6 +140,8 @@ def read_table(path: Path) -> tuple[dict, list[dict]]:
         meta = json.loads(meta_path.read_text())
     except (OSError, json.JSONDecodeError):
         raise RunnerError(f"{path}: has no readable metadata file {meta_path.name}") from None
+    if not isinstance(meta, dict):
+        raise RunnerError(f"{meta_path}: is not a metadata object")
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
         if tuple(reader.fieldnames or ()) != FIELDS:
@@ -206,17 +225,14 @@ def run_bundle(bundle: str | Path, out: str | Path, device: str, threads: int = 
     ref_item = next((it for it in manifest["items"] if it["key"] == manifest["reference"]), None)
     if ref_item is None:
         raise RunnerError(f"{bundle}: reference {manifest['reference']!r} is not among the items")
-    ref = make_session(bundle / ref_item["file"], threads, opt_level)
-    ref_feeds = make_feeds(ref, ref_item["inputs"])
+    ref, ref_feeds, _ = load_item(bundle, ref_item, threads, opt_level)
     _time(ref, ref_feeds, warmup)
     session_ref = meta.setdefault("reference_ms", reference_ms or statistics.median(_time(ref, ref_feeds, max(rounds, 5))))
 
     bar = _progress(len(todo), progress)
     for it in todo:
-        sess = make_session(bundle / it["file"], threads, opt_level)
-        feeds = make_feeds(sess, it["inputs"])
-        first = _time(sess, feeds, 1)[0]
-        _time(sess, feeds, min(warmup, max(0, round(1000 / first) - 1)))
+        sess, feeds, first = load_item(bundle, it, threads, opt_level)
+        _time(sess, feeds, min(warmup, max(0, round(1000 / first) - 1)))  # up to `warmup` more, about 1 s at most
         per_round = max(1, min(runs // rounds, round(budget_s * 1e3 / (rounds * first))))
         row = None
         for attempt in range(1 + retries):
