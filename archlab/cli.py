@@ -201,8 +201,9 @@ def _train_config(args: argparse.Namespace):
     from archlab.train import TrainConfig
 
     return TrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, width_mult=args.width_mult,
-                       timesteps=args.timesteps, mu=args.mu, sigma=args.sigma, seed=args.seed, samples=args.samples, sample_steps=args.sample_steps,
-                       cfg_scale=args.cfg_scale, fid_extractor=args.fid_extractor, device=args.device)
+                       timesteps=args.timesteps, mu=args.mu, sigma=args.sigma, seed=args.seed, samples=args.samples,
+                       sample_steps=args.sample_steps, cfg_scale=args.cfg_scale, fid_extractor=args.fid_extractor,
+                       device=args.device)
 
 
 def _selection_args(p: argparse.ArgumentParser) -> None:
