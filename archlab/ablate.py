@@ -12,10 +12,10 @@
   the same device, resolution and threads); missing ones are measured into
   `<tables>/<device>.ladder<res>-<threads>t.csv` and stay there, so a ladder is timed once per device.
 - `results/<row>/seed<k>.json`: one proxy training (FID, KID, validation loss) per row and seed, run
-  as Ray Tune trials (rows in parallel, `concurrency` at a time). A finished (row, seed) is never
-  trained again; an interrupted one continues from its checkpoint in `train/<row>/seed<k>/`. A run
-  that diverges or raises is recorded with its status and reason, not dropped; one that raised is
-  retried by the next invocation.
+  by the trials engine (`archlab.trials`) as Ray Tune trials, `concurrency` at a time. A finished
+  (row, seed) is never trained again; an interrupted one continues from its checkpoint in
+  `train/<row>/seed<k>/`. A run that diverges or raises is recorded with its status and reason, not
+  dropped; one that raised is retried by the next invocation.
 """
 
 from __future__ import annotations
@@ -33,20 +33,20 @@ from archlab.cluster import TrialSettings, init_ray
 from archlab.errors import ArchlabError
 from archlab.io import write_atomic
 from archlab.ladder import Ladder, load_ladder
-from archlab.train import TrainConfig
+from archlab.trials import Job, read, run_job, run_jobs
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TABLE = "latency_tables/amd-epyc-2c.csv"
 # settings that do not change a training's result: a folder made with other values is still resumed
-RUN_ONLY = ("device", "report_every", "checkpoint_every")
+RUN_ONLY = ("device", "threads", "report_every", "checkpoint_every")
 PACKAGES = ("torch", "onnxruntime", "onnx", "optuna", "ray", "torchmetrics", "fvcore", "numpy", "pandas")
 
 
 @dataclass
 class AblateSettings(TrialSettings):
     ladder: str
-    seeds: int = 2
+    seeds: int = 3
     rows: list[int] | None = None  # row indices to run (default: all)
     table: str = DEFAULT_TABLE  # predictor table; measured tables are looked up beside it
     measure: list[int] = field(default_factory=lambda: [32, 128])  # latent resolutions to time end to end
@@ -99,12 +99,6 @@ def row_dir(row) -> str:
 
 def result_path(run_dir: Path, row, seed: int) -> Path:
     return run_dir / "results" / row_dir(row) / f"seed{seed}.json"
-
-
-def done(path: Path) -> bool:
-    """A result that stands: trained (or diverged, which the same seed would do again). A run that
-    raised (out of memory, a lost node, ...) is run again next time."""
-    return path.is_file() and json.loads(path.read_text()).get("status") != "failed"
 
 
 def provenance(command: str = "") -> dict:
@@ -259,79 +253,30 @@ def latency_rows(selected, settings: AblateSettings, run_dir: Path, progress: bo
 
 # ---- proxy trainings ----------------------------------------------------------------------------
 
-def run_one(settings: AblateSettings, row_index: int, seed: int, run_dir: Path, on_report=None) -> dict:
-    """Train one (row, seed) at proxy scale and score it; the result is written to its JSON file.
+def jobs(settings: AblateSettings, ladder: Ladder, run_dir: Path) -> list[Job]:
+    """One training per selected row and seed: `results/<row>/seed<k>.json`, checkpoint in `train/`."""
+    out = []
+    for r in settings.selected(ladder):
+        for k in range(settings.seeds):
+            train = {**settings.train, "seed": settings.train["seed"] + k}
+            out.append(Job(key=f"{row_dir(r)}-seed{k}", arch=r.config.to_dict(), data=settings.data, train=train,
+                           result=str(result_path(run_dir, r, k)), workdir=str(run_dir / "train" / row_dir(r) / f"seed{k}"),
+                           meta={"index": r.index, "name": r.name, "seed": k, "train_seed": train["seed"]}))
+    return out
 
-    Cached: a finished result is returned as it is. A run that diverges or raises becomes a result
-    with `status` and `reason`, so the report shows it instead of losing it."""
-    import time
 
-    from archlab.data import load_dataset
-    from archlab.train import train
-
+def run_one(settings: AblateSettings, row_index: int, seed: int, run_dir: Path) -> dict:
+    """Train one (row, seed) here, without Ray (cached like every job)."""
     ladder = load_ladder(settings.ladder)
-    row = ladder.rows[row_index]
-    path = result_path(run_dir, row, seed)
-    if done(path):
-        return json.loads(path.read_text())
-    t = TrainConfig(**{**settings.train, "seed": settings.train["seed"] + seed})
-    start = time.time()
-    base = {"index": row.index, "name": row.name, "seed": seed, "train_seed": t.seed}
-    try:
-        data = load_dataset(settings.data_config)
-        r = train(row.config, data, t, out=run_dir / "train" / row_dir(row) / f"seed{seed}", on_report=on_report)
-        result = {**base, **r.to_dict()}
-    except Exception as e:  # noqa: BLE001 - any failure of one training is a result, not a crash of the ladder
-        log.exception("row %s seed %d failed", row.name, seed)
-        result = {**base, "status": "failed", "reason": f"{type(e).__name__}: {e}"[:500],
-                  "seconds": time.time() - start}
-    write_atomic(path, json.dumps(result, indent=1) + "\n")
-    return result
-
-
-def _ray_trial(config: dict, settings: dict, run_dir: str) -> None:
-    """A Ray Tune trial: one (row, seed) of the grid, `config["job"]`."""
-    import torch
-    from ray import tune
-
-    s = AblateSettings(**settings)
-    torch.set_num_threads(s.cpus_per_trial)
-    result = run_one(s, config["job"]["row"], config["job"]["seed"], Path(run_dir),
-                     on_report=lambda step, m: tune.report({"train_loss": m["train_loss"], "step": step}))
-    tune.report({k: v for k, v in result.items() if isinstance(v, (int, float, str)) and v is not None})
-
-
-def train_rows(settings: AblateSettings, ladder: Ladder, run_dir: Path) -> None:
-    """Every (row, seed) without a result, as Ray Tune trials, `concurrency` at a time."""
-    todo = [{"row": r.index, "seed": k} for r in settings.selected(ladder) for k in range(settings.seeds)
-            if not done(result_path(run_dir, r, k))]
-    if not todo:
-        return
-    from ray import tune
-
-    from archlab.train import prepare
-
-    prepare(settings.data_config, settings.train_config)
-    init_ray(settings.address)
-    trainable = tune.with_resources(tune.with_parameters(_ray_trial, settings=asdict(settings), run_dir=str(run_dir)),
-                                    settings.resources)
-    tuner = tune.Tuner(trainable, param_space={"job": tune.grid_search(todo)},
-                       tune_config=tune.TuneConfig(max_concurrent_trials=settings.concurrency),
-                       run_config=tune.RunConfig(name=f"ablate-{dt.datetime.now():%Y%m%d-%H%M%S}",
-                                                 storage_path=str(run_dir / "ray"), verbose=1))
-    tuner.fit()
+    (job,) = [j for j in jobs(settings, ladder, run_dir) if j.meta["index"] == row_index and j.meta["seed"] == seed]
+    return run_job(job)
 
 
 def results(settings: AblateSettings, ladder: Ladder, run_dir: Path) -> list[dict]:
     """Every (row, seed) result asked for; one that never finished is `missing` (the run stopped)."""
-    out = []
-    for r in settings.selected(ladder):
-        for k in range(settings.seeds):
-            path = result_path(run_dir, r, k)
-            out.append(json.loads(path.read_text()) if path.is_file() else
-                       {"index": r.index, "name": r.name, "seed": k, "status": "missing",
-                        "reason": "no result: the ablation stopped before this run finished"})
-    return out
+    return [read(j.result) or {**j.meta, "status": "missing",
+                               "reason": "no result: the ablation stopped before this run finished"}
+            for j in jobs(settings, ladder, run_dir)]
 
 
 def run_ablation(settings: AblateSettings, run_dir: str | Path, progress: bool = False) -> dict:
@@ -341,5 +286,5 @@ def run_ablation(settings: AblateSettings, run_dir: str | Path, progress: bool =
     selected = settings.selected(ladder)
     cost = cost_rows(ladder, selected, run_dir, progress)
     latency = latency_rows(selected, settings, run_dir, progress)
-    train_rows(settings, ladder, run_dir)
+    run_jobs(jobs(settings, ladder, run_dir), settings, run_dir, name="ablate")
     return {"run_dir": str(run_dir), "cost": cost, "latency": latency, "results": results(settings, ladder, run_dir)}

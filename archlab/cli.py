@@ -63,7 +63,7 @@ def _build_parser() -> argparse.ArgumentParser:
     tr.add_argument("target", metavar="CONFIG_OR_LADDER", help="an ArchConfig YAML or a ladder YAML (with --row)")
     tr.add_argument("--row", help="ladder row (name or 0-based index); default: the last row")
     _dataset_args(tr)
-    _train_args(tr)
+    _train_args(tr, threads=True)
     tr.add_argument("--out", help="run folder: checkpoint (resumed from) and result.json")
     tr.add_argument("--json", action="store_true", help="print the result as a JSON object")
     tr.set_defaults(run=cmd_train)
@@ -90,7 +90,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
     ab = sub.add_parser("ablate", help="run an ablation ladder: cost, predicted and measured latency, K proxy trainings per row")
     ab.add_argument("ladder", metavar="LADDER", help="ladder YAML (e.g. search_spaces/snapgen_ablation.yaml)")
-    ab.add_argument("--seeds", type=int, default=2, help="proxy trainings per row (training seeds --seed, --seed+1, ...)")
+    ab.add_argument("--seeds", type=int, default=3,
+                    help="proxy trainings per row (training seeds --seed, --seed+1, ...; a verdict needs at least 3)")
     ab.add_argument("--rows", help="comma-separated row indices or names (default: every row)")
     ab.add_argument("--table", default="latency_tables/amd-epyc-2c.csv",
                     help="latency table to predict from; measured networks are looked up in its folder")
@@ -105,6 +106,32 @@ def _build_parser() -> argparse.ArgumentParser:
     _dataset_args(ab)
     _train_args(ab)
     ab.set_defaults(run=cmd_ablate)
+
+    fi = sub.add_parser("fidelity", help="proxy fidelity: rank a panel of designs with each proxy preset and with a long "
+                                         "reference training; Kendall tau, noise, cost (resumable)")
+    fi.add_argument("--ladder", default="search_spaces/snapgen_ablation.yaml", help="ladder whose rows join the panel")
+    fi.add_argument("--space", default="search_spaces/snapgen_unet.yaml", help="search space sampled for the panel")
+    fi.add_argument("--space-samples", type=int, default=8, help="seeded samples of --space in the panel (default 8)")
+    fi.add_argument("--panel-seed", type=int, default=0)
+    fi.add_argument("--presets", default="smoke,cpu", help="presets compared, comma-separated (default smoke,cpu)")
+    fi.add_argument("--reference", default="reference", help="the long training ranked against (default reference)")
+    fi.add_argument("--default-preset", default="cpu", help="the lab's default CPU preset (reported as such)")
+    fi.add_argument("--seeds", type=int, default=3, help="seeds per preset and design (default 3)")
+    fi.add_argument("--reference-seeds", type=int, default=1)
+    fi.add_argument("--only", help="train only these presets now (e.g. --only reference on a GPU machine)")
+    fi.add_argument("--no-train", action="store_true", help="train nothing: analyse the results there are")
+    fi.add_argument("--results", default="runs/fidelity/results",
+                    help="folder of the trainings' result files (reports/proxy_fidelity/results holds the lab's)")
+    fi.add_argument("--work", default="runs/fidelity", help="checkpoints and Ray state")
+    fi.add_argument("--out", default="runs/fidelity/report", help="where to write proxy_fidelity.{md,json,png}")
+    fi.add_argument("--cpus-per-trial", type=int, default=1)
+    fi.add_argument("--gpus-per-trial", type=float, default=0, help="GPUs per trial (with --device cuda)")
+    fi.add_argument("--concurrency", type=int, default=2, help="trainings at once (default 2)")
+    fi.add_argument("--device", default="cpu", help="torch device of every training")
+    fi.add_argument("--address", help="attach to a running Ray cluster")
+    _dataset_args(fi, image_size=False)
+    fi.add_argument("--json", action="store_true", help="print the analysis as JSON")
+    fi.set_defaults(run=cmd_fidelity)
 
     rp = sub.add_parser("report", help="write the ablation report (Markdown, CSV, plots) from an ablate folder")
     rp.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by `archlab ablate`")
@@ -163,47 +190,68 @@ def _build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _dataset_args(p: argparse.ArgumentParser) -> None:
+def _dataset_args(p: argparse.ArgumentParser, image_size: bool = True) -> None:
     p.add_argument("--dataset", default="synthetic",
                    help="`synthetic` (embedded default), an ImageNet-style folder, or a prepared .pt set")
-    p.add_argument("--image-size", type=int, default=32, help="proxy resolution in pixels (default 32)")
+    if image_size:
+        p.add_argument("--image-size", type=int, help="proxy resolution in pixels (default: the --proxy preset's)")
     p.add_argument("--classes", type=int, help="use the first N classes")
     p.add_argument("--per-class", type=int, help="train images per class")
     p.add_argument("--val-per-class", type=int, help="validation images per class")
 
 
-def _train_args(p: argparse.ArgumentParser) -> None:
-    from archlab.train import TrainConfig
+# flags that override a value of the --proxy preset (dest -> TrainConfig field)
+PRESET_FLAGS = {"steps": int, "batch": int, "lr": float, "width_mult": float, "timesteps": str, "mu": float,
+                "sigma": float, "samples": int, "sample_steps": int, "cfg_scale": float, "fid_extractor": str,
+                "val_images": int, "fid_reference": int, "init": str}
 
-    d = TrainConfig()
-    p.add_argument("--steps", type=int, default=d.steps, help=f"training steps (default {d.steps})")
-    p.add_argument("--batch", type=int, default=d.batch)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--width-mult", type=float, default=d.width_mult, help=f"proxy width (default {d.width_mult})")
-    p.add_argument("--timesteps", default=d.timesteps, choices=("logit_normal", "uniform"))
-    p.add_argument("--mu", type=float, default=d.mu, help=f"logit-normal timestep mean (default {d.mu})")
-    p.add_argument("--sigma", type=float, default=d.sigma, help=f"logit-normal timestep std (default {d.sigma})")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--samples", type=int, default=d.samples, help="generated images for FID/KID (0: skip)")
-    p.add_argument("--sample-steps", type=int, default=d.sample_steps, help="Euler steps")
-    p.add_argument("--cfg-scale", type=float, default=d.cfg_scale)
-    p.add_argument("--fid-extractor", default=d.fid_extractor, help="auto (inception if installed), inception, randconv")
-    p.add_argument("--device", default=d.device, help="torch device (cpu, cuda, ...)")
+
+def _train_args(p: argparse.ArgumentParser, threads: bool = False) -> None:
+    p.add_argument("--proxy", metavar="PRESET",
+                   help="proxy preset: smoke, cpu (default) or reference (reports/proxy_fidelity.md has their measured "
+                        "fidelity), or FILE.yaml:NAME; the flags below override its values")
+    for dest, kind in PRESET_FLAGS.items():
+        flag = "--" + dest.replace("_", "-")
+        extra = {"choices": ("logit_normal", "uniform")} if dest == "timesteps" else \
+            {"choices": ("shared", "sequential")} if dest == "init" else {}
+        p.add_argument(flag, type=kind, help=f"({_FLAG_HELP.get(dest, dest.replace('_', ' '))}; default: the preset's)",
+                       **extra)
+    p.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
+    if threads:  # search and ablate: a trial's threads are its --cpus-per-trial
+        p.add_argument("--threads", type=int, default=1,
+                       help="torch threads (default 1: these proxies gain little from more, and on a busy 2-core "
+                            "machine 2 threads ran up to 10x slower)")
+
+
+_FLAG_HELP = {"steps": "training steps", "width_mult": "proxy width: channels and head dim x this",
+              "mu": "logit-normal timestep mean", "sigma": "logit-normal timestep std",
+              "samples": "generated images for FID/KID, 0: skip", "sample_steps": "Euler steps when sampling",
+              "fid_extractor": "auto (inception if installed), inception, randconv",
+              "val_images": "held-out images of the validation loss",
+              "fid_reference": "real validation images FID/KID compare against",
+              "init": "shared: each module's initial weights seeded by its path, so designs share common blocks' init"}
+
+
+def _preset(args: argparse.Namespace):
+    from archlab import presets
+
+    return presets.get(getattr(args, "proxy", None))
 
 
 def _data_config(args: argparse.Namespace):
     from archlab.data import DataConfig
 
-    return DataConfig(args.dataset, args.image_size, args.classes, args.per_class, args.val_per_class)
+    size = getattr(args, "image_size", None) or _preset(args).image_size
+    return DataConfig(args.dataset, size, args.classes, args.per_class, args.val_per_class)
 
 
-def _train_config(args: argparse.Namespace):
-    from archlab.train import TrainConfig
-
-    return TrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, width_mult=args.width_mult,
-                       timesteps=args.timesteps, mu=args.mu, sigma=args.sigma, seed=args.seed, samples=args.samples,
-                       sample_steps=args.sample_steps, cfg_scale=args.cfg_scale, fid_extractor=args.fid_extractor,
-                       device=args.device)
+def _train_config(args: argparse.Namespace, threads: int):
+    """The --proxy preset's training, with every flag the user gave on top."""
+    over = {dest: getattr(args, dest) for dest in PRESET_FLAGS}
+    t = _preset(args).train_config(**over, seed=args.seed, device=args.device, threads=threads)
+    t.validate()
+    return t
 
 
 def _selection_args(p: argparse.ArgumentParser) -> None:
@@ -333,16 +381,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     ladder = load_ladder(args.target)
     row = ladder.row(args.row) if args.row is not None else ladder.rows[-1]
-    tcfg = _train_config(args)
-    tcfg.validate()
+    tcfg = _train_config(args, args.threads)
     data = load_dataset(_data_config(args), progress=sys.stderr.isatty())
     result = train(row.config, data, tcfg, out=args.out, progress=sys.stderr.isatty())
     out = {**result.to_dict(), "design": row.name, "target": args.target, "dataset": data.describe(),
-           "train": asdict(tcfg)}
+           "proxy": _preset(args).name, "train": asdict(tcfg)}
     if args.json:
         print(json.dumps(out, indent=2))
     else:
-        print(f"{row.name} on {data.source} ({data.num_classes} classes, {args.image_size}px), {result.steps} steps "
+        print(f"{row.name} on {data.source} ({data.num_classes} classes, {data.resolution}px, proxy {_preset(args).name}), {result.steps} steps "
               f"in {result.seconds:.0f}s: {result.status}{' (' + result.reason + ')' if result.reason else ''}")
         if result.status == "ok":
             print(f"  val_loss {result.val_loss:.4f}" + (f"  FID {result.fid:.2f}  KID {result.kid:.4f} +- {result.kid_std:.4f}"
@@ -366,7 +413,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                                   objective=args.objective, multi=args.multi, sampler=args.sampler, seed=args.seed,
                                   cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
                                   concurrency=args.concurrency, address=args.address, storage=args.storage, asha=not args.no_asha, data=asdict(_data_config(args)),
-                                  train=asdict(_train_config(args)))
+                                  train=asdict(_train_config(args, threads=args.cpus_per_trial)))
         out = args.out or f"runs/search-{dt.datetime.now():%Y%m%d-%H%M%S}"
         summary = run_search(settings, out)
     print(f"{summary['run_dir']}: {summary['trained']} trained, {summary['rejected_over_budget']} rejected over budget, "
@@ -401,7 +448,8 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     settings = AblateSettings(ladder=args.ladder, seeds=args.seeds, rows=rows, table=args.table, measure=measure,
                               threads=args.threads, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
                               concurrency=args.concurrency,
-                              address=args.address, data=asdict(_data_config(args)), train=asdict(_train_config(args)),
+                              address=args.address, data=asdict(_data_config(args)),
+                              train=asdict(_train_config(args, threads=args.cpus_per_trial)),
                               command="archlab " + shlex.join(args.argv))
     out = args.out or f"runs/ablate-{ladder.name}"
     run = run_ablation(settings, out, progress=sys.stderr.isatty())
@@ -412,6 +460,50 @@ def cmd_ablate(args: argparse.Namespace) -> int:
             print(f"  row {r['index']} {r['name']} seed {r['seed']}: {r.get('status')}: {r.get('reason', '')}")
     print(f"report: archlab report {out}")
     return 0 if len(done) == len(run["results"]) else 1
+
+
+def cmd_fidelity(args: argparse.Namespace) -> int:
+    import shlex
+    from dataclasses import asdict
+
+    from archlab.fidelity import FidelitySettings, run, write_report
+
+    def names(text: str) -> list[str]:
+        return [x.strip() for x in text.split(",") if x.strip()]
+
+    settings = FidelitySettings(ladder=args.ladder, space=args.space, space_samples=args.space_samples,
+                                panel_seed=args.panel_seed, presets=names(args.presets), reference=args.reference,
+                                default_preset=args.default_preset, seeds=args.seeds, reference_seeds=args.reference_seeds,
+                                cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
+                                concurrency=args.concurrency, address=args.address,
+                                data=asdict(_data_config(args)),  # each preset sets its own resolution
+                                train={"device": args.device})
+    only = [] if args.no_train else (names(args.only) if args.only else None)
+    analysis = run(settings, args.results, args.work, only=only)
+    argv, skip = [], False  # the regenerating command: without the flags that only choose what to train now
+    for a in args.argv:
+        if skip or a == "--no-train" or a.startswith("--only="):
+            skip = False
+        elif a == "--only":
+            skip = True
+        else:
+            argv.append(a)
+    command = "archlab " + shlex.join(argv)
+    paths = write_report(analysis, settings, args.out, command)
+    if args.json:
+        print(json.dumps(analysis, indent=2))
+        return 0
+    d = analysis["presets"][settings.default_preset]["scores"]["val_loss"]
+    print(f"{len(analysis['designs'])} designs; {len(analysis['missing'])} trainings not finished")
+    for name, e in analysis["presets"].items():
+        taus = ", ".join(f"{k} tau {v['kendall_tau']:.2f}" for k, v in e["scores"].items() if v.get("kendall_tau") is not None)
+        cost = e["cpu_minutes_per_design"]
+        print(f"  {name}: {'%.1f CPU-min per training' % cost if cost is not None else 'no CPU runs'}"
+              f"{'; ' + taus if taus else ''}")
+    if d.get("kendall_tau") is not None:
+        print(f"default preset {settings.default_preset}: val loss Kendall tau {d['kendall_tau']:.2f} vs the reference")
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0 if not analysis["missing"] else 1
 
 
 def cmd_report(args: argparse.Namespace) -> int:

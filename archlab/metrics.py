@@ -109,12 +109,16 @@ def extractor(name: str = "auto") -> nn.Module:
 
 
 @torch.no_grad()
-def features(model: nn.Module, images: torch.Tensor, batch: int = 64) -> torch.Tensor:
+def features(model: nn.Module, images: torch.Tensor, batch: int = 64, progress: bool = False) -> torch.Tensor:
     """(N, d) float64 features of uint8 images, computed in batches on the CPU."""
-    return torch.cat([model(images[i:i + batch].cpu()).double() for i in range(0, len(images), batch)])
+    from tqdm import tqdm
+
+    starts = tqdm(range(0, len(images), batch), desc=f"features of {len(images)} real images", unit="batch",
+                  disable=not progress, leave=False)
+    return torch.cat([model(images[i:i + batch].cpu()).double() for i in starts])
 
 
-def real_features(model: nn.Module, images: torch.Tensor, key: str) -> torch.Tensor:
+def real_features(model: nn.Module, images: torch.Tensor, key: str, progress: bool = False) -> torch.Tensor:
     """Features of a real image set, cached on disk by `key` (dataset, split, count) and extractor."""
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in f"{key}-{model.name}")
     path = cache_dir() / "features" / f"{safe}.pt"
@@ -122,7 +126,7 @@ def real_features(model: nn.Module, images: torch.Tensor, key: str) -> torch.Ten
         f = torch.load(path)
         if f.shape[0] == len(images):
             return f
-    f = features(model, images)
+    f = features(model, images, progress=progress)
     save_atomic(f, path)
     return f
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from archlab.ablate import ladder_sha, read_settings, results
 from archlab.cost import UNCHANGED, direction
+from archlab.stats import MIN_SEEDS, compare
 from archlab.errors import ArchlabError
 from archlab.io import atomic_path, write_atomic
 from archlab.ladder import load_ladder
@@ -79,21 +80,42 @@ def rows(run: dict) -> list[dict]:
              "status": "ok" if ok else (runs[0].get("status", "missing") if runs else "missing")}
         for res, m in lr["measured"].items():
             s[f"measured_ms_{res}"], s[f"measured_cv_{res}"] = m["ms"], m["cv"]
+        by_seed = {r["seed"]: r for r in ok}
         for k in SCORES:
             s[k], s[f"{k}_std"] = _mean_std([r.get(k) for r in ok])
+            s[f"{k}_seeds"] = [by_seed[i].get(k) if i in by_seed else None for i in range(settings.seeds)]
         out.append(s)
+    return out
+
+
+def pairing(summary: list[dict]) -> dict[str, dict]:
+    """Per score: does pairing by seed narrow the interval of a row-to-row change, over the whole
+    ladder? `paired` is decided once per score (not per row, which would shop for a verdict): paired
+    intervals where their median width is below the unpaired one's."""
+    out = {}
+    for key in SCORES:
+        comps = [compare(a[f"{key}_seeds"], b[f"{key}_seeds"]) for a, b in zip(summary, summary[1:])
+                 if b["index"] == a["index"] + 1]
+        gains = [c.pairing_gain for c in comps if c.pairing_gain is not None]
+        corrs = [c.correlation for c in comps if c.correlation is not None]
+        gain = statistics.median(gains) if gains else None
+        out[key] = {"paired": gain is not None and gain > 1, "pairing_gain": gain,
+                    "correlation": statistics.median(corrs) if corrs else None, "pairs": len(gains)}
     return out
 
 
 def changes(summary: list[dict], resolutions: list[str]) -> list[dict]:
     """Row-to-row changes, ours and the paper's, with an agreement mark and the reason per metric.
 
-    Marks: True agree, False disagree, None no paper number, "noise" (ours is within noise: for a
-    score, within one combined std over seeds; for a measured latency, within 2x the run-to-run CV;
-    for a predicted latency, within 2x the predictor's leave-one-out error on whole networks)."""
+    Marks: True agree, False disagree, None no paper number, "noise" (no verdict: ours is within its
+    noise). For a score: the 95% interval over seeds of the change (paired by seed where pairing helps,
+    see `pairing`) includes 0, or fewer than MIN_SEEDS seeds have a result; for a measured latency:
+    within 2x the run-to-run CVs; for a predicted latency: within 2x the predictor's leave-one-out
+    error on whole networks."""
     pairs = [("params", "params", "params_m"), ("MACs (paper: FLOPs)", "macs", "flops_g"), ("predicted latency", "predicted_ms", "latency_ms")]
     pairs += [(f"measured latency {r}x{r}", f"measured_ms_{r}", "latency_ms") for r in resolutions]
     pairs += [("FID", "fid", "fid"), ("KID", "kid", "fid"), ("val loss", "val_loss", "fid")]
+    paired = pairing(summary) if summary and "val_loss_seeds" in summary[0] else {}
     out = []
     for prev, cur in zip(summary, summary[1:]):
         if cur["index"] != prev["index"] + 1:
@@ -104,11 +126,12 @@ def changes(summary: list[dict], resolutions: list[str]) -> list[dict]:
             pa, pb = prev["paper"].get(theirs), cur["paper"].get(theirs)
             m = {"metric": label, "ours": None if a is None or b is None or not a else (b - a) / abs(a),
                  "paper": None if pa is None or pb is None or not pa else (pb - pa) / abs(pa), "agree": None, "reason": ""}
+            if ours in SCORES and ours in paired:
+                m["test"] = _score_test(prev, cur, ours, paired[ours]["paired"])
             if m["ours"] is not None and m["paper"] is not None:
-                noise = _noise(prev, cur, ours)
-                if noise is not None and abs(b - a) <= noise:
-                    m["agree"] = "noise"
-                    m["reason"] = f"our change ({b - a:+.3g}) is within the noise (+-{noise:.3g})"
+                verdict = m["test"] if "test" in m else _noise_test(prev, cur, ours)
+                if verdict is not None and not verdict["resolved"]:
+                    m["agree"], m["reason"] = "noise", verdict["why"]
                 else:
                     m["agree"] = direction(a, b) == direction(pa, pb)
                 if m["agree"] is False:
@@ -121,22 +144,41 @@ def changes(summary: list[dict], resolutions: list[str]) -> list[dict]:
     return out
 
 
+def _score_test(prev: dict, cur: dict, key: str, paired: bool) -> dict:
+    """The change of a score from `prev` to `cur` over seeds, and whether its interval decides it."""
+    c = compare(prev[f"{key}_seeds"], cur[f"{key}_seeds"])
+    iv = c.interval(paired)
+    test = {"seeds": c.seeds, "paired": paired, "mean": c.mean, "correlation": c.correlation,
+            "pairing_gain": c.pairing_gain, "low": iv.low if iv else None, "high": iv.high if iv else None}
+    if c.seeds < MIN_SEEDS or iv is None:
+        test.update(resolved=False, why=f"{c.seeds} seed(s) with results on both rows: a verdict needs at least {MIN_SEEDS}")
+    elif not iv.excludes_zero:
+        test.update(resolved=False, why=f"our change ({c.mean:+.3g}) has a 95% interval over {c.seeds} seeds "
+                                        f"({'paired' if paired else 'unpaired'}) of [{iv.low:+.3g}, {iv.high:+.3g}], "
+                                        "which includes 0")
+    else:
+        test.update(resolved=True, why="")
+    return test
+
+
 def tally(ch: list[dict]) -> dict[str, int]:
     marks = [m["agree"] for c in ch for m in c["metrics"]]
     return {"agree": sum(m is True for m in marks), "disagree": sum(m is False for m in marks),
             "noise": sum(m == "noise" for m in marks)}
 
 
-def _noise(prev: dict, cur: dict, key: str) -> float | None:
-    if key in SCORES:
-        sa, sb = prev.get(f"{key}_std"), cur.get(f"{key}_std")
-        return None if sa is None or sb is None else math.hypot(sa, sb)
+def _noise_test(prev: dict, cur: dict, key: str) -> dict | None:
+    """Latency: the change against its measurement or prediction noise (None: no noise estimate)."""
+    noise = None
     if key.startswith("measured_ms_"):
         res = key.rsplit("_", 1)[1]
-        return 2 * math.hypot(prev[key] * prev[f"measured_cv_{res}"], cur[key] * cur[f"measured_cv_{res}"])
-    if key == "predicted_ms" and cur.get("predicted_error") is not None:
-        return 2 * cur["predicted_error"] * math.hypot(prev[key], cur[key])
-    return None
+        noise = 2 * math.hypot(prev[key] * prev[f"measured_cv_{res}"], cur[key] * cur[f"measured_cv_{res}"])
+    elif key == "predicted_ms" and cur.get("predicted_error") is not None:
+        noise = 2 * cur["predicted_error"] * math.hypot(prev[key], cur[key])
+    if noise is None:
+        return None
+    change = cur[key] - prev[key]
+    return {"resolved": abs(change) > noise, "why": f"our change ({change:+.3g}) is within the noise (+-{noise:.3g})"}
 
 
 # ---- files --------------------------------------------------------------------------------------
@@ -215,9 +257,9 @@ def markdown(run: dict, summary: list[dict], ch: list[dict], command: str) -> st
               "Each row against the one above it: the paper's change and ours, and whether the directions agree "
               f"(ok), disagree (DIFF, with the reason) or ours is within noise (~). Changes under {UNCHANGED:.1%} "
               "count as no change. Every quality metric is compared with the paper's FID change (lower is better "
-              "for all of them). Noise: the scores' std over seeds combined for the two rows; for measured latency 2x "
-              "the run-to-run CVs combined; for predicted latency 2x the predictor's leave-one-out error on whole "
-              "networks." + ("" if s.seeds > 1 else " With one seed there is no noise estimate for the scores."),
+              f"for all of them). Noise: for a score, the 95% interval of the change over seeds (at least {MIN_SEEDS} "
+              "seeds; see the next section); for measured latency 2x the run-to-run CVs combined; for predicted "
+              "latency 2x the predictor's leave-one-out error on whole networks.",
               ""] + (["![row-to-row changes](ablation_changes.png)", ""] if ch else ["No two adjacent rows were run.", ""])
     metrics = [m["metric"] for m in ch[0]["metrics"]] if ch else []
     if ch:
@@ -234,6 +276,7 @@ def markdown(run: dict, summary: list[dict], ch: list[dict], command: str) -> st
         n = tally(ch)
         lines += ["", f"Directions: {n['agree']} agree with the paper, {n['disagree']} disagree, {n['noise']} within "
                   "our noise (no verdict)."]
+        lines += _quality_section(summary, ch)
     lines += ["", "## Latency and quality", "", "![latency vs quality](ablation_latency_quality.png)", ""]
     failed = [f for r in summary for f in r["failed"]]
     if failed:
@@ -262,6 +305,44 @@ def markdown(run: dict, summary: list[dict], ch: list[dict], command: str) -> st
     lines += [f"  - {h.get('at')}: git commit {h.get('git_commit')}"
               f"{' (uncommitted changes)' if h.get('git_dirty') else ''}" for h in run["invocations"]]
     return "\n".join(lines) + "\n"
+
+
+def _quality_section(summary: list[dict], ch: list[dict]) -> list[str]:
+    """The quality changes over seeds: each change's 95% interval, and what pairing by seed bought."""
+    paired = pairing(summary)
+    lines = ["", "## Quality changes over seeds", "",
+             "Each score's change from the row above, mean over seeds with its 95% interval: paired (the t interval "
+             "of the per-seed differences; seed k gives both rows the same batches, timesteps, noise and the initial "
+             "weights of the blocks they share) where pairing narrows the interval over the ladder, Welch's "
+             "unpaired interval where it does not. A change whose interval includes 0 gets no verdict (~).", "",
+             "| score | seed-to-seed correlation of two adjacent rows (median) | unpaired / paired interval width "
+             "(median) | interval used |", "|---|---|---|---|"]
+    for key, label in (("val_loss", "val loss"), ("fid", "FID"), ("kid", "KID")):
+        p = paired[key]
+        lines.append(f"| {label} | {_f(p['correlation'], '.2f') or '-'} | {_f(p['pairing_gain'], '.2f') or '-'} | "
+                     f"{'paired' if p['paired'] else 'unpaired'} |")
+    lines += ["", "| # | row | paper FID | " + " | ".join(f"{k} change [95% interval]" for k in ("val loss", "FID", "KID"))
+              + " |", "|---|---|---|---|---|---|"]
+    for c in ch:
+        ms = {m["metric"]: m for m in c["metrics"]}
+        cells = []
+        for label in ("val loss", "FID", "KID"):
+            t = ms[label].get("test")
+            cells.append("-" if not t or t["low"] is None else
+                         f"{t['mean']:+.3g} [{t['low']:+.3g}, {t['high']:+.3g}] {MARK[ms[label]['agree']]}".strip())
+        lines.append(f"| {c['index']} | {c['name']} | {_pct(ms['FID']['paper'])} | " + " | ".join(cells) + " |")
+    big = [(c, {m["metric"]: m for m in c["metrics"]}) for c in ch]
+    big = [(c, ms) for c, ms in big if ms["FID"]["paper"] is not None and abs(ms["FID"]["paper"]) >= 0.05]
+    if big:
+        lines += ["", "The paper's large quality changes (FID by 5% or more), and what the lab finds:", ""]
+        for c, ms in big:
+            verdicts = []
+            for label in ("val loss", "FID", "KID"):
+                a = ms[label]["agree"]
+                verdicts.append(f"{label} " + {True: "agrees", False: "disagrees", "noise": "cannot tell (within noise)",
+                                               None: "not measured"}[a])
+            lines.append(f"- row {c['index']} {c['name']} (paper FID {_pct(ms['FID']['paper'])}): " + "; ".join(verdicts))
+    return lines
 
 
 def _short(spec: str) -> str:

@@ -7,6 +7,11 @@
 - Rectified flow: x_t = (1 - t) x0 + t eps, the model predicts v = eps - x0; t from a logit-normal
   (mu, sigma) or uniform. AdamW, EMA, gradient clipping. Every random draw of step k comes from a
   generator seeded by (seed, k), so a resumed run is the same run, and two runs with one seed match.
+- Shared randomness between designs (common random numbers): with one seed, two different designs
+  see the same batches, timesteps and noise (`draw_batch` does not depend on the model), and with
+  `init="shared"` every module starts from weights drawn by a generator seeded by (seed, the module's
+  path in the model): the blocks two designs have in common start identically. Their scores then
+  differ by the design more than by luck, which is what a paired comparison over seeds measures.
 - A non-finite loss or gradient ends the run with status `diverged` and the reason: a result, not an
   exception, so a search can record it and go on.
 - Scores (on the EMA weights): the flow-matching validation loss on held-out images at fixed
@@ -15,6 +20,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import hashlib
 import json
 import math
 import time
@@ -32,8 +40,9 @@ from archlab.io import atomic_path, save_atomic, write_atomic
 from archlab.unet import UNet
 
 # settings that do not change the trained weights: a checkpoint made with other values is resumed
-NOT_TRAINING = ("steps", "val_images", "samples", "sample_steps", "cfg_scale", "fid_extractor", "checkpoint_every",
-                "report_every", "device")
+NOT_TRAINING = ("steps", "val_images", "samples", "sample_steps", "cfg_scale", "fid_extractor", "fid_reference",
+                "checkpoint_every", "report_every", "device", "threads")
+INITS = ("shared", "sequential")
 VAL_TIMESTEPS = 8  # validation loss: t = (i + 0.5) / 8, i = 0..7, for every held-out image
 DIVERGED_LOSS = 50.0  # the target eps - x0 has a variance under 2 (a model that outputs 0 scores that): a batch
 # loss 25x over it is a blow-up, however finite
@@ -56,16 +65,19 @@ class TrainConfig:
     context_dim: int = 64
     context_len: int = 4
     seed: int = 0
+    init: str = "shared"  # or "sequential": one generator for the whole model, in build order
     # scoring
     val_images: int = 256
     samples: int = 250
     sample_steps: int = 20
     cfg_scale: float = 2.0
     fid_extractor: str = "auto"
+    fid_reference: int = 1000  # real validation images (balanced over classes) that FID/KID compare against
     # bookkeeping
     checkpoint_every: int = 200
     report_every: int = 25
     device: str = "cpu"
+    threads: int | None = None  # torch intra-op threads while training (None: leave torch's setting)
 
     def validate(self) -> None:
         from archlab.metrics import EXTRACTORS
@@ -78,7 +90,8 @@ class TrainConfig:
                   "width_mult": self.width_mult > 0, "samples": self.samples == 0 or self.samples >= 2, "sample_steps": self.sample_steps >= 1,
                   "val_images": self.val_images >= 1, "context_len": self.context_len >= 1,
                   "context_dim": self.context_dim >= 1, "checkpoint_every": self.checkpoint_every >= 1,
-                  "report_every": self.report_every >= 1}
+                  "report_every": self.report_every >= 1, "init": self.init in INITS,
+                  "fid_reference": self.fid_reference >= 2, "threads": self.threads is None or self.threads >= 1}
         for name, ok in checks.items():
             if not ok:
                 raise ArchlabError(f"train: {name}={getattr(self, name)!r} is out of range")
@@ -100,6 +113,8 @@ class TrainResult:
     kid: float | None = None
     kid_std: float | None = None
     fid_extractor: str | None = None
+    score_seconds: float = 0.0  # validation loss, sampling and FID/KID, after training
+    val_loss_t: list[float] = field(default_factory=list)  # the validation loss at each of the fixed timesteps
     params: int = 0
     history: list[tuple[int, float]] = field(default_factory=list)
 
@@ -119,15 +134,33 @@ def proxy_arch(cfg: ArchConfig, resolution: int, t: TrainConfig) -> ArchConfig:
 
 
 class ProxyModel(nn.Module):
-    """UNet(arch) with the class as context tokens; class `num_classes` is the null class (CFG)."""
+    """UNet(arch) with the class as context tokens; class `num_classes` is the null class (CFG).
 
-    def __init__(self, arch: ArchConfig, num_classes: int):
+    `init_seed`: draw every module's initial weights from a generator of its own, seeded by
+    (init_seed, the module's path), instead of from the global generator in build order."""
+
+    def __init__(self, arch: ArchConfig, num_classes: int, init_seed: int | None = None):
         super().__init__()
         c = arch.conditioning
         self.arch, self.num_classes = arch, num_classes
         self.unet = UNet(arch)
         self.classes = nn.Embedding(num_classes + 1, c.context_len * c.context_dim)
+        self._init_classes()
+        if init_seed is not None:
+            self.init_shared(init_seed)
+
+    def _init_classes(self) -> None:
         nn.init.normal_(self.classes.weight, std=0.5)
+
+    def init_shared(self, seed: int) -> None:
+        """Each module's own parameters re-drawn (with their usual initialiser) from a generator seeded
+        by (seed, module path): a block two designs have in common starts identically in both."""
+        for name, m in self.named_modules():
+            if next(m.parameters(recurse=False), None) is None:
+                continue
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int.from_bytes(hashlib.sha256(f"{seed}|{name}".encode()).digest()[:8], "little"))
+                self._init_classes() if m is self.classes else m.reset_parameters()
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         c = self.arch.conditioning
@@ -143,6 +176,18 @@ def sample_t(n: int, t: TrainConfig, g: torch.Generator) -> torch.Tensor:
     if t.timesteps == "uniform":
         return torch.rand(n, generator=g)
     return torch.sigmoid(t.mu + t.sigma * torch.randn(n, generator=g))
+
+
+def draw_batch(data: ImageSet, t: TrainConfig, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Step `step`'s images (uint8), labels (some dropped to the null class), timesteps and noise: a
+    function of (seed, step) and the data only, so every design trained with one seed sees the same."""
+    g = _gen(t.seed, step)
+    idx = torch.randint(len(data.train), (t.batch,), generator=g)
+    labels = data.train_labels[idx].clone()
+    labels[torch.rand(t.batch, generator=g) < t.label_dropout] = data.num_classes
+    tt = sample_t(t.batch, t, g)
+    eps = torch.randn((t.batch, *data.train.shape[1:]), generator=g)
+    return data.train[idx], labels, tt, eps
 
 
 def flow_loss(model: nn.Module, x0: torch.Tensor, labels: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -161,23 +206,25 @@ def _spread(labels: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def validation_loss(model: nn.Module, data: ImageSet, n: int, device: str, batch: int = 64) -> float:
-    """Flow-matching loss on n held-out images (balanced over classes) at fixed timesteps and noise."""
+def validation_loss(model: nn.Module, data: ImageSet, n: int, device: str, batch: int = 64) -> list[float]:
+    """Flow-matching loss on n held-out images (balanced over classes) with fixed noise, at each of the
+    fixed timesteps t = (i + 0.5) / VAL_TIMESTEPS; the validation loss is their mean."""
     idx = _spread(data.val_labels)[:n]
     x, y = data.val[idx], data.val_labels[idx]
     g = torch.Generator().manual_seed(1234)
     eps_all = torch.randn((VAL_TIMESTEPS, *x.shape), generator=g)
-    total, count = 0.0, 0
+    per_t = []
     model.eval()
     for i in range(VAL_TIMESTEPS):
         t_val = (i + 0.5) / VAL_TIMESTEPS
+        total = 0.0
         for j in range(0, len(x), batch):
             xb = to_model(x[j:j + batch]).to(device)
             t = torch.full((len(xb),), t_val, device=device)
             loss = flow_loss(model, xb, y[j:j + batch].to(device), t, eps_all[i, j:j + batch].to(device))
             total += float(loss) * len(xb)
-            count += len(xb)
-    return total / count
+        per_t.append(total / len(x))
+    return per_t
 
 
 @torch.no_grad()
@@ -206,19 +253,21 @@ def sample(model: ProxyModel, labels: torch.Tensor, steps: int = 20, cfg_scale: 
 
 
 def score(model: ProxyModel, data: ImageSet, t: TrainConfig) -> tuple[dict, torch.Tensor]:
-    """FID/KID of `t.samples` generated images (classes balanced) against the validation set;
-    returns the scores and the generated images (uint8)."""
+    """FID/KID of `t.samples` generated images (classes balanced) against `t.fid_reference` validation
+    images; returns the scores and the generated images (uint8)."""
     labels = torch.arange(t.samples) % data.num_classes
     fake = sample(model, labels, t.sample_steps, t.cfg_scale, seed=t.seed + 99, device=t.device)
-    return score_images(fake, data, t.fid_extractor), fake
+    return score_images(fake, data, t.fid_extractor, t.fid_reference), fake
 
 
-def reference_features(data: ImageSet, extractor_name: str = "auto"):
-    """(extractor, features of the validation images): computed once, then cached on disk."""
+def reference_features(data: ImageSet, extractor_name: str = "auto", n: int | None = None, progress: bool = False):
+    """(extractor, features of up to n validation images, balanced over classes): computed once, then
+    cached on disk."""
     from archlab.metrics import extractor, real_features
 
     ext = extractor(extractor_name)
-    return ext, real_features(ext, data.val, f"{data.key}-val{len(data.val)}")
+    images = data.val[_spread(data.val_labels)[:n]]
+    return ext, real_features(ext, images, f"{data.key}-val{len(images)}of{len(data.val)}", progress=progress)
 
 
 def prepare(data_cfg, t: TrainConfig) -> ImageSet:
@@ -228,16 +277,16 @@ def prepare(data_cfg, t: TrainConfig) -> ImageSet:
 
     data = load_dataset(data_cfg, progress=True)
     if t.samples:
-        reference_features(data, t.fid_extractor)
+        reference_features(data, t.fid_extractor, t.fid_reference, progress=True)
     return data
 
 
-def score_images(fake: torch.Tensor, data: ImageSet, extractor_name: str = "auto") -> dict:
-    """FID/KID of uint8 images against the validation set of `data`, with a named extractor."""
+def score_images(fake: torch.Tensor, data: ImageSet, extractor_name: str = "auto", n_real: int | None = None) -> dict:
+    """FID/KID of uint8 images against up to `n_real` validation images of `data`, with a named extractor."""
     from archlab.metrics import features, fid_kid
 
-    ext, real = reference_features(data, extractor_name)
-    return {**fid_kid(real, features(ext, fake)), "fid_extractor": ext.name}
+    ext, real = reference_features(data, extractor_name, n_real)
+    return {**fid_kid(real, features(ext, fake)), "fid_extractor": ext.name, "fid_reference": len(real)}
 
 
 def save_samples(images: torch.Tensor, out: Path, columns: int = 16) -> None:
@@ -277,6 +326,18 @@ class _Checkpoint:
         save_atomic({"settings": self.settings, **state}, self.path)
 
 
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """torch's intra-op thread count set to n inside the block (None: unchanged)."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def train(arch: ArchConfig, data: ImageSet, t: TrainConfig, out: str | Path | None = None, *, progress: bool = False,
           on_report: Callable[[int, dict], None] | None = None, with_scores: bool = True) -> TrainResult:
     """Train `arch` at proxy scale on `data` for `t.steps` steps, then score it.
@@ -285,19 +346,22 @@ def train(arch: ArchConfig, data: ImageSet, t: TrainConfig, out: str | Path | No
     `result.json` and the generated images (`samples.pt`, `samples.png`).
     `on_report(step, {"train_loss"})` is called every `t.report_every` steps (Ray Tune reports here).
     """
-    from tqdm import tqdm
-
     t.validate()
     if with_scores and t.samples:
         from archlab.metrics import extractor
 
         extractor(t.fid_extractor)  # a missing FID network fails now, not after training
+    with torch_threads(t.threads):
+        return _train(arch, data, t, out, progress, on_report, with_scores)
+
+
+def _train(arch, data, t, out, progress, on_report, with_scores) -> TrainResult:
+    from tqdm import tqdm
+
     torch.manual_seed(t.seed)
     proxy = proxy_arch(arch, data.resolution, t)
-    model = ProxyModel(proxy, data.num_classes).to(t.device)
-    ema = ProxyModel(proxy, data.num_classes).to(t.device)
-    ema.load_state_dict(model.state_dict())
-    ema.requires_grad_(False)
+    model = ProxyModel(proxy, data.num_classes, init_seed=t.seed if t.init == "shared" else None).to(t.device)
+    ema = copy.deepcopy(model).requires_grad_(False)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if p.dim() < 2 or name.startswith("classes") else decay).append(p)
@@ -316,18 +380,12 @@ def train(arch: ArchConfig, data: ImageSet, t: TrainConfig, out: str | Path | No
         opt.load_state_dict(state["opt"])
         step, history, smooth, before = state["step"], state["history"], state["smooth"], state["seconds"]
 
-    x_all, y_all = data.train, data.train_labels
     start = time.time()
     status, reason = "ok", ""
     bar = tqdm(total=t.steps, initial=step, desc="training", unit="step", disable=not progress)
     while step < t.steps:
-        g = _gen(t.seed, step)
-        idx = torch.randint(len(x_all), (t.batch,), generator=g)
-        x0 = to_model(x_all[idx]).to(t.device)
-        labels = y_all[idx].clone()
-        labels[torch.rand(t.batch, generator=g) < t.label_dropout] = data.num_classes
-        tt = sample_t(t.batch, t, g).to(t.device)
-        eps = torch.randn(x0.shape, generator=g).to(t.device)
+        images, labels, tt, eps = draw_batch(data, t, step)
+        x0, tt, eps = to_model(images).to(t.device), tt.to(t.device), eps.to(t.device)
         for group in opt.param_groups:
             group["lr"] = t.lr * min(1.0, (step + 1) / max(1, t.warmup))
         model.train()
@@ -361,8 +419,10 @@ def train(arch: ArchConfig, data: ImageSet, t: TrainConfig, out: str | Path | No
     bar.close()
     params = sum(p.numel() for p in model.parameters())
     result = TrainResult(status, reason, step, before + time.time() - start, smooth, None, params=params, history=history)
+    scoring = time.time()
     if status == "ok":
-        result.val_loss = validation_loss(ema, data, t.val_images, t.device)
+        result.val_loss_t = validation_loss(ema, data, t.val_images, t.device)
+        result.val_loss = sum(result.val_loss_t) / len(result.val_loss_t)
         if with_scores and t.samples:
             s, fake = score(ema, data, t)
             result.fid, result.kid, result.kid_std, result.fid_extractor = s["fid"], s["kid"], s["kid_std"], s["fid_extractor"]
@@ -373,6 +433,7 @@ def train(arch: ArchConfig, data: ImageSet, t: TrainConfig, out: str | Path | No
         if bad:  # the weights went bad without the training loss showing it
             result.status, result.reason = "diverged", "non-finite scores: " + ", ".join(f"{k}={v}" for k, v in bad.items())
             result.val_loss = result.fid = result.kid = result.kid_std = None
+    result.score_seconds = time.time() - scoring
     if out:
         val = {"images": min(t.val_images, len(data.val)), "selection": "balanced over classes", "timesteps": VAL_TIMESTEPS}
         write_atomic(Path(out) / "result.json",

@@ -24,6 +24,15 @@ def tiny_dict(**over) -> dict:
     return d
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _cache(tmp_path_factory):
+    """Tests never read or write the repository's runs/cache (decoded data, features, training results)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ARCHLAB_CACHE", str(tmp_path_factory.mktemp("cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture
 def tiny() -> ArchConfig:
     return ArchConfig.from_dict(tiny_dict())

@@ -117,6 +117,48 @@ def test_same_seed_same_run(arch, data):
     assert c.val_loss != a.val_loss
 
 
+def _other(arch):
+    """arch with a different design: no self-attention, separable convs."""
+    return arch.with_values({"stages.1.self_attention": False, "stages.*.conv": "separable"}, where="test")
+
+
+def test_same_seed_same_batches_timesteps_and_noise_across_two_architectures(arch, data, monkeypatch):
+    seen = {}
+    real = T.draw_batch
+
+    def spy(d, t, step):
+        out = real(d, t, step)
+        seen.setdefault(id_, []).append(out)
+        return out
+
+    monkeypatch.setattr(T, "draw_batch", spy)
+    for id_, design in (("a", arch), ("b", _other(arch))):
+        T.train(design, data, TINY_TRAIN)
+    id_ = "c"
+    T.train(arch, data, T.TrainConfig(**{**TINY_TRAIN.__dict__, "seed": 5}))
+    assert len(seen["a"]) == len(seen["b"]) == TINY_TRAIN.steps
+    for (xa, ya, ta, ea), (xb, yb, tb, eb) in zip(seen["a"], seen["b"]):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb) and torch.equal(ta, tb) and torch.equal(ea, eb)
+    assert not torch.equal(seen["a"][0][3], seen["c"][0][3])  # another seed, other noise
+
+
+def test_shared_init_starts_common_blocks_identically(arch, data):
+    a = T.ProxyModel(T.proxy_arch(arch, 8, TINY_TRAIN), 3, init_seed=0).state_dict()
+    b = T.ProxyModel(T.proxy_arch(_other(arch), 8, TINY_TRAIN), 3, init_seed=0).state_dict()
+    c = T.ProxyModel(T.proxy_arch(arch, 8, TINY_TRAIN), 3, init_seed=1).state_dict()
+    common = [k for k in a if k in b and a[k].shape == b[k].shape]
+    random = [k for k in common if a[k].std() > 0]  # not the ones and zeros of norms and biases
+    assert len(random) > 10 and set(a) - set(b)  # the separable convs are other parameters
+    assert all(torch.equal(a[k], b[k]) for k in common)
+    assert not any(torch.equal(a[k], c[k]) for k in random)
+    # sequential init (one generator in build order): designs share nothing after the first difference
+    torch.manual_seed(0)
+    s1 = T.ProxyModel(T.proxy_arch(arch, 8, TINY_TRAIN), 3).state_dict()
+    torch.manual_seed(0)
+    s2 = T.ProxyModel(T.proxy_arch(_other(arch), 8, TINY_TRAIN), 3).state_dict()
+    assert not torch.equal(s1["classes.weight"], s2["classes.weight"])
+
+
 def test_resume_after_an_interruption_is_the_same_run(arch, data, tmp_path):
     straight = T.train(arch, data, TINY_TRAIN)
 

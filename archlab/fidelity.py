@@ -1,0 +1,357 @@
+"""Proxy fidelity: does a cheap proxy training rank designs the way a long one does?
+
+A fixed panel of designs (the ablation ladder's rows plus seeded samples of a search space) is
+trained with every proxy preset, K seeds each, and once (or more) with the `reference` preset,
+which trains at least 8x the default preset's compute on the same data. For every preset and
+score the benchmark measures:
+
+- Kendall tau and Spearman rho of the preset's ranking (mean over seeds) against the reference's
+  ranking by the same score and by its validation loss, with bootstrap intervals over designs;
+- the seed noise against the spread between designs (`stats.noise_to_spread`);
+- CPU-minutes per training (training + scoring, x threads; GPU runs are counted apart);
+- on the ladder rows: Kendall tau against the paper's own FID ranking.
+
+Every training is a trials-engine job (`archlab.trials`) with its result in
+`<results>/<design>/<preset>-seed<k>.json`: small files that are committed
+(`reports/proxy_fidelity/results/`), so the expensive reference trainings survive across sessions
+and machines; checkpoints stay in the (uncommitted) work folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from archlab.cluster import TrialSettings
+from archlab.errors import ArchlabError
+from archlab.io import write_atomic
+from archlab.trials import Job, read
+
+SCORES = ("val_loss", "fid", "kid")
+REFERENCE_SEED = 1000  # the reference's seeds are not the presets': they share no batches, noise or init
+
+
+@dataclass(frozen=True)
+class Design:
+    name: str
+    config: dict  # ArchConfig.to_dict() at paper scale
+    source: str  # "ladder row N" or "space sample N"
+    paper_fid: float | None = None
+
+
+def panel(ladder: str, space: str, samples: int, seed: int = 0) -> list[Design]:
+    """The ladder's rows and `samples` distinct seeded draws of the space (none equal to a row)."""
+    from archlab.ladder import load_ladder
+    from archlab.space import load_space
+
+    lad, sp = load_ladder(ladder), load_space(space)
+    rows = [Design(f"L{r.index}-{r.name}", r.config.to_dict(), f"ladder row {r.index}", r.paper.get("fid"))
+            for r in lad.rows]
+    drawn = sp.sample(samples, seed, prefix="S", avoid={r.config.digest() for r in lad.rows})
+    return rows + [Design(f"S{i}", cfg.to_dict(), f"{Path(space).name} sample {i} (seed {seed})")
+                   for i, (_, cfg) in enumerate(drawn)]
+
+
+@dataclass
+class FidelitySettings(TrialSettings):
+    ladder: str = "search_spaces/snapgen_ablation.yaml"
+    space: str = "search_spaces/snapgen_unet.yaml"
+    space_samples: int = 8
+    panel_seed: int = 0
+    presets: list[str] = field(default_factory=lambda: ["smoke", "cpu"])  # names or FILE.yaml:NAME
+    reference: str = "reference"
+    seeds: int = 3
+    reference_seeds: int = 1
+    default_preset: str = "cpu"
+
+    def proxies(self) -> list:
+        """The presets compared, then the reference (Preset objects)."""
+        from archlab import presets
+
+        return [presets.get(p) for p in self.presets] + [presets.get(self.reference)]
+
+    def validate(self) -> None:
+        for name, ok in (("seeds", self.seeds >= 2), ("reference_seeds", self.reference_seeds >= 1),
+                         ("space_samples", self.space_samples >= 0)):
+            if not ok:
+                raise ArchlabError(f"--{name.replace('_', '-')}: {getattr(self, name)!r} is out of range")
+        *compared, ref = self.proxies()
+        names = [p.name for p in compared]
+        if len(set(names + [ref.name])) != len(names) + 1:
+            raise ArchlabError(f"--presets: {names} and the reference {ref.name!r} must have distinct names")
+        if self.default_preset not in names:
+            raise ArchlabError(f"--default-preset: {self.default_preset!r} is not one of --presets {names}")
+        default = compared[names.index(self.default_preset)]
+        if ref.compute < 8 * default.compute:
+            raise ArchlabError(f"--reference: {ref.name} trains on {ref.compute:,} images, under 8x the "
+                               f"{default.name} preset's {default.compute:,}")
+        self.validate_trials()
+
+
+def _data(settings: FidelitySettings, preset) -> dict:
+    return {**settings.data, "resolution": preset.image_size}
+
+
+def identity(settings: FidelitySettings, designs: list[Design]) -> dict:
+    """What makes two result folders' trainings the same: the panel, the data and the presets' values."""
+    from archlab import presets
+
+    data = {k: v for k, v in settings.data.items() if k != "resolution"}
+    if data.get("spec") != "synthetic":
+        data["spec"] = Path(data["spec"]).name  # the same folder mounted elsewhere is the same data
+    return {"panel": panel_digest(designs), "data": data, "presets": {p.name: p.to_dict() for p in settings.proxies()}}
+
+
+def jobs(settings: FidelitySettings, designs: list[Design], results: Path, work: Path) -> list[Job]:
+    *compared, ref = settings.proxies()
+    runs = [(p, k, k) for p in compared for k in range(settings.seeds)]
+    runs += [(ref, k, REFERENCE_SEED + k) for k in range(settings.reference_seeds)]
+    out = []
+    for d in designs:
+        for p, k, seed in runs:
+            train = asdict(p.train_config(seed=seed, device=settings.train.get("device", "cpu")))
+            out.append(Job(key=f"{d.name}-{p.name}-seed{k}", arch=d.config, data=_data(settings, p), train=train,
+                           result=str(results / d.name / f"{p.name}-seed{k}.json"),
+                           workdir=str(work / d.name / f"{p.name}-seed{k}"),
+                           meta={"design": d.name, "preset": p.name, "seed": k, "train_seed": seed,
+                                 "compute": p.compute}))
+    return out
+
+
+def open_results(settings: FidelitySettings, designs: list[Design], results: Path) -> None:
+    """Refuse a results folder made with another panel, data or presets; record the settings in it."""
+    saved = results / "fidelity.json"
+    ours = identity(settings, designs)
+    if saved.is_file():
+        theirs = json.loads(saved.read_text()).get("identity")
+        if theirs != ours:
+            diff = [k for k in ours if theirs.get(k) != ours[k]] if isinstance(theirs, dict) else ["settings"]
+            raise ArchlabError(f"--results: {results} holds trainings made with other {' and '.join(diff)}; "
+                               "pick another folder")
+    write_atomic(saved, json.dumps({"identity": ours, "settings": asdict(settings)}, indent=1) + "\n")
+
+
+# ---- analysis -----------------------------------------------------------------------------------
+
+def _runs(results: list[dict]) -> dict:
+    """{design: {preset: {seed: result}}} of the finished (status ok) runs."""
+    out: dict = {}
+    for r in results:
+        if r.get("status") == "ok":
+            out.setdefault(r["design"], {}).setdefault(r["preset"], {})[r["seed"]] = r
+    return out
+
+
+def cpu_minutes(r: dict) -> float | None:
+    """A training's cost on a CPU: wall time of training and scoring x torch threads (None on a GPU)."""
+    if r.get("device", "cpu") != "cpu":
+        return None
+    return (r.get("seconds", 0) + r.get("score_seconds", 0)) * (r.get("threads") or 1) / 60
+
+
+def analyse(settings: FidelitySettings, designs: list[Design], results: list[dict], boot: int = 2000) -> dict:
+    """The benchmark's numbers (the shape of `reports/proxy_fidelity.json`)."""
+    from archlab.stats import noise_to_spread, rank_agreement
+
+    runs = _runs(results)
+    names = [d.name for d in designs]
+    proxies = [p.name for p in settings.proxies()]
+    reference = proxies[-1]
+    ref = {s: {n: _mean([r.get(s) for r in runs.get(n, {}).get(reference, {}).values()]) for n in names} for s in SCORES}
+    out = {"designs": names, "default_cpu_preset": settings.default_preset, "reference": reference,
+           "reference_seeds": settings.reference_seeds, "seeds": settings.seeds,
+           "hardware": sorted({r.get("hardware", "?") for r in results if r.get("status") == "ok"}),
+           "missing": sorted(r["key"] for r in results if r.get("status") != "ok"), "presets": {}}
+    ladder = [d for d in designs if d.paper_fid is not None]
+    for p in proxies:
+        per = [runs.get(n, {}).get(p, {}) for n in names]
+        costs = [c for runs_of in per for c in (cpu_minutes(r) for r in runs_of.values()) if c is not None]
+        entry = {"cpu_minutes_per_design": statistics.median(costs) if costs else None,
+                 "trainings": sum(len(x) for x in per), "hardware": sorted({r.get("hardware", "?") for x in per
+                                                                             for r in x.values()}), "scores": {}}
+        for s in SCORES:
+            by_design = [[x[k].get(s) for k in sorted(x)] for x in per]
+            means = [_mean(v) for v in by_design]
+            have = [i for i, m in enumerate(means) if m is not None and ref[s][names[i]] is not None]
+            score = {"designs": len(have)}
+            if p != reference:
+                agree = rank_agreement([means[i] for i in have], [ref[s][names[i]] for i in have], boot=boot)
+                vs_val = [i for i in have if ref["val_loss"][names[i]] is not None]
+                agree_val = rank_agreement([means[i] for i in vs_val], [ref["val_loss"][names[i]] for i in vs_val],
+                                           boot=boot)
+                score.update(kendall_tau=agree["kendall_tau"], kendall_tau_ci=agree["kendall_tau_ci"],
+                             spearman_rho=agree["spearman_rho"], spearman_rho_ci=agree["spearman_rho_ci"],
+                             kendall_tau_vs_reference_val_loss=agree_val["kendall_tau"],
+                             kendall_tau_vs_reference_val_loss_ci=agree_val["kendall_tau_ci"])
+            score.update(noise_to_spread(by_design))
+            lad = [(means[names.index(d.name)], d.paper_fid) for d in ladder if means[names.index(d.name)] is not None]
+            score["ladder_kendall_tau_vs_paper_fid"] = rank_agreement(*zip(*lad), boot=boot)["kendall_tau"] \
+                if len(lad) >= 3 else None
+            score["means"] = {names[i]: means[i] for i in range(len(names)) if means[i] is not None}
+            entry["scores"][s] = score
+        out["presets"][p] = entry
+    return out
+
+
+def _mean(values) -> float | None:
+    v = [x for x in values if x is not None and math.isfinite(x)]
+    return statistics.fmean(v) if v else None
+
+
+def panel_digest(designs: list[Design]) -> str:
+    return hashlib.sha256(json.dumps([(d.name, d.config) for d in designs], sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---- running ------------------------------------------------------------------------------------
+
+def run(settings: FidelitySettings, results: str | Path, work: str | Path, only: list[str] | None = None) -> dict:
+    """Train whatever the results folder lacks (`only`: just these presets, e.g. the reference on a
+    GPU), then analyse everything it holds."""
+    from archlab.trials import run_jobs
+
+    settings.validate()
+    if settings.data["spec"] != "synthetic":
+        settings.data = {**settings.data, "spec": str(Path(settings.data["spec"]).resolve())}
+        if not Path(settings.data["spec"]).exists():
+            raise ArchlabError(f"--dataset: {settings.data['spec']} does not exist")
+    designs = panel(settings.ladder, settings.space, settings.space_samples, settings.panel_seed)
+    results, work = Path(results), Path(work)
+    open_results(settings, designs, results)
+    every = jobs(settings, designs, results, work)
+    todo = [j for j in every if only is None or j.meta["preset"] in only]
+    # cheapest first: every design gets its short proxies before the long reference trainings start
+    todo.sort(key=lambda j: (j.meta["compute"], j.meta["seed"], j.meta["design"]))
+    run_jobs(todo, settings, work, name="fidelity")
+    return analyse(settings, designs, [read(j.result) or {**j.meta, "key": j.key, "status": "missing"} for j in every])
+
+
+# ---- report -------------------------------------------------------------------------------------
+
+LABELS = {"val_loss": "val loss", "fid": "FID", "kid": "KID"}
+
+
+def _f(v, fmt=".2f") -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def _ci(v) -> str:
+    return "-" if not v else f"[{v[0]:.2f}, {v[1]:.2f}]"
+
+
+def markdown(a: dict, settings: FidelitySettings, command: str) -> str:
+    proxies = {p.name: p for p in settings.proxies()}
+    presets_used, reference = list(proxies), a["reference"]
+    d = settings.data
+    lines = ["# Proxy fidelity: does a cheap proxy rank designs like a long training?", "",
+             f"{len(a['designs'])} designs (the {sum(n.startswith('L') for n in a['designs'])} rows of "
+             f"`{Path(settings.ladder).name}` and {settings.space_samples} seeded samples of "
+             f"`{Path(settings.space).name}`), each trained with every proxy preset ({a['seeds']} seeds) and with the "
+             f"`{reference}` preset ({a['reference_seeds']} seed{'s' if a['reference_seeds'] > 1 else ''}, seeds of its "
+             f"own), on `{Path(d['spec']).name}` ({d.get('classes') or 'all'} classes, {d.get('per_class') or 'all'} "
+             f"train / {d.get('val_per_class') or 'all'} validation images per class). Every ranking is of the "
+             "designs' mean score over seeds; lower is better for every score.", "",
+             "Regenerate (trains only what `reports/proxy_fidelity/results/` lacks):", "", "```", command, "```", "",
+             "## Presets", "", "| preset | image px | width | steps x batch | training images | lr | val images | "
+             "samples (Euler steps) | FID extractor | hardware | CPU-minutes per training |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for p in presets_used:
+        pr, e = proxies[p], a["presets"][p]
+        t = pr.train_config()
+        lines.append(f"| `{p}` | {pr.image_size} | x{t.width_mult} | {t.steps} x {t.batch} | {pr.compute:,} | {t.lr:g} | "
+                     f"{t.val_images} | {t.samples} ({t.sample_steps}) | {t.fid_extractor} | {', '.join(e['hardware']) or '-'} | "
+                     f"{_f(e['cpu_minutes_per_design'], '.1f')} |")
+    lines += ["", "CPU-minutes: median over the preset's trainings of (training + scoring seconds) x torch threads; each "
+              "ran with 1 thread, 2 at a time on the 2-core machine (so each minute is one core's minute, with the "
+              "other core busy).", "",
+              "## Rank fidelity against the reference", "",
+              "Kendall tau and Spearman rho between the preset's ranking and the reference's ranking by the same score, "
+              "with 95% bootstrap intervals over designs; `tau vs ref val loss` ranks against the reference's "
+              "validation loss instead (SnapGen++'s proxy metric, the least noisy reference score). Noise / spread: "
+              "seed-to-seed std (pooled over designs) over the std of the designs' means (under 1: designs differ by "
+              "more than seeds do). Tells apart: about how many designs the score can put in a sure order across its "
+              "range at this many seeds. Ladder tau vs paper: Kendall tau of the ladder rows' ranking against the "
+              "paper's FID (8 rows).", "",
+              "| preset | score | Kendall tau [95% CI] | Spearman rho | tau vs ref val loss | noise / spread | "
+              "tells apart | ladder tau vs paper FID |", "|---|---|---|---|---|---|---|---|"]
+    for p in presets_used:
+        for s in SCORES:
+            e = a["presets"][p]["scores"][s]
+            tau = "1 (itself)" if p == reference else f"{_f(e.get('kendall_tau'))} {_ci(e.get('kendall_tau_ci'))}"
+            lines.append(f"| `{p}` | {LABELS[s]} | {tau} | {_f(e.get('spearman_rho'))} | "
+                         f"{_f(e.get('kendall_tau_vs_reference_val_loss'))} | {_f(e.get('noise_to_spread'))} | "
+                         f"{_f(e.get('distinguishable'), '.1f')} | {_f(e.get('ladder_kendall_tau_vs_paper_fid'))} |")
+    dflt = a["presets"][settings.default_preset]["scores"]["val_loss"]
+    lines += ["", f"The default CPU preset `{settings.default_preset}` ranks by validation loss with Kendall tau "
+              f"{_f(dflt.get('kendall_tau'))} {_ci(dflt.get('kendall_tau_ci'))} against the reference "
+              f"(target: 0.7).", "", "![fidelity](proxy_fidelity.png)", "",
+              "## Per design", "", "Mean score over seeds (validation loss).", "",
+              "| design | " + " | ".join(f"`{p}`" for p in presets_used) + " |", "|---|" + "---|" * len(presets_used)]
+    for n in a["designs"]:
+        lines.append(f"| {n} | " + " | ".join(_f(a["presets"][p]["scores"]["val_loss"]["means"].get(n), ".4f")
+                                              for p in presets_used) + " |")
+    if a["missing"]:
+        lines += ["", f"Not finished ({len(a['missing'])} trainings): " + ", ".join(a["missing"][:20])
+                  + (" ..." if len(a["missing"]) > 20 else "")]
+    lines += ["", "## Hardware", "", "- " + "; ".join(f"`{p}`: {', '.join(a['presets'][p]['hardware']) or '-'}"
+                                                      for p in presets_used), ""]
+    return "\n".join(lines) + "\n"
+
+
+def plot(a: dict, settings: FidelitySettings, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from archlab.io import atomic_path
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110)
+    for k, s in enumerate(SCORES):
+        xs, ys, lo, hi, names = [], [], [], [], []
+        for p in a["presets"]:
+            if p == a["reference"]:
+                continue
+            e = a["presets"][p]
+            sc = e["scores"][s]
+            if sc.get("kendall_tau") is None or e["cpu_minutes_per_design"] is None:
+                continue
+            names.append(p)
+            xs.append(e["cpu_minutes_per_design"])
+            ys.append(sc["kendall_tau"])
+            ci = sc.get("kendall_tau_ci") or [sc["kendall_tau"]] * 2
+            lo.append(sc["kendall_tau"] - ci[0])
+            hi.append(ci[1] - sc["kendall_tau"])
+        ax1.errorbar(xs, ys, yerr=[lo, hi], fmt="o-", color=f"C{k}", label=LABELS[s], capsize=3)
+        for x, y, p in zip(xs, ys, names):
+            ax1.annotate(p, (x, y), textcoords="offset points", xytext=(5, -10), fontsize=7)
+    ax1.axhline(0.7, color="0.6", ls="--", lw=0.8)
+    ax1.set_xscale("log")
+    ax1.set_xlabel("CPU-minutes per training")
+    ax1.set_ylabel("Kendall tau vs reference")
+    ax1.legend(frameon=False, fontsize=8)
+    ref = a["presets"][a["reference"]]["scores"]["val_loss"]["means"]
+    dflt = a["presets"][settings.default_preset]["scores"]["val_loss"]["means"]
+    names = [n for n in a["designs"] if n in ref and n in dflt]
+    ax2.scatter([dflt[n] for n in names], [ref[n] for n in names], s=16,
+                c=["C3" if n.startswith("L") else "C0" for n in names])
+    for n in names:
+        ax2.annotate(n.split("-")[0], (dflt[n], ref[n]), textcoords="offset points", xytext=(3, 3), fontsize=6)
+    ax2.set_xlabel(f"val loss, {settings.default_preset} preset (mean over seeds)")
+    ax2.set_ylabel(f"val loss, {a['reference']}")
+    ax2.set_title("ladder rows (red) and space samples (blue)", fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", metadata={"Software": None})
+    plt.close(fig)
+    return path
+
+
+def write_report(a: dict, settings: FidelitySettings, out: str | Path, command: str) -> list[Path]:
+    out = Path(out)
+    js = write_atomic(out / "proxy_fidelity.json", json.dumps({"command": command, **a}, indent=1) + "\n")
+    png = plot(a, settings, out / "proxy_fidelity.png")
+    md = write_atomic(out / "proxy_fidelity.md", markdown(a, settings, command))
+    return [md, js, png]

@@ -1,0 +1,130 @@
+"""Named proxy presets: how long, how wide, at what resolution and with which scores a design is
+trained to judge its quality.
+
+A preset is a set of proxy-training values (the image size and `TrainConfig` fields), named so that
+`archlab train`, `search` and `ablate` share it (`--proxy NAME`) and so that its measured ranking
+fidelity (`reports/proxy_fidelity.md`) is known. The lab's presets live in `presets.yaml` beside
+this file; `--proxy my_presets.yaml:name` reads a preset of one's own from a file of the same shape.
+Flags given beside `--proxy` override its values.
+
+    smoke       the README's main job: checks the machinery in about a minute; not a quality verdict
+    cpu         what a researcher on a laptop uses (the default)
+    reference   the benchmark's long training (8x cpu's compute and more); on a GPU in minutes
+"""
+
+from __future__ import annotations
+
+import functools
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from archlab.errors import ArchlabError
+
+BUILTIN = Path(__file__).with_name("presets.yaml")
+DEFAULT = "cpu"
+# what a preset may set: the data resolution and the training settings that change what is learned
+# or scored (not the seed, the device or the bookkeeping)
+NOT_PRESET = ("seed", "device", "threads", "checkpoint_every", "report_every")
+
+
+def preset_fields() -> dict[str, type]:
+    from archlab.train import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    return {"image_size": int, **{f.name: hints[f.name] for f in fields(TrainConfig) if f.name not in NOT_PRESET}}
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    image_size: int
+    train: dict  # TrainConfig fields
+
+    def train_config(self, **overrides):
+        """The TrainConfig of this preset; `overrides` (e.g. seed, device, or flags) win."""
+        from archlab.train import TrainConfig
+
+        return TrainConfig(**{**self.train, **{k: v for k, v in overrides.items() if v is not None}})
+
+    @property
+    def compute(self) -> int:
+        """Training images seen (steps x batch): the unit in which presets are compared."""
+        from archlab.train import TrainConfig
+
+        t = TrainConfig(**self.train)
+        return t.steps * t.batch
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "description": self.description, "image_size": self.image_size, **self.train}
+
+
+def _check_value(where: str, name: str, value, kind) -> None:
+    ok = {int: isinstance(value, int) and not isinstance(value, bool),
+          float: isinstance(value, (int, float)) and not isinstance(value, bool),
+          str: isinstance(value, str), bool: isinstance(value, bool)}.get(kind)
+    if ok is None:
+        raise ArchlabError(f"{where}: {name}: cannot be set by a preset")
+    if not ok:
+        raise ArchlabError(f"{where}: {name}: expected {kind.__name__}, got {value!r}")
+
+
+def parse(name: str, raw, where: str) -> Preset:
+    """One preset from its YAML mapping; every field is checked (type, range), one line per error."""
+    from archlab.train import TrainConfig
+
+    where = f"{where}: {name}"
+    if not isinstance(raw, dict):
+        raise ArchlabError(f"{where}: a preset must be a mapping of settings, got {raw!r}")
+    raw = dict(raw)
+    description = raw.pop("description", "")
+    if not isinstance(description, str):
+        raise ArchlabError(f"{where}: description: expected a string, got {description!r}")
+    allowed = preset_fields()
+    for key, value in raw.items():
+        if key not in allowed:
+            raise ArchlabError(f"{where}: {key}: not a preset setting (one of {', '.join(sorted(allowed))})")
+        _check_value(where, key, value, allowed[key])
+    if "image_size" not in raw:
+        raise ArchlabError(f"{where}: image_size: required (the proxy's resolution in pixels)")
+    size = raw.pop("image_size")
+    if size < 8 or size & (size - 1):
+        raise ArchlabError(f"{where}: image_size: {size} must be a power of two >= 8")
+    train = {k: float(v) if allowed[k] is float else v for k, v in raw.items()}
+    try:
+        TrainConfig(**train).validate()
+    except ArchlabError as e:
+        raise ArchlabError(f"{where}: {str(e).removeprefix('train: ')}") from None
+    return Preset(name, description.strip(), size, train)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_file(path: str) -> dict[str, Preset]:
+    from archlab.config import read_yaml
+
+    raw = read_yaml(path)
+    if not isinstance(raw, dict) or not raw:
+        raise ArchlabError(f"{path}: a presets file must be a mapping of preset names to settings")
+    return {str(name): parse(str(name), value, path) for name, value in raw.items()}
+
+
+def presets(path: str | Path = BUILTIN) -> dict[str, Preset]:
+    return dict(_load_file(str(path)))
+
+
+def get(spec: str | None) -> Preset:
+    """A preset by name (`cpu`), or from a file (`FILE.yaml:name`, or `FILE.yaml` holding just one)."""
+    spec = spec or DEFAULT
+    path, _, name = spec.rpartition(":")
+    if not path.endswith((".yaml", ".yml")):
+        path, name = (spec, "") if spec.endswith((".yaml", ".yml")) else ("", spec)
+    found = presets(path) if path else presets()
+    if path and not name:
+        if len(found) != 1:
+            raise ArchlabError(f"--proxy: {path} holds {len(found)} presets; name one ({path}:NAME)")
+        return next(iter(found.values()))
+    if name not in found:
+        raise ArchlabError(f"--proxy: {name!r} is not a preset of {path or 'the lab'} (it has {', '.join(found)}"
+                           f"{'' if path else '; or give FILE.yaml:NAME'})")
+    return found[name]

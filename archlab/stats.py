@@ -1,0 +1,177 @@
+"""Statistics for quality scores measured over training seeds: is a difference outside its noise?
+
+- `compare(a, b)`: the change from design A to design B of a score measured with seeds 0..K-1 on
+  both. Two 95% intervals on the mean change: *paired* (the t interval of the per-seed differences
+  b_k - a_k; seed k shares data order, timesteps, noise and the initial weights of the blocks the two
+  designs have in common) and *unpaired* (Welch). Pairing helps exactly when the two designs' scores
+  are correlated over seeds; `Comparison.pairing_gain` is how much narrower the paired interval is.
+- `rank_agreement(x, y)`: Kendall tau and Spearman rho between two rankings of the same designs,
+  with a bootstrap interval over designs (resampled with replacement).
+- `noise_to_spread(scores)`: the seed-to-seed std of a score (pooled over designs) against the spread
+  of the designs' true means: under 1, designs differ by more than a seed does; `distinguishable`
+  counts how many designs the score can tell apart across its range at K seeds.
+
+Only numpy and scipy; every function takes plain lists and returns plain numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+LEVEL = 0.95
+MIN_SEEDS = 3  # fewer seeds than this give no verdict: a 2-seed interval rests on one degree of freedom
+
+
+def _t(df: float, level: float = LEVEL) -> float:
+    from scipy import stats
+
+    return float(stats.t.ppf(0.5 + level / 2, df))
+
+
+@dataclass(frozen=True)
+class Interval:
+    mean: float
+    low: float
+    high: float
+
+    @property
+    def excludes_zero(self) -> bool:
+        return self.low > 0 or self.high < 0
+
+    @property
+    def half_width(self) -> float:
+        return (self.high - self.low) / 2
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Change from A to B (B - A) over the seeds both have."""
+    seeds: int
+    mean: float
+    paired: Interval | None  # None with fewer than 2 seeds
+    unpaired: Interval | None
+    correlation: float | None  # of A's and B's scores over seeds
+
+    @property
+    def pairing_gain(self) -> float | None:
+        """Unpaired interval width / paired width: > 1 where pairing by seed narrows the interval."""
+        if self.paired is None or self.unpaired is None or self.paired.half_width == 0:
+            return None
+        return self.unpaired.half_width / self.paired.half_width
+
+    def interval(self, paired: bool) -> Interval | None:
+        return self.paired if paired else self.unpaired
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["pairing_gain"] = self.pairing_gain
+        return d
+
+
+def _finite(values) -> list[float | None]:
+    return [v if v is not None and math.isfinite(v) else None for v in values]
+
+
+def compare(a: list[float | None], b: list[float | None], level: float = LEVEL) -> Comparison:
+    """B - A, seed by seed. `a[k]` and `b[k]` are the scores of seed k (None: that run failed; its
+    seed is left out of the paired interval, and the unpaired one uses every finite score)."""
+    a, b = _finite(a), _finite(b)
+    pairs = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
+    xa = np.array([v for v in a if v is not None])
+    xb = np.array([v for v in b if v is not None])
+    if not pairs:
+        return Comparison(0, math.nan, None, None, None)
+    d = np.array([y - x for x, y in pairs])
+    k = len(d)
+    mean = float(xb.mean() - xa.mean()) if len(xa) and len(xb) else float(d.mean())
+    paired = unpaired = corr = None
+    if k >= 2:
+        half = _t(k - 1, level) * d.std(ddof=1) / math.sqrt(k)
+        paired = Interval(float(d.mean()), float(d.mean() - half), float(d.mean() + half))
+        pa, pb = np.array(pairs).T
+        if pa.std() > 0 and pb.std() > 0:
+            corr = float(np.corrcoef(pa, pb)[0, 1])
+    if len(xa) >= 2 and len(xb) >= 2:
+        va, vb = xa.var(ddof=1) / len(xa), xb.var(ddof=1) / len(xb)
+        se = math.sqrt(va + vb)
+        df = (va + vb) ** 2 / ((va ** 2 / (len(xa) - 1) + vb ** 2 / (len(xb) - 1)) or math.inf) if se else len(xa) + len(xb) - 2
+        half = _t(df, level) * se
+        unpaired = Interval(mean, mean - half, mean + half)
+    return Comparison(k, float(d.mean()) if paired else mean, paired, unpaired, corr)
+
+
+def kendall(x, y) -> float | None:
+    from scipy import stats
+
+    if len(x) < 2 or np.std(x) == 0 or np.std(y) == 0:
+        return None
+    return float(stats.kendalltau(x, y).statistic)
+
+
+def spearman(x, y) -> float | None:
+    from scipy import stats
+
+    if len(x) < 2 or np.std(x) == 0 or np.std(y) == 0:
+        return None
+    return float(stats.spearmanr(x, y).statistic)
+
+
+def rank_agreement(x, y, boot: int = 2000, seed: int = 0, level: float = LEVEL) -> dict:
+    """Kendall tau and Spearman rho of x against y (one value per design, same order), with
+    percentile bootstrap intervals over designs."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    n = len(x)
+    out = {"n": n, "kendall_tau": kendall(x, y), "spearman_rho": spearman(x, y),
+           "kendall_tau_ci": None, "spearman_rho_ci": None}
+    if n < 4 or out["kendall_tau"] is None:
+        return out
+    rng = np.random.default_rng(seed)
+    taus, rhos = [], []
+    for _ in range(boot):
+        i = rng.integers(0, n, n)
+        if len(set(i)) < 3:
+            continue
+        t, r = kendall(x[i], y[i]), spearman(x[i], y[i])
+        if t is not None:
+            taus.append(t)
+            rhos.append(r)
+    q = [100 * (0.5 - level / 2), 100 * (0.5 + level / 2)]
+    out["kendall_tau_ci"] = [float(v) for v in np.percentile(taus, q)]
+    out["spearman_rho_ci"] = [float(v) for v in np.percentile(rhos, q)]
+    return out
+
+
+def noise_to_spread(scores: list[list[float | None]], level: float = LEVEL) -> dict:
+    """`scores[i]`: design i's score over seeds.
+
+    - noise: the seed-to-seed std, pooled over designs;
+    - spread: the std of the designs' true means, estimated as sqrt(var(means) - noise^2 / K) (the
+      spread of K-seed means less what seed noise alone puts there; 0 when noise explains it all);
+    - noise_to_spread: noise / spread (under 1: designs differ by more than a seed does; inf: the
+      ranking is noise);
+    - reliability: the share of the K-seed means' variance that is real design differences;
+    - distinguishable: 1 + (range of the means) / (the smallest difference of two K-seed means that is
+      outside the noise at the 95% level, t x noise x sqrt(2/K)): roughly how many designs the score
+      can put in a sure order."""
+    groups = [[v for v in _finite(s) if v is not None] for s in scores]
+    groups = [g for g in groups if g]
+    means = np.array([np.mean(g) for g in groups])
+    multi = [g for g in groups if len(g) >= 2]
+    out = {"noise": None, "spread": None, "noise_to_spread": None, "reliability": None, "distinguishable": None,
+           "seeds": float(np.mean([len(g) for g in groups])) if groups else None}
+    if len(means) < 2 or not multi:
+        return out
+    dof = sum(len(g) - 1 for g in multi)
+    noise = math.sqrt(sum(((np.array(g) - np.mean(g)) ** 2).sum() for g in multi) / dof)
+    k = out["seeds"]
+    var_means = float(means.var(ddof=1))
+    true_var = max(var_means - noise ** 2 / k, 0.0)
+    detectable = _t(max(1, 2 * k - 2), level) * noise * math.sqrt(2 / k)
+    out.update(noise=noise, spread=math.sqrt(true_var),
+               noise_to_spread=noise / math.sqrt(true_var) if true_var else math.inf,
+               reliability=true_var / var_means if var_means else None,
+               distinguishable=1 + float(means.max() - means.min()) / detectable if detectable else None)
+    return out

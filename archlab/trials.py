@@ -1,0 +1,158 @@
+"""One engine for the lab's batches of proxy trainings: keyed jobs whose results are JSON files,
+cached, resumable, run as Ray Tune trials.
+
+A `Job` is one training: a design (an ArchConfig as a dict), the data, the training settings, and
+where its result and its checkpoint live. `run_jobs` runs every job that has no standing result,
+`concurrency` at a time; `archlab ablate` and the proxy-fidelity benchmark are both lists of jobs.
+
+- A finished result is never trained again (a diverged one neither: the same seed would diverge
+  again). Results are also kept by content (`<cache>/trainings/<hash>.json`, the hash of the design,
+  the data and every training setting that changes the result), so a training that another batch
+  already ran (the ablation's rows in the fidelity benchmark, say) is reused, not repeated. A job that raised (out of memory, a lost node) is recorded as `failed` with its reason and
+  run again by the next invocation; an interrupted one continues from its checkpoint.
+- Every result records what made it: the hardware (CPU model, or GPU name), threads, seconds of
+  training and of scoring, so a report can say which machine made which number.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from archlab.io import write_atomic
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Job:
+    key: str  # unique within a batch (Ray's trial name)
+    arch: dict  # ArchConfig.to_dict()
+    data: dict  # DataConfig fields
+    train: dict  # TrainConfig fields
+    result: str  # the result JSON
+    workdir: str  # the checkpoint folder
+    meta: dict = field(default_factory=dict)  # copied into the result (row, seed, preset, ...)
+
+
+def read(path: str | Path) -> dict | None:
+    path = Path(path)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def is_done(path: str | Path) -> bool:
+    """A result that stands: trained, or diverged (the same seed would diverge again)."""
+    r = read(path)
+    return r is not None and r.get("status") != "failed"
+
+
+def hardware(device: str) -> str:
+    """The machine a training ran on, in words: the GPU's name, or the CPU's model."""
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+RUN_ONLY = ("device", "threads", "report_every", "checkpoint_every")  # do not change what a training learns
+
+
+def content_key(job: Job) -> str:
+    """The identity of a training: design, data and every setting that changes its result."""
+    data = dict(job.data)
+    if data.get("spec") != "synthetic":
+        data["spec"] = str(Path(data["spec"]).resolve())
+    train = {k: v for k, v in job.train.items() if k not in RUN_ONLY}
+    return hashlib.sha256(json.dumps([job.arch, data, train], sort_keys=True).encode()).hexdigest()[:24]
+
+
+def cached(job: Job) -> Path:
+    from archlab.io import cache_dir
+
+    return cache_dir() / "trainings" / f"{content_key(job)}.json"
+
+
+def run_job(job: Job, on_report: Callable[[int, dict], None] | None = None) -> dict:
+    """Train one job and write its result; a standing result is returned as it is, and one that the
+    content cache holds is copied. A training that raises becomes a result with status `failed` and
+    the reason, so a batch never loses a job."""
+    from archlab.config import ArchConfig
+    from archlab.data import DataConfig, load_dataset
+    from archlab.train import TrainConfig, train
+
+    if is_done(job.result):
+        return read(job.result)
+    if is_done(cached(job)):
+        result = {**read(cached(job)), **job.meta, "key": job.key, "reused": str(cached(job))}
+        write_atomic(job.result, json.dumps(result, indent=1) + "\n")
+        return result
+    t = TrainConfig(**job.train)
+    start = time.time()
+    base = {**job.meta, "key": job.key, "hardware": hardware(t.device), "device": t.device, "threads": t.threads,
+            "finished_at": None}
+    try:
+        data = load_dataset(DataConfig(**job.data))
+        r = train(ArchConfig.from_dict(job.arch), data, t, out=job.workdir, on_report=on_report)
+        result = {**base, **r.to_dict()}
+    except Exception as e:  # noqa: BLE001 - any failure of one training is a result, not a crash of the batch
+        log.exception("%s failed", job.key)
+        result = {**base, "status": "failed", "reason": f"{type(e).__name__}: {e}"[:500], "seconds": time.time() - start}
+    result["finished_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    text = json.dumps(result, indent=1) + "\n"
+    write_atomic(job.result, text)
+    if result["status"] != "failed":
+        write_atomic(cached(job), text)
+    return result
+
+
+def _ray_trial(config: dict, jobs: dict) -> None:
+    from ray import tune
+
+    job = Job(**jobs[config["job"]])
+    result = run_job(job, on_report=lambda step, m: tune.report({"train_loss": m["train_loss"], "step": step}))
+    tune.report({k: v for k, v in result.items() if isinstance(v, (int, float, str)) and v is not None})
+
+
+def run_jobs(jobs: list[Job], cluster, run_dir: str | Path, name: str) -> list[dict]:
+    """Every job without a standing result, as Ray Tune trials (`cluster`: a TrialSettings for the
+    resources, concurrency and address); returns every job's result, or a `missing` one for a job
+    that never finished (the batch was stopped)."""
+    todo = [j for j in jobs if not is_done(j.result)]
+    if len({j.key for j in jobs}) != len(jobs):
+        raise ValueError("run_jobs: job keys must be unique")
+    if todo:
+        from ray import tune
+
+        from archlab.cluster import init_ray
+        from archlab.data import DataConfig
+        from archlab.train import TrainConfig, prepare
+
+        # decode each data set and compute its FID reference features once, not in every trial at once
+        scoring = ("samples", "fid_extractor", "fid_reference")
+        for j in {json.dumps([j.data, [j.train.get(k) for k in scoring]], sort_keys=True): j for j in todo}.values():
+            prepare(DataConfig(**j.data), TrainConfig(**j.train))
+        init_ray(cluster.address)
+        threads = {"threads": cluster.cpus_per_trial}  # a trial's torch threads are the CPUs Ray gives it
+        payload = {j.key: {**asdict(j), "train": {**j.train, **threads}} for j in todo}
+        trainable = tune.with_resources(tune.with_parameters(_ray_trial, jobs=payload), cluster.resources)
+        tuner = tune.Tuner(trainable, param_space={"job": tune.grid_search([j.key for j in todo])},
+                           tune_config=tune.TuneConfig(max_concurrent_trials=cluster.concurrency),
+                           run_config=tune.RunConfig(name=f"{name}-{dt.datetime.now():%Y%m%d-%H%M%S}",
+                                                     storage_path=str(Path(run_dir).resolve() / "ray"), verbose=1))
+        tuner.fit()
+    return [read(j.result) or {**j.meta, "key": j.key, "status": "missing",
+                               "reason": "no result: the batch stopped before this training finished"} for j in jobs]

@@ -1,0 +1,59 @@
+"""Seed statistics: paired and unpaired intervals, rank agreement with bootstrap intervals, noise."""
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from archlab import stats
+
+
+def test_a_paired_interval_is_the_t_interval_of_the_differences():
+    a, b = [1.0, 2.0, 3.0, 4.0], [1.5, 2.4, 3.6, 4.5]
+    c = stats.compare(a, b)
+    d = np.subtract(b, a)
+    half = sps.t.ppf(0.975, 3) * d.std(ddof=1) / 2
+    assert c.seeds == 4 and math.isclose(c.mean, d.mean())
+    assert math.isclose(c.paired.low, d.mean() - half) and math.isclose(c.paired.high, d.mean() + half)
+    assert c.paired.excludes_zero and not c.unpaired.excludes_zero  # seeds vary more than the designs differ
+    assert c.correlation > 0.99 and c.pairing_gain > 5
+
+
+def test_pairing_buys_nothing_when_scores_are_uncorrelated():
+    rng = np.random.default_rng(0)
+    gains = []
+    for _ in range(200):
+        a, b = rng.normal(0, 1, 5), rng.normal(0.0, 1, 5)
+        gains.append(stats.compare(list(a), list(b)).pairing_gain)
+    assert np.median(gains) < 1.05  # paired loses degrees of freedom and gains no variance
+
+
+def test_failed_seeds_leave_the_paired_interval_and_few_seeds_give_none():
+    c = stats.compare([1.0, None, 3.0, 2.0], [1.2, 2.0, 3.1, float("nan")])
+    assert c.seeds == 2  # seeds 0 and 2 have both scores
+    assert stats.compare([1.0], [2.0]).paired is None
+
+
+def test_rank_agreement_with_bootstrap_intervals():
+    x = list(range(10))
+    same = stats.rank_agreement(x, [2 * v for v in x])
+    assert same["kendall_tau"] == pytest.approx(1) and same["spearman_rho"] == pytest.approx(1)
+    assert same["kendall_tau_ci"] == pytest.approx([1.0, 1.0])
+    assert stats.rank_agreement(x, x[::-1])["kendall_tau"] == pytest.approx(-1)
+    rng = np.random.default_rng(1)
+    noisy = stats.rank_agreement(x, list(np.array(x) + rng.normal(0, 3, 10)))
+    lo, hi = noisy["kendall_tau_ci"]
+    assert lo < noisy["kendall_tau"] < hi and hi - lo > 0.1
+    assert stats.rank_agreement([1, 2], [1, 2])["kendall_tau_ci"] is None  # too few designs for an interval
+
+
+def test_noise_to_spread():
+    rng = np.random.default_rng(2)
+    means = np.linspace(0, 1, 8)
+    quiet = stats.noise_to_spread([list(m + rng.normal(0, 0.01, 3)) for m in means])
+    loud = stats.noise_to_spread([list(m + rng.normal(0, 3.0, 3)) for m in means])
+    assert quiet["noise_to_spread"] < 0.1 < 1 < loud["noise_to_spread"]
+    assert quiet["reliability"] > 0.99 > loud["reliability"]
+    assert quiet["distinguishable"] > 8 > loud["distinguishable"] >= 1
+    assert stats.noise_to_spread([[1.0], [2.0]])["noise"] is None  # one seed: no noise estimate
