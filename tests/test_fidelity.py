@@ -1,0 +1,106 @@
+"""The proxy-fidelity benchmark on a tiny panel: trains every preset and the reference through the
+trials engine, analyses ranks and noise, writes the report, resumes without retraining, and reuses
+a training another batch already ran."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from archlab import fidelity, presets
+from archlab.errors import ArchlabError
+from conftest import tiny_dict
+
+PRESETS = {
+    "quick": {"image_size": 8, "width_mult": 0.25, "steps": 2, "batch": 4, "val_images": 8, "samples": 6,
+              "sample_steps": 2, "fid_extractor": "randconv", "fid_reference": 8},
+    "slow": {"image_size": 8, "width_mult": 0.25, "steps": 4, "batch": 4, "val_images": 8, "samples": 6,
+             "sample_steps": 2, "fid_extractor": "randconv", "fid_reference": 8},
+    "long": {"image_size": 8, "width_mult": 0.25, "steps": 16, "batch": 8, "val_images": 8, "samples": 6,
+             "sample_steps": 2, "fid_extractor": "randconv", "fid_reference": 8},
+}
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fidelity")
+    ladder = d / "ladder.yaml"
+    base = tiny_dict(stages=[dict(channels=32), dict(channels=64, transformer_depth=1)])
+    ladder.write_text(yaml.safe_dump({
+        "name": "tiny", "base": base,
+        "rows": [{"name": "base", "paper": {"fid": 4.0}}, {"name": "sep", "set": {"stages.*.conv": "separable"},
+                                                            "paper": {"fid": 3.0}},
+                 {"name": "nosa", "set": {"stages.1.self_attention": False}, "paper": {"fid": 3.5}}]}))
+    space = d / "space.yaml"
+    space.write_text(yaml.safe_dump({"name": "tiny", "base": base, "params": {
+        "stages.1.transformer_depth": [1, 2], "stages.*.ffn_ratio": [2, 3], "stages.0.conv": ["standard", "separable"]}}))
+    pfile = d / "presets.yaml"
+    pfile.write_text(yaml.safe_dump(PRESETS))
+    return ladder, space, pfile
+
+
+def _settings(lab, **over):
+    ladder, space, pfile = lab
+    values = dict(ladder=str(ladder), space=str(space), space_samples=2, presets=[f"{pfile}:quick", f"{pfile}:slow"],
+                  reference=f"{pfile}:long", default_preset="slow", seeds=2, cpus_per_trial=1, concurrency=2,
+                  data={"spec": "synthetic", "resolution": 8, "classes": 3, "per_class": 8, "val_per_class": 4, "seed": 0})
+    return fidelity.FidelitySettings(**{**values, **over})
+
+
+def test_fidelity_trains_analyses_reports_and_resumes(lab, tmp_path):
+    s = _settings(lab)
+    results, work, out = tmp_path / "results", tmp_path / "work", tmp_path / "report"
+    a = fidelity.run(s, results, work)
+    assert a["designs"] == ["L0-base", "L1-sep", "L2-nosa", "S0", "S1"] and not a["missing"]
+    files = sorted(results.rglob("*-seed*.json"))
+    assert len(files) == 5 * (2 * 2 + 1)
+    for name in ("quick", "slow"):
+        e = a["presets"][name]
+        assert e["cpu_minutes_per_design"] > 0 and e["trainings"] == 10
+        for score in fidelity.SCORES:
+            sc = e["scores"][score]
+            assert -1 <= sc["kendall_tau"] <= 1 and len(sc["kendall_tau_ci"]) == 2 and sc["spearman_rho"] is not None
+            assert sc["noise"] > 0 and sc["designs"] == 5 and len(sc["means"]) == 5
+            assert sc["ladder_kendall_tau_vs_paper_fid"] is not None
+    r = json.loads(files[0].read_text())
+    assert r["hardware"] and r["threads"] == 1 and r["score_seconds"] > 0 and len(r["val_loss_t"]) == 8
+    paths = fidelity.write_report(a, s, out, "archlab fidelity ...")
+    md = (out / "proxy_fidelity.md").read_text()
+    assert "| `slow` | val loss |" in md and "Kendall tau" in md and (out / "proxy_fidelity.png").stat().st_size > 0
+    js = json.loads((out / "proxy_fidelity.json").read_text())
+    assert js["default_cpu_preset"] == "slow" and set(js["presets"]["slow"]["scores"]) == set(fidelity.SCORES)
+    assert {"kendall_tau", "kendall_tau_ci", "spearman_rho", "noise_to_spread"} <= set(js["presets"]["slow"]["scores"]["fid"])
+    stamps = {p: p.stat().st_mtime_ns for p in files}
+    again = fidelity.run(s, results, work)  # everything cached: nothing trains again
+    assert {p: p.stat().st_mtime_ns for p in files} == stamps and again["presets"] == a["presets"]
+    assert len(paths) == 3
+
+
+def test_a_training_another_batch_ran_is_reused(lab, tmp_path):
+    s = _settings(lab)
+    fidelity.run(s, tmp_path / "a", tmp_path / "wa", only=["quick"])
+    fidelity.run(s, tmp_path / "b", tmp_path / "wb", only=["quick"])  # same trainings: from the content cache
+    b = [json.loads(p.read_text()) for p in (tmp_path / "b").rglob("quick-seed*.json")]
+    assert len(b) == 10 and all(r.get("reused") for r in b)
+    assert not (tmp_path / "wb").exists() or not list((tmp_path / "wb").rglob("checkpoint.pt"))
+
+
+def test_bad_settings_and_a_foreign_results_folder_are_refused(lab, tmp_path):
+    pfile = lab[2]
+    with pytest.raises(ArchlabError, match="under 8x"):
+        fidelity.run(_settings(lab, presets=[f"{pfile}:quick", f"{pfile}:long"], default_preset="long",
+                               reference=f"{pfile}:slow"), tmp_path / "r", tmp_path / "w")
+    with pytest.raises(ArchlabError, match="distinct names"):
+        fidelity.run(_settings(lab, reference=f"{pfile}:slow"), tmp_path / "r", tmp_path / "w")
+    with pytest.raises(ArchlabError, match="--default-preset"):
+        fidelity.run(_settings(lab, default_preset="cpu"), tmp_path / "r", tmp_path / "w")
+    fidelity.run(_settings(lab), tmp_path / "r", tmp_path / "w", only=[])
+    other = _settings(lab)
+    other.data = {**other.data, "classes": 2}
+    with pytest.raises(ArchlabError, match="other data"):
+        fidelity.run(other, tmp_path / "r", tmp_path / "w", only=[])
+    r = subprocess.run([sys.executable, "-m", "archlab.cli", "fidelity", "--presets", "smoke,nope", "--no-train",
+                        "--results", str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "'nope' is not a preset" in r.stderr and len(r.stderr.strip().splitlines()) == 1
