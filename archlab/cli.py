@@ -135,7 +135,9 @@ def _build_parser() -> argparse.ArgumentParser:
 
     rp = sub.add_parser("report", help="write the ablation report (Markdown, CSV, plots) from an ablate folder")
     rp.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by `archlab ablate`")
-    rp.add_argument("--out", default="reports", help="where to write ablation.md, ablation.csv and the plots")
+    rp.add_argument("--out", default="runs/report",
+                    help="where to write ablation.md, ablation.csv and the plots (default runs/report; the lab's "
+                         "committed report is --out reports)")
     rp.set_defaults(run=cmd_report)
 
     da = sub.add_parser("data", help="load a dataset and summarise it; --export writes a prepared copy")
@@ -185,7 +187,8 @@ def _build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--ladder", help="also measure and predict every row of this ladder")
     ev.add_argument("--networks", type=int, default=50, metavar="N", help="held-out networks (default 50)")
     ev.add_argument("--seed", type=int, default=2, help="seed of the held-out sample (default 2)")
-    ev.add_argument("--out", default="reports", help="folder for latency_eval.json and latency_eval.md")
+    ev.add_argument("--out", default="runs/latency-eval",
+                    help="folder for latency_eval.json and latency_eval.md (the lab's committed one: --out reports)")
     ev.set_defaults(run=cmd_latency_evaluate)
     return p
 

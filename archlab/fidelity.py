@@ -32,6 +32,10 @@ from archlab.io import write_atomic
 from archlab.trials import Job, read
 
 SCORES = ("val_loss", "fid", "kid")
+# scores derived after training from what a run kept: the validation loss at low / high timesteps (from
+# its per-timestep values) and FID / KID of its saved samples with the small randconv extractor
+DERIVED = ("val_loss_low_t", "val_loss_high_t", "fid_randconv", "kid_randconv")
+ALL_SCORES = SCORES + DERIVED
 REFERENCE_SEED = 1000  # the reference's seeds are not the presets': they share no batches, noise or init
 
 
@@ -123,15 +127,22 @@ def jobs(settings: FidelitySettings, designs: list[Design], results: Path, work:
 
 
 def open_results(settings: FidelitySettings, designs: list[Design], results: Path) -> None:
-    """Refuse a results folder made with another panel, data or presets; record the settings in it."""
+    """Refuse a results folder made with another panel or data, or with other values under a preset's
+    name; a preset new to the folder is added. Records what the folder holds in `fidelity.json`."""
     saved = results / "fidelity.json"
     ours = identity(settings, designs)
     if saved.is_file():
         theirs = json.loads(saved.read_text()).get("identity")
-        if theirs != ours:
-            diff = [k for k in ours if theirs.get(k) != ours[k]] if isinstance(theirs, dict) else ["settings"]
-            raise ArchlabError(f"--results: {results} holds trainings made with other {' and '.join(diff)}; "
-                               "pick another folder")
+        if not isinstance(theirs, dict):
+            raise ArchlabError(f"{saved}: not a fidelity results record; pick another --results folder")
+        for key in ("panel", "data"):
+            if theirs.get(key) != ours[key]:
+                raise ArchlabError(f"--results: {results} holds trainings made with another {key}; pick another folder")
+        for name, values in ours["presets"].items():
+            if name in theirs.get("presets", {}) and theirs["presets"][name] != values:
+                raise ArchlabError(f"--results: {results} holds trainings of preset {name!r} made with other values; "
+                                   "rename the preset or pick another folder")
+        ours["presets"] = {**theirs.get("presets", {}), **ours["presets"]}
     write_atomic(saved, json.dumps({"identity": ours, "settings": asdict(settings)}, indent=1) + "\n")
 
 
@@ -161,7 +172,8 @@ def analyse(settings: FidelitySettings, designs: list[Design], results: list[dic
     names = [d.name for d in designs]
     proxies = [p.name for p in settings.proxies()]
     reference = proxies[-1]
-    ref = {s: {n: _mean([r.get(s) for r in runs.get(n, {}).get(reference, {}).values()]) for n in names} for s in SCORES}
+    ref = {s: {n: _mean([_score(r, s) for r in runs.get(n, {}).get(reference, {}).values()]) for n in names}
+           for s in ALL_SCORES}
     out = {"designs": names, "default_cpu_preset": settings.default_preset, "reference": reference,
            "reference_seeds": settings.reference_seeds, "seeds": settings.seeds,
            "hardware": sorted({r.get("hardware", "?") for r in results if r.get("status") == "ok"}),
@@ -171,10 +183,11 @@ def analyse(settings: FidelitySettings, designs: list[Design], results: list[dic
         per = [runs.get(n, {}).get(p, {}) for n in names]
         costs = [c for runs_of in per for c in (cpu_minutes(r) for r in runs_of.values()) if c is not None]
         entry = {"cpu_minutes_per_design": statistics.median(costs) if costs else None,
+                 "extractors": sorted({r["fid_extractor"] for x in per for r in x.values() if r.get("fid_extractor")}),
                  "trainings": sum(len(x) for x in per), "hardware": sorted({r.get("hardware", "?") for x in per
                                                                              for r in x.values()}), "scores": {}}
-        for s in SCORES:
-            by_design = [[x[k].get(s) for k in sorted(x)] for x in per]
+        for s in ALL_SCORES:
+            by_design = [[_score(x[k], s) for k in sorted(x)] for x in per]
             means = [_mean(v) for v in by_design]
             have = [i for i, m in enumerate(means) if m is not None and ref[s][names[i]] is not None]
             score = {"designs": len(have)}
@@ -195,6 +208,41 @@ def analyse(settings: FidelitySettings, designs: list[Design], results: list[dic
             entry["scores"][s] = score
         out["presets"][p] = entry
     return out
+
+
+def _score(result: dict, name: str) -> float | None:
+    return result.get(name, result.get("derived", {}).get(name))
+
+
+def derive(jobs_: list[Job]) -> int:
+    """Add the DERIVED scores to finished results that lack them (written back in place); returns how
+    many results gained them. Needs each run's folder (its samples.pt) for the randconv scores."""
+    import torch
+
+    from archlab.data import DataConfig, load_dataset
+    from archlab.train import TrainConfig, score_images
+
+    data, n = {}, 0
+    for j in jobs_:
+        r = read(j.result)
+        if not r or r.get("status") != "ok" or "derived" in r:
+            continue
+        d = {}
+        vt = r.get("val_loss_t") or []
+        if vt:
+            d["val_loss_low_t"] = statistics.fmean(vt[:len(vt) // 2])  # t < 0.5: near the data
+            d["val_loss_high_t"] = statistics.fmean(vt[len(vt) // 2:])  # t > 0.5: near the noise
+        samples = Path(j.workdir) / "samples.pt"
+        if samples.is_file():
+            key = json.dumps(j.data, sort_keys=True)
+            if key not in data:
+                data[key] = load_dataset(DataConfig(**j.data))
+            s = score_images(torch.load(samples), data[key], "randconv", TrainConfig(**j.train).fid_reference)
+            d["fid_randconv"], d["kid_randconv"] = s["fid"], s["kid"]
+        if d:
+            write_atomic(j.result, json.dumps({**r, "derived": d}, indent=1) + "\n")
+            n += 1
+    return n
 
 
 def _mean(values) -> float | None:
@@ -219,19 +267,21 @@ def run(settings: FidelitySettings, results: str | Path, work: str | Path, only:
         if not Path(settings.data["spec"]).exists():
             raise ArchlabError(f"--dataset: {settings.data['spec']} does not exist")
     designs = panel(settings.ladder, settings.space, settings.space_samples, settings.panel_seed)
-    results, work = Path(results), Path(work)
+    results, work = Path(results).resolve(), Path(work).resolve()  # trials run in their own folders
     open_results(settings, designs, results)
     every = jobs(settings, designs, results, work)
     todo = [j for j in every if only is None or j.meta["preset"] in only]
     # cheapest first: every design gets its short proxies before the long reference trainings start
     todo.sort(key=lambda j: (j.meta["compute"], j.meta["seed"], j.meta["design"]))
     run_jobs(todo, settings, work, name="fidelity")
+    derive(every)
     return analyse(settings, designs, [read(j.result) or {**j.meta, "key": j.key, "status": "missing"} for j in every])
 
 
 # ---- report -------------------------------------------------------------------------------------
 
-LABELS = {"val_loss": "val loss", "fid": "FID", "kid": "KID"}
+LABELS = {"val_loss": "val loss", "fid": "FID", "kid": "KID", "val_loss_low_t": "val loss, t < 0.5",
+          "val_loss_high_t": "val loss, t > 0.5", "fid_randconv": "FID (randconv)", "kid_randconv": "KID (randconv)"}
 
 
 def _f(v, fmt=".2f") -> str:
@@ -260,8 +310,9 @@ def markdown(a: dict, settings: FidelitySettings, command: str) -> str:
     for p in presets_used:
         pr, e = proxies[p], a["presets"][p]
         t = pr.train_config()
+        ext = ", ".join(e["extractors"]) or t.fid_extractor
         lines.append(f"| `{p}` | {pr.image_size} | x{t.width_mult} | {t.steps} x {t.batch} | {pr.compute:,} | {t.lr:g} | "
-                     f"{t.val_images} | {t.samples} ({t.sample_steps}) | {t.fid_extractor} | {', '.join(e['hardware']) or '-'} | "
+                     f"{t.val_images} | {t.samples} ({t.sample_steps}) | {ext} | {', '.join(e['hardware']) or '-'} | "
                      f"{_f(e['cpu_minutes_per_design'], '.1f')} |")
     lines += ["", "CPU-minutes: median over the preset's trainings of (training + scoring seconds) x torch threads; each "
               "ran with 1 thread, 2 at a time on the 2-core machine (so each minute is one core's minute, with the "
@@ -270,20 +321,25 @@ def markdown(a: dict, settings: FidelitySettings, command: str) -> str:
               "Kendall tau and Spearman rho between the preset's ranking and the reference's ranking by the same score, "
               "with 95% bootstrap intervals over designs; `tau vs ref val loss` ranks against the reference's "
               "validation loss instead (SnapGen++'s proxy metric, the least noisy reference score). Noise / spread: "
-              "seed-to-seed std (pooled over designs) over the std of the designs' means (under 1: designs differ by "
-              "more than seeds do). Tells apart: about how many designs the score can put in a sure order across its "
-              "range at this many seeds. Ladder tau vs paper: Kendall tau of the ladder rows' ranking against the "
-              "paper's FID (8 rows).", "",
+              "the seed-to-seed std (pooled over designs) over the spread of the designs' true means (the std of the "
+              "means less what seed noise alone puts there); under 1, designs differ by more than a seed does; `noise "
+              "only`: seed noise explains all of the spread. Tells apart: about how many designs the score can put in a "
+              "sure order across its range at this many seeds. Ladder tau vs paper: Kendall tau of the ladder rows' "
+              "ranking against the paper's FID (8 rows).", "",
               "| preset | score | Kendall tau [95% CI] | Spearman rho | tau vs ref val loss | noise / spread | "
               "tells apart | ladder tau vs paper FID |", "|---|---|---|---|---|---|---|---|"]
     for p in presets_used:
-        for s in SCORES:
+        for s in ALL_SCORES:
             e = a["presets"][p]["scores"][s]
             tau = "1 (itself)" if p == reference else f"{_f(e.get('kendall_tau'))} {_ci(e.get('kendall_tau_ci'))}"
+            nts = "noise only" if e.get("reliability") == 0 else _f(e.get("noise_to_spread"))
             lines.append(f"| `{p}` | {LABELS[s]} | {tau} | {_f(e.get('spearman_rho'))} | "
-                         f"{_f(e.get('kendall_tau_vs_reference_val_loss'))} | {_f(e.get('noise_to_spread'))} | "
+                         f"{_f(e.get('kendall_tau_vs_reference_val_loss'))} | {nts} | "
                          f"{_f(e.get('distinguishable'), '.1f')} | {_f(e.get('ladder_kendall_tau_vs_paper_fid'))} |")
     dflt = a["presets"][settings.default_preset]["scores"]["val_loss"]
+    lines += ["", "Derived scores, computed after training from what each run kept (no retraining): the validation "
+              "loss at its 4 low (t < 0.5, near the data) and 4 high (t > 0.5, near the noise) timesteps, and FID / KID "
+              "of the run's own samples with the small fixed `randconv` extractor instead of Inception."]
     lines += ["", f"The default CPU preset `{settings.default_preset}` ranks by validation loss with Kendall tau "
               f"{_f(dflt.get('kendall_tau'))} {_ci(dflt.get('kendall_tau_ci'))} against the reference "
               f"(target: 0.7).", "", "![fidelity](proxy_fidelity.png)", "",
@@ -328,7 +384,8 @@ def plot(a: dict, settings: FidelitySettings, path: Path) -> Path:
         for x, y, p in zip(xs, ys, names):
             ax1.annotate(p, (x, y), textcoords="offset points", xytext=(5, -10), fontsize=7)
     ax1.axhline(0.7, color="0.6", ls="--", lw=0.8)
-    ax1.set_xscale("log")
+    if any(line.get_xdata().size for line in ax1.get_lines()[:-1]):
+        ax1.set_xscale("log")
     ax1.set_xlabel("CPU-minutes per training")
     ax1.set_ylabel("Kendall tau vs reference")
     ax1.legend(frameon=False, fontsize=8)

@@ -58,8 +58,10 @@ class Comparison:
     @property
     def pairing_gain(self) -> float | None:
         """Unpaired interval width / paired width: > 1 where pairing by seed narrows the interval."""
-        if self.paired is None or self.unpaired is None or self.paired.half_width == 0:
+        if self.paired is None or self.unpaired is None:
             return None
+        if self.paired.half_width == 0:
+            return math.inf if self.unpaired.half_width > 0 else None
         return self.unpaired.half_width / self.paired.half_width
 
     def interval(self, paired: bool) -> Interval | None:
@@ -150,8 +152,8 @@ def noise_to_spread(scores: list[list[float | None]], level: float = LEVEL) -> d
     - noise: the seed-to-seed std, pooled over designs;
     - spread: the std of the designs' true means, estimated as sqrt(var(means) - noise^2 / K) (the
       spread of K-seed means less what seed noise alone puts there; 0 when noise explains it all);
-    - noise_to_spread: noise / spread (under 1: designs differ by more than a seed does; inf: the
-      ranking is noise);
+    - noise_to_spread: noise / spread (under 1: designs differ by more than a seed does; None when
+      seed noise explains all of the spread, reliability 0: the ranking is noise);
     - reliability: the share of the K-seed means' variance that is real design differences;
     - distinguishable: 1 + (range of the means) / (the smallest difference of two K-seed means that is
       outside the noise at the 95% level, t x noise x sqrt(2/K)): roughly how many designs the score
@@ -171,7 +173,7 @@ def noise_to_spread(scores: list[list[float | None]], level: float = LEVEL) -> d
     true_var = max(var_means - noise ** 2 / k, 0.0)
     detectable = _t(max(1, 2 * k - 2), level) * noise * math.sqrt(2 / k)
     out.update(noise=noise, spread=math.sqrt(true_var),
-               noise_to_spread=noise / math.sqrt(true_var) if true_var else math.inf,
+               noise_to_spread=noise / math.sqrt(true_var) if true_var else None,
                reliability=true_var / var_means if var_means else None,
                distinguishable=1 + float(means.max() - means.min()) / detectable if detectable else None)
     return out

@@ -252,12 +252,12 @@ def sample(model: ProxyModel, labels: torch.Tensor, steps: int = 20, cfg_scale: 
     return torch.cat(out)
 
 
-def score(model: ProxyModel, data: ImageSet, t: TrainConfig) -> tuple[dict, torch.Tensor]:
+def score(model: ProxyModel, data: ImageSet, t: TrainConfig, progress: bool = False) -> tuple[dict, torch.Tensor]:
     """FID/KID of `t.samples` generated images (classes balanced) against `t.fid_reference` validation
     images; returns the scores and the generated images (uint8)."""
     labels = torch.arange(t.samples) % data.num_classes
     fake = sample(model, labels, t.sample_steps, t.cfg_scale, seed=t.seed + 99, device=t.device)
-    return score_images(fake, data, t.fid_extractor, t.fid_reference), fake
+    return score_images(fake, data, t.fid_extractor, t.fid_reference, progress), fake
 
 
 def reference_features(data: ImageSet, extractor_name: str = "auto", n: int | None = None, progress: bool = False):
@@ -281,11 +281,12 @@ def prepare(data_cfg, t: TrainConfig) -> ImageSet:
     return data
 
 
-def score_images(fake: torch.Tensor, data: ImageSet, extractor_name: str = "auto", n_real: int | None = None) -> dict:
+def score_images(fake: torch.Tensor, data: ImageSet, extractor_name: str = "auto", n_real: int | None = None,
+                 progress: bool = False) -> dict:
     """FID/KID of uint8 images against up to `n_real` validation images of `data`, with a named extractor."""
     from archlab.metrics import features, fid_kid
 
-    ext, real = reference_features(data, extractor_name, n_real)
+    ext, real = reference_features(data, extractor_name, n_real, progress)
     return {**fid_kid(real, features(ext, fake)), "fid_extractor": ext.name, "fid_reference": len(real)}
 
 
@@ -424,7 +425,7 @@ def _train(arch, data, t, out, progress, on_report, with_scores) -> TrainResult:
         result.val_loss_t = validation_loss(ema, data, t.val_images, t.device)
         result.val_loss = sum(result.val_loss_t) / len(result.val_loss_t)
         if with_scores and t.samples:
-            s, fake = score(ema, data, t)
+            s, fake = score(ema, data, t, progress)
             result.fid, result.kid, result.kid_std, result.fid_extractor = s["fid"], s["kid"], s["kid_std"], s["fid_extractor"]
             if out:
                 save_samples(fake, Path(out))

@@ -147,7 +147,8 @@ def run_jobs(jobs: list[Job], cluster, run_dir: str | Path, name: str) -> list[d
             prepare(DataConfig(**j.data), TrainConfig(**j.train))
         init_ray(cluster.address)
         threads = {"threads": cluster.cpus_per_trial}  # a trial's torch threads are the CPUs Ray gives it
-        payload = {j.key: {**asdict(j), "train": {**j.train, **threads}} for j in todo}
+        payload = {j.key: {**asdict(j), "train": {**j.train, **threads}, "result": str(Path(j.result).resolve()),
+                           "workdir": str(Path(j.workdir).resolve())} for j in todo}  # trials run in their own folders
         trainable = tune.with_resources(tune.with_parameters(_ray_trial, jobs=payload), cluster.resources)
         tuner = tune.Tuner(trainable, param_space={"job": tune.grid_search([j.key for j in todo])},
                            tune_config=tune.TuneConfig(max_concurrent_trials=cluster.concurrency),

@@ -189,3 +189,40 @@ def test_a_predicted_latency_change_within_the_predictors_error_gets_no_verdict(
     assert mark(1000, 1010, 0.013) == "noise"
     assert mark(1000, 1050, 0.013) is False
     assert mark(1000, 1010, None) is False  # an uncalibrated predictor has no error estimate: no band
+
+
+def _score_rows(a_seeds, b_seeds, paper=(4.0, 3.0)):
+    def row(i, seeds, fid):
+        ok = [v for v in seeds if v is not None]
+        return {"index": i, "name": f"r{i}", "paper": {"fid": fid}, "why_differs": {"fid": "a recorded reason"},
+                "val_loss": sum(ok) / len(ok), "val_loss_seeds": list(seeds),
+                **{f"{k}{x}": None for k in ("fid", "kid") for x in ("", "_seeds")}}
+
+    rows = [row(0, a_seeds, paper[0]), row(1, b_seeds, paper[1])]
+    for r in rows:
+        r["fid_seeds"] = r["kid_seeds"] = [None] * len(a_seeds)
+    (ch,) = changes(rows, [])
+    return next(m for m in ch["metrics"] if m["metric"] == "val loss")
+
+
+from archlab.report import changes  # noqa: E402
+
+
+def test_a_score_verdict_comes_from_the_interval_over_seeds():
+    # the seeds move both rows together (shared batches and init): paired differences are all -0.01
+    a = [0.50, 0.55, 0.60]
+    b = [0.49, 0.541, 0.589]
+    m = _score_rows(a, b)
+    assert m["test"]["paired"] and m["test"]["correlation"] > 0.99
+    assert m["agree"] is True and m["test"]["high"] < 0  # lower loss, as the paper's FID: agree
+    m = _score_rows(a, [0.51, 0.56, 0.61])  # worse by 0.01 on every seed: resolved, and against the paper
+    assert m["agree"] is False and m["reason"] == "a recorded reason"
+    m = _score_rows(a, [0.47, 0.58, 0.59])  # the same mean change, but seed by seed it is noise
+    assert m["agree"] == "noise" and "includes 0" in m["reason"]
+
+
+def test_fewer_than_three_seeds_give_no_score_verdict():
+    m = _score_rows([0.50, 0.55], [0.40, 0.45])
+    assert m["agree"] == "noise" and "at least 3" in m["reason"]
+    m = _score_rows([0.50, 0.55, None], [0.40, 0.45, 0.43])  # a failed seed leaves the pairs
+    assert m["agree"] == "noise" and m["test"]["seeds"] == 2
