@@ -252,9 +252,7 @@ def _data_config(args: argparse.Namespace):
 def _train_config(args: argparse.Namespace, threads: int):
     """The --proxy preset's training, with every flag the user gave on top."""
     over = {dest: getattr(args, dest) for dest in PRESET_FLAGS}
-    t = _preset(args).train_config(**over, seed=args.seed, device=args.device, threads=threads)
-    t.validate()
-    return t
+    return _preset(args).train_config(**over, seed=args.seed, device=args.device, threads=threads)
 
 
 def _selection_args(p: argparse.ArgumentParser) -> None:
@@ -385,6 +383,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     ladder = load_ladder(args.target)
     row = ladder.row(args.row) if args.row is not None else ladder.rows[-1]
     tcfg = _train_config(args, args.threads)
+    tcfg.validate()  # before the data set is decoded
     data = load_dataset(_data_config(args), progress=sys.stderr.isatty())
     result = train(row.config, data, tcfg, out=args.out, progress=sys.stderr.isatty())
     out = {**result.to_dict(), "design": row.name, "target": args.target, "dataset": data.describe(),
