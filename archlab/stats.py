@@ -7,9 +7,10 @@
   are correlated over seeds; `Comparison.pairing_gain` is how much narrower the paired interval is.
 - `rank_agreement(x, y)`: Kendall tau and Spearman rho between two rankings of the same designs,
   with a bootstrap interval over designs (resampled with replacement).
-- `noise_to_spread(scores)`: the seed-to-seed std of a score (pooled over designs) against the spread
-  of the designs' true means: under 1, designs differ by more than a seed does; `distinguishable`
-  counts how many designs the score can tell apart across its range at K seeds.
+- `noise_to_spread(scores)`: the seed-to-seed noise of a score that a ranking over shared seeds sees
+  (the design x seed interaction) against the spread of the designs' true means: under 1, designs
+  differ by more than a seed does; `distinguishable` counts how many designs the score can tell apart
+  across its range at K seeds.
 
 Only numpy and scipy; every function takes plain lists and returns plain numbers.
 """
@@ -147,32 +148,43 @@ def rank_agreement(x, y, boot: int = 2000, seed: int = 0, level: float = LEVEL) 
 
 
 def noise_to_spread(scores: list[list[float | None]], level: float = LEVEL) -> dict:
-    """`scores[i]`: design i's score over seeds.
+    """`scores[i][k]`: design i's score with seed k (every design trained with the same seeds).
 
-    - noise: the seed-to-seed std, pooled over designs;
-    - spread: the std of the designs' true means, estimated as sqrt(var(means) - noise^2 / K) (the
-      spread of K-seed means less what seed noise alone puts there; 0 when noise explains it all);
-    - noise_to_spread: noise / spread (under 1: designs differ by more than a seed does; None when
-      seed noise explains all of the spread, reliability 0: the ranking is noise);
+    - noise: the seed-to-seed std of one design's score, pooled over designs;
+    - noise_paired: what is left of it once the seed's effect common to every design is removed (the
+      design x seed interaction of a two-way layout, over the designs that have every seed). Seed k
+      gives every design the same batches, noise and shared initial weights, so a seed that is lucky
+      for one design is lucky for most: that common part shifts every mean alike and does not change a
+      ranking of means over the same seeds. This is the noise such a ranking sees;
+    - spread: the std of the designs' true means, sqrt(var(means) - noise_paired^2 / K) (the spread of
+      K-seed means less what seed noise alone puts there; 0 when noise explains it all);
+    - noise_to_spread: noise_paired / spread (under 1: designs differ by more than a seed does; None
+      when seed noise explains all of the spread, reliability 0: the ranking is noise);
     - reliability: the share of the K-seed means' variance that is real design differences;
-    - distinguishable: 1 + (range of the means) / (the smallest difference of two K-seed means that is
-      outside the noise at the 95% level, t x noise x sqrt(2/K)): roughly how many designs the score
-      can put in a sure order."""
-    groups = [[v for v in _finite(s) if v is not None] for s in scores]
-    groups = [g for g in groups if g]
-    means = np.array([np.mean(g) for g in groups])
+    - distinguishable: 1 + (range of the means) / (the smallest difference of two K-seed means outside
+      the noise at the 95% level, t x noise_paired x sqrt(2/K)): roughly how many designs the score can
+      put in a sure order."""
+    rows = [_finite(s) for s in scores]
+    groups = [[v for v in r if v is not None] for r in rows]
+    out = {"noise": None, "noise_paired": None, "spread": None, "noise_to_spread": None, "reliability": None,
+           "distinguishable": None, "seeds": float(np.mean([len(g) for g in groups if g])) if any(groups) else None}
     multi = [g for g in groups if len(g) >= 2]
-    out = {"noise": None, "spread": None, "noise_to_spread": None, "reliability": None, "distinguishable": None,
-           "seeds": float(np.mean([len(g) for g in groups])) if groups else None}
-    if len(means) < 2 or not multi:
+    if multi:
+        dof = sum(len(g) - 1 for g in multi)
+        out["noise"] = math.sqrt(sum(((np.array(g) - np.mean(g)) ** 2).sum() for g in multi) / dof)
+    width = min((len(r) for r in rows), default=0)
+    seeds = [k for k in range(width) if all(r[k] is not None for r in rows)]
+    full = np.array([[r[k] for k in seeds] for r in rows]) if len(seeds) >= 2 and len(rows) >= 2 else None
+    if full is None:
         return out
-    dof = sum(len(g) - 1 for g in multi)
-    noise = math.sqrt(sum(((np.array(g) - np.mean(g)) ** 2).sum() for g in multi) / dof)
-    k = out["seeds"]
+    n, k = full.shape
+    resid = full - full.mean(1, keepdims=True) - full.mean(0, keepdims=True) + full.mean()
+    noise = math.sqrt((resid ** 2).sum() / ((n - 1) * (k - 1)))
+    means = full.mean(1)
     var_means = float(means.var(ddof=1))
     true_var = max(var_means - noise ** 2 / k, 0.0)
-    detectable = _t(max(1, 2 * k - 2), level) * noise * math.sqrt(2 / k)
-    out.update(noise=noise, spread=math.sqrt(true_var),
+    detectable = _t((n - 1) * (k - 1), level) * noise * math.sqrt(2 / k)
+    out.update(noise_paired=noise, spread=math.sqrt(true_var), seeds=float(k),
                noise_to_spread=noise / math.sqrt(true_var) if true_var else None,
                reliability=true_var / var_means if var_means else None,
                distinguishable=1 + float(means.max() - means.min()) / detectable if detectable else None)

@@ -57,3 +57,7 @@ def test_noise_to_spread():
     assert quiet["reliability"] > 0.99 > loud["reliability"]
     assert quiet["distinguishable"] > 8 > loud["distinguishable"] >= 1
     assert stats.noise_to_spread([[1.0], [2.0]])["noise"] is None  # one seed: no noise estimate
+    # a seed effect common to every design (shared batches and noise) does not blur a ranking over the same seeds
+    common = rng.normal(0, 1.0, 3)
+    shifted = stats.noise_to_spread([list(m + common + rng.normal(0, 0.01, 3)) for m in means])
+    assert shifted["noise"] > 0.5 and shifted["noise_paired"] < 0.05 and shifted["noise_to_spread"] < 0.1
