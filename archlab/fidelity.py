@@ -259,7 +259,7 @@ def panel_digest(designs: list[Design]) -> str:
 def run(settings: FidelitySettings, results: str | Path, work: str | Path, only: list[str] | None = None) -> dict:
     """Train whatever the results folder lacks (`only`: just these presets, e.g. the reference on a
     GPU), then analyse everything it holds."""
-    from archlab.trials import run_jobs
+    from archlab.trials import remember, run_jobs
 
     settings.validate()
     if settings.data["spec"] != "synthetic":
@@ -270,6 +270,7 @@ def run(settings: FidelitySettings, results: str | Path, work: str | Path, only:
     results, work = Path(results).resolve(), Path(work).resolve()  # trials run in their own folders
     open_results(settings, designs, results)
     every = jobs(settings, designs, results, work)
+    remember(every)  # results committed with the report serve any batch that asks for the same training
     todo = [j for j in every if only is None or j.meta["preset"] in only]
     # cheapest first: every design gets its short proxies before the long reference trainings start
     todo.sort(key=lambda j: (j.meta["compute"], j.meta["seed"], j.meta["design"]))

@@ -97,7 +97,7 @@ def run_job(job: Job, on_report: Callable[[int, dict], None] | None = None) -> d
     if is_done(job.result):
         return read(job.result)
     if is_done(cached(job)):
-        result = {**read(cached(job)), **job.meta, "key": job.key, "reused": str(cached(job))}
+        result = {**_content(read(cached(job))), **job.meta, "key": job.key, "reused": str(cached(job))}
         write_atomic(job.result, json.dumps(result, indent=1) + "\n")
         return result
     t = TrainConfig(**job.train)
@@ -115,8 +115,27 @@ def run_job(job: Job, on_report: Callable[[int, dict], None] | None = None) -> d
     text = json.dumps(result, indent=1) + "\n"
     write_atomic(job.result, text)
     if result["status"] != "failed":
-        write_atomic(cached(job), text)
+        write_atomic(cached(job), json.dumps(_content(result, job), indent=1) + "\n")
     return result
+
+
+def _content(result: dict, job: Job | None = None) -> dict:
+    """A result as the content cache keeps it: without what names it in one batch (its key, meta)."""
+    drop = {"key", "reused", *(job.meta if job else ())}
+    return {k: v for k, v in result.items() if k not in drop}
+
+
+def remember(jobs: list[Job]) -> int:
+    """File the standing results that the content cache lacks (results committed with a report, or
+    made before the cache was cleared), so any batch asking for the same training reuses them;
+    returns how many were filed."""
+    n = 0
+    for j in jobs:
+        r = read(j.result)
+        if r is not None and r.get("status") == "ok" and not cached(j).is_file():
+            write_atomic(cached(j), json.dumps(_content(r, j), indent=1) + "\n")
+            n += 1
+    return n
 
 
 def _ray_trial(config: dict, jobs: dict) -> None:
@@ -131,9 +150,10 @@ def run_jobs(jobs: list[Job], cluster, run_dir: str | Path, name: str) -> list[d
     """Every job without a standing result, as Ray Tune trials (`cluster`: a TrialSettings for the
     resources, concurrency and address); returns every job's result, or a `missing` one for a job
     that never finished (the batch was stopped)."""
-    todo = [j for j in jobs if not is_done(j.result)]
     if len({j.key for j in jobs}) != len(jobs):
         raise ValueError("run_jobs: job keys must be unique")
+    remember(jobs)
+    todo = [j for j in jobs if not is_done(j.result)]
     if todo:
         from ray import tune
 

@@ -5,6 +5,7 @@ a training another batch already ran."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -91,6 +92,29 @@ def test_a_training_another_batch_ran_is_reused(lab, tmp_path):
     results = [run_job(j) for j in jobs]
     assert len(results) == 8 and all(r.get("reused") and r["status"] == "ok" for r in results)
     assert not (tmp_path / "wb").exists()  # nothing trained, so no checkpoint folder
+
+
+def test_committed_results_without_a_cache_serve_another_batch(lab, tmp_path, monkeypatch):
+    """A fresh clone has the committed results but no content cache: the benchmark files them in the
+    cache, so another batch with the same trainings (the ablation's rows, say) reuses them, stripped of
+    the first batch's names."""
+    from archlab.trials import cached, run_job
+
+    s = _settings(lab)
+    designs = fidelity.panel(s.ladder, s.space, s.space_samples, s.panel_seed)
+    results = tmp_path / "results"
+    fidelity.run(s, results, tmp_path / "w", only=["quick"])
+    monkeypatch.setenv("ARCHLAB_CACHE", str(tmp_path / "fresh-cache"))  # a fresh clone: no cache
+    jobs = [j for j in fidelity.jobs(s, designs, results, tmp_path / "w") if j.meta["preset"] == "quick"]
+    assert not any(cached(j).is_file() for j in jobs)
+    fidelity.run(s, results, tmp_path / "w", only=[])  # trains nothing, files what the folder holds
+    assert all(cached(j).is_file() for j in jobs)
+    j = jobs[0]
+    other = type(j)(key="row0-seed0", arch=j.arch, data=j.data, train={**j.train, "threads": 2},
+                    result=str(tmp_path / "other" / "seed0.json"), workdir=str(tmp_path / "wo"), meta={"index": 0})
+    r = run_job(other)
+    assert r["reused"] and r["index"] == 0 and r["key"] == "row0-seed0" and "design" not in r and "preset" not in r
+    assert r["val_loss"] == json.loads(Path(j.result).read_text())["val_loss"] and not (tmp_path / "wo").exists()
 
 
 def test_bad_settings_and_a_foreign_results_folder_are_refused(lab, tmp_path):
