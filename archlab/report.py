@@ -149,7 +149,8 @@ def _score_test(prev: dict, cur: dict, key: str, paired: bool) -> dict:
     c = compare(prev[f"{key}_seeds"], cur[f"{key}_seeds"])
     iv = c.interval(paired)
     test = {"seeds": c.seeds, "paired": paired, "mean": c.mean, "correlation": c.correlation,
-            "pairing_gain": c.pairing_gain, "low": iv.low if iv else None, "high": iv.high if iv else None}
+            "pairing_gain": c.pairing_gain, "low": iv.low if iv else None, "high": iv.high if iv else None,
+            "seeds_to_resolve": c.seeds_to_resolve(paired)}
     if c.seeds < MIN_SEEDS or iv is None:
         test.update(resolved=False, why=f"{c.seeds} seed(s) with results on both rows: a verdict needs at least {MIN_SEEDS}")
     elif not iv.excludes_zero:
@@ -338,9 +339,14 @@ def _quality_section(summary: list[dict], ch: list[dict]) -> list[str]:
         for c, ms in big:
             verdicts = []
             for label in ("val loss", "FID", "KID"):
-                a = ms[label]["agree"]
-                verdicts.append(f"{label} " + {True: "agrees", False: "disagrees", "noise": "cannot tell (within noise)",
-                                               None: "not measured"}[a])
+                a, t = ms[label]["agree"], ms[label].get("test") or {}
+                verdict = {True: "agrees", False: "disagrees", "noise": "cannot tell (within noise", None: "not measured"}[a]
+                if a == "noise":
+                    n = t.get("seeds_to_resolve")
+                    verdict += (f"; a change this large would need about {n} seeds at the measured noise)" if n else
+                                "; the measured change is too small for its noise to resolve at any practical number "
+                                "of seeds)")
+                verdicts.append(f"{label} {verdict}")
             lines.append(f"- row {c['index']} {c['name']} (paper FID {_pct(ms['FID']['paper'])}): " + "; ".join(verdicts))
     return lines
 

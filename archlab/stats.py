@@ -55,6 +55,8 @@ class Comparison:
     paired: Interval | None  # None with fewer than 2 seeds
     unpaired: Interval | None
     correlation: float | None  # of A's and B's scores over seeds
+    sd_paired: float | None = None  # seed-to-seed std of the per-seed difference b_k - a_k
+    sd_unpaired: float | None = None  # sqrt(var_a + var_b): the std of the difference of two independent seeds
 
     @property
     def pairing_gain(self) -> float | None:
@@ -67,6 +69,20 @@ class Comparison:
 
     def interval(self, paired: bool) -> Interval | None:
         return self.paired if paired else self.unpaired
+
+    def seeds_to_resolve(self, paired: bool, level: float = LEVEL, cap: int = 200) -> int | None:
+        """About how many seeds per design would put a change this large outside its interval, were the
+        change and the seed noise what these seeds measured (a planning figure: the measured change is
+        itself uncertain). None: no noise estimate, or more than `cap` seeds."""
+        sd = self.sd_paired if paired else self.sd_unpaired
+        if sd is None or not math.isfinite(self.mean):
+            return None
+        if sd == 0:
+            return 2 if self.mean else None
+        for n in range(2, cap + 1):
+            if _t((n - 1) if paired else (2 * n - 2), level) * sd / math.sqrt(n) < abs(self.mean):
+                return n
+        return None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -90,20 +106,22 @@ def compare(a: list[float | None], b: list[float | None], level: float = LEVEL) 
     d = np.array([y - x for x, y in pairs])
     k = len(d)
     mean = float(xb.mean() - xa.mean()) if len(xa) and len(xb) else float(d.mean())
-    paired = unpaired = corr = None
+    paired = unpaired = corr = sd_p = sd_u = None
     if k >= 2:
-        half = _t(k - 1, level) * d.std(ddof=1) / math.sqrt(k)
+        sd_p = float(d.std(ddof=1))
+        half = _t(k - 1, level) * sd_p / math.sqrt(k)
         paired = Interval(float(d.mean()), float(d.mean() - half), float(d.mean() + half))
         pa, pb = np.array(pairs).T
         if pa.std() > 0 and pb.std() > 0:
             corr = float(np.corrcoef(pa, pb)[0, 1])
     if len(xa) >= 2 and len(xb) >= 2:
+        sd_u = float(math.sqrt(xa.var(ddof=1) + xb.var(ddof=1)))
         va, vb = xa.var(ddof=1) / len(xa), xb.var(ddof=1) / len(xb)
         se = math.sqrt(va + vb)
         df = (va + vb) ** 2 / ((va ** 2 / (len(xa) - 1) + vb ** 2 / (len(xb) - 1)) or math.inf) if se else len(xa) + len(xb) - 2
         half = _t(df, level) * se
         unpaired = Interval(mean, mean - half, mean + half)
-    return Comparison(k, float(d.mean()) if paired else mean, paired, unpaired, corr)
+    return Comparison(k, float(d.mean()) if paired else mean, paired, unpaired, corr, sd_p, sd_u)
 
 
 def kendall(x, y) -> float | None:

@@ -35,6 +35,21 @@ def test_failed_seeds_leave_the_paired_interval_and_few_seeds_give_none():
     assert stats.compare([1.0], [2.0]).paired is None
 
 
+def test_seeds_to_resolve_a_change_at_the_measured_noise():
+    rng = np.random.default_rng(1)
+    a = rng.normal(0, 1, 3)
+    b = a + 0.5 + rng.normal(0, 0.3, 3)  # a real change of 0.5, paired noise ~0.3
+    c = stats.compare(list(a), list(b))
+    n = c.seeds_to_resolve(paired=True)
+    assert n is not None and n >= 2
+    # with that many seeds, the paired half-width at the measured noise is under the change; one fewer is not
+    half = lambda k: sps.t.ppf(0.975, k - 1) * c.sd_paired / math.sqrt(k)  # noqa: E731
+    assert half(n) < abs(c.mean) and (n == 2 or half(n - 1) >= abs(c.mean))
+    assert c.seeds_to_resolve(paired=False) > n  # unpaired, the seed effect stays in the noise
+    assert stats.compare([0.0, 1.0, 2.0], [0.0, 1.0, 2.0]).seeds_to_resolve(paired=True) is None  # no change
+    assert stats.compare([0.0, 1.0, 0.0], [0.001, 0.0, 1.0]).seeds_to_resolve(paired=True, cap=50) is None
+
+
 def test_rank_agreement_with_bootstrap_intervals():
     x = list(range(10))
     same = stats.rank_agreement(x, [2 * v for v in x])
