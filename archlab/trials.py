@@ -153,6 +153,9 @@ def run_jobs(jobs: list[Job], cluster, run_dir: str | Path, name: str) -> list[d
     if len({j.key for j in jobs}) != len(jobs):
         raise ValueError("run_jobs: job keys must be unique")
     remember(jobs)
+    for j in jobs:  # a training another batch already ran is copied here, without a Ray trial
+        if not is_done(j.result) and is_done(cached(j)):
+            run_job(j)
     todo = [j for j in jobs if not is_done(j.result)]
     if todo:
         from ray import tune

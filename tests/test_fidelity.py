@@ -116,6 +116,18 @@ def test_committed_results_without_a_cache_serve_another_batch(lab, tmp_path, mo
     assert r["reused"] and r["index"] == 0 and r["key"] == "row0-seed0" and "design" not in r and "preset" not in r
     assert r["val_loss"] == json.loads(Path(j.result).read_text())["val_loss"] and not (tmp_path / "wo").exists()
 
+    import archlab.cluster
+    from archlab.trials import run_jobs
+
+    def no_ray(*a, **k):
+        raise AssertionError("a batch the content cache holds whole must not start Ray")
+
+    monkeypatch.setattr(archlab.cluster, "init_ray", no_ray)
+    batch = fidelity.jobs(s, designs, tmp_path / "batch2", tmp_path / "w2")
+    batch = [b for b in batch if b.meta["preset"] == "quick"]
+    got = run_jobs(batch, s, tmp_path / "w2", name="again")
+    assert len(got) == len(batch) and all(g["status"] == "ok" and g["reused"] for g in got)
+
 
 def test_bad_settings_and_a_foreign_results_folder_are_refused(lab, tmp_path):
     pfile = lab[2]
