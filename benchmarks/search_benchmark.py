@@ -35,14 +35,29 @@ def search_argv(args, sampler: str, seed: int, run_dir: Path) -> list[str]:
             "--concurrency", str(args.concurrency), "--out", str(run_dir)]
 
 
+KEPT = ("trials.csv", "pareto.png", "summary.md", "summary.json")  # a finished search's outputs, committed
+
+
 def run_search(args, sampler: str, seed: int) -> Path:
+    """Run (or resume) one search, then keep its outputs and best config in the report folder: a search
+    whose outputs are there is finished, and is not run again (a later session picks up the rest)."""
+    from archlab.io import atomic_path
+
+    dest = Path(args.report) / f"{sampler}-s{seed}"
+    if (dest / "summary.json").is_file():
+        return dest
     run_dir = Path(args.runs) / f"search-{sampler}-s{seed}"
     cli = [sys.executable, "-m", "archlab.cli", "search"]
     argv = cli + (["--resume", str(run_dir)] if (run_dir / "search.json").is_file() else
                   search_argv(args, sampler, seed, run_dir))
     print("$", shlex.join(argv), flush=True)
     subprocess.run(argv, check=True)
-    return run_dir
+    dest.mkdir(parents=True, exist_ok=True)
+    for src, name in [(run_dir / "best" / "best-1.yaml", "best-1.yaml")] + [(run_dir / n, n) for n in KEPT]:
+        if src.is_file():  # summary.json last: it marks the search as finished
+            with atomic_path(dest / name) as tmp:
+                shutil.copyfile(src, tmp)
+    return dest
 
 
 def reference_jobs(args, runs: dict) -> dict:
@@ -57,7 +72,7 @@ def reference_jobs(args, runs: dict) -> dict:
     data = asdict(DataConfig(str(Path(args.dataset).resolve()), ref.image_size, None, None, args.val_per_class))
     jobs = {}
     for (sampler, seed), run_dir in runs.items():
-        best = run_dir / "best" / "best-1.yaml"
+        best = run_dir / "best-1.yaml"
         if not best.is_file():
             continue
         jobs[sampler, seed] = Job(key=f"{sampler}-s{seed}", arch=yaml.safe_load(best.read_text()), data=data,
@@ -95,12 +110,6 @@ def report(args, runs: dict, refs: dict, command: str) -> dict:
                "reference": args.reference, "trials": args.trials, "seeds": args.seeds, "searches": {}, "samplers": {}}
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=120)
     for (sampler, seed), run_dir in runs.items():
-        dest = out / f"{sampler}-s{seed}"
-        dest.mkdir(exist_ok=True)
-        for name in ("trials.csv", "pareto.png", "summary.md", "summary.json"):
-            if (run_dir / name).is_file():
-                with atomic_path(dest / name) as tmp:
-                    shutil.copyfile(run_dir / name, tmp)
         s = json.loads((run_dir / "summary.json").read_text())
         df = pd.read_csv(run_dir / "trials.csv")
         trained = df[df["state"] == "COMPLETE"]
