@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 from archlab.errors import ArchlabError
@@ -15,6 +16,20 @@ from archlab.io import progress_bar
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line instead of usage + message
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _folder(path: str) -> str:
+    """An output folder: new, or an existing folder (never an existing file)."""
+    if Path(path).exists() and not Path(path).is_dir():
+        raise argparse.ArgumentTypeError(f"{path} is a file, not a folder")
+    return path
+
+
+def _file(path: str) -> str:
+    """An output file: new, or an existing file (never a folder)."""
+    if Path(path).is_dir():
+        raise argparse.ArgumentTypeError(f"{path} is a folder, not a file")
+    return path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -64,7 +79,7 @@ def _build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--row", help="ladder row (name or 0-based index); default: the last row")
     _dataset_args(tr)
     _train_args(tr, threads=True)
-    tr.add_argument("--out", help="run folder: checkpoint (resumed from) and result.json")
+    tr.add_argument("--out", type=_folder, help="run folder: checkpoint (resumed from) and result.json")
     tr.add_argument("--json", action="store_true", help="print the result as a JSON object")
     tr.set_defaults(run=cmd_train)
 
@@ -82,7 +97,7 @@ def _build_parser() -> argparse.ArgumentParser:
     se.add_argument("--address", help="attach to a running Ray cluster (e.g. auto or HOST:6379)")
     se.add_argument("--storage", help="Optuna storage URL (default: a journal file in the run folder)")
     se.add_argument("--no-asha", action="store_true", help="no early stopping on the training curve")
-    se.add_argument("--out", help="run folder (default runs/search-<date>-<time>)")
+    se.add_argument("--out", type=_folder, help="run folder (default runs/search-<date>-<time>)")
     se.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted search (all other flags come from it)")
     _dataset_args(se)
     _train_args(se)
@@ -102,7 +117,7 @@ def _build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--gpus-per-trial", type=float, default=0, help="GPUs per trial (with --device cuda; fractions share one)")
     ab.add_argument("--concurrency", type=int, default=1, help="trainings at once (Ray Tune trials)")
     ab.add_argument("--address", help="attach to a running Ray cluster (e.g. auto or HOST:6379)")
-    ab.add_argument("--out", help="results folder (default runs/ablate-<ladder name>); re-running resumes it")
+    ab.add_argument("--out", type=_folder, help="results folder (default runs/ablate-<ladder name>); re-running resumes it")
     _dataset_args(ab)
     _train_args(ab)
     ab.set_defaults(run=cmd_ablate)
@@ -120,10 +135,10 @@ def _build_parser() -> argparse.ArgumentParser:
     fi.add_argument("--reference-seeds", type=int, default=1)
     fi.add_argument("--only", help="train only these presets now (e.g. --only reference on a GPU machine)")
     fi.add_argument("--no-train", action="store_true", help="train nothing: analyse the results there are")
-    fi.add_argument("--results", default="runs/fidelity/results",
+    fi.add_argument("--results", type=_folder, default="runs/fidelity/results",
                     help="folder of the trainings' result files (reports/proxy_fidelity/results holds the lab's)")
-    fi.add_argument("--work", default="runs/fidelity", help="checkpoints and Ray state")
-    fi.add_argument("--out", default="runs/fidelity/report", help="where to write proxy_fidelity.{md,json,png}")
+    fi.add_argument("--work", type=_folder, default="runs/fidelity", help="checkpoints and Ray state")
+    fi.add_argument("--out", type=_folder, default="runs/fidelity/report", help="where to write proxy_fidelity.{md,json,png}")
     fi.add_argument("--cpus-per-trial", type=int, default=1)
     fi.add_argument("--gpus-per-trial", type=float, default=0, help="GPUs per trial (with --device cuda)")
     fi.add_argument("--concurrency", type=int, default=2, help="trainings at once (default 2)")
@@ -135,14 +150,14 @@ def _build_parser() -> argparse.ArgumentParser:
 
     rp = sub.add_parser("report", help="write the ablation report (Markdown, CSV, plots) from an ablate folder")
     rp.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by `archlab ablate`")
-    rp.add_argument("--out", default="runs/report",
+    rp.add_argument("--out", type=_folder, default="runs/report",
                     help="where to write ablation.md, ablation.csv and the plots (default runs/report; the lab's "
                          "committed report is --out reports)")
     rp.set_defaults(run=cmd_report)
 
     da = sub.add_parser("data", help="load a dataset and summarise it; --export writes a prepared copy")
     _dataset_args(da)
-    da.add_argument("--export", metavar="FILE.pt", help="write the prepared set (uint8) for other machines")
+    da.add_argument("--export", type=_file, metavar="FILE.pt", help="write the prepared set (uint8) for other machines")
     da.add_argument("--json", action="store_true")
     da.set_defaults(run=cmd_data)
 
@@ -151,16 +166,16 @@ def _build_parser() -> argparse.ArgumentParser:
     ex = lsub.add_parser("export", help="export blocks and networks to an ONNX bundle (to time on another device)")
     _selection_args(ex)
     ex.add_argument("--opset", type=int, default=20)
-    ex.add_argument("--out", required=True, help="bundle folder (resumes if it exists)")
+    ex.add_argument("--out", type=_folder, required=True, help="bundle folder (resumes if it exists)")
     ex.set_defaults(run=cmd_latency_export)
     rn = lsub.add_parser("run", help="time a bundle here with onnxruntime (the same as the bundle's runner.py)")
     rn.add_argument("bundle")
-    rn.add_argument("--out", required=True, help="table CSV, e.g. latency_tables/<device>.csv (resumes)")
+    rn.add_argument("--out", type=_file, required=True, help="table CSV, e.g. latency_tables/<device>.csv (resumes)")
     _timing_args(rn)
     rn.set_defaults(run=cmd_latency_run)
     ms = lsub.add_parser("measure", help="export and time here, in chunks (resumes; deletes timed ONNX files)")
     _selection_args(ms)
-    ms.add_argument("--out", required=True, help="table CSV, e.g. latency_tables/<device>.csv (resumes)")
+    ms.add_argument("--out", type=_file, required=True, help="table CSV, e.g. latency_tables/<device>.csv (resumes)")
     ms.add_argument("--bundle", help="scratch bundle folder (default runs/bundles/<table name>)")
     ms.add_argument("--keep-onnx", action="store_true", help="keep the exported ONNX files")
     ms.add_argument("--opset", type=int, default=20)
@@ -187,7 +202,7 @@ def _build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--ladder", help="also measure and predict every row of this ladder")
     ev.add_argument("--networks", type=int, default=50, metavar="N", help="held-out networks (default 50)")
     ev.add_argument("--seed", type=int, default=2, help="seed of the held-out sample (default 2)")
-    ev.add_argument("--out", default="runs/latency-eval",
+    ev.add_argument("--out", type=_folder, default="runs/latency-eval",
                     help="folder for latency_eval.json and latency_eval.md (the lab's committed one: --out reports)")
     ev.set_defaults(run=cmd_latency_evaluate)
     return p
@@ -608,7 +623,6 @@ def _timing(args: argparse.Namespace) -> dict:
 
 
 def cmd_latency_run(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from archlab.latency.runner import RunnerError, noisy_keys, read_table, run_bundle, summary
 
@@ -623,7 +637,6 @@ def cmd_latency_run(args: argparse.Namespace) -> int:
 
 
 def cmd_latency_measure(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from archlab.latency.measure import measure
     from archlab.latency.runner import summary
@@ -666,7 +679,6 @@ def cmd_latency_fit(args: argparse.Namespace) -> int:
 
 def _query_targets(args: argparse.Namespace, resolution: int) -> tuple[list, list]:
     """(blocks, networks): what TARGET names, as BlockSpecs or (row name, ArchConfig, paper ms) triples."""
-    from pathlib import Path
 
     from archlab.config import read_yaml
     from archlab.decompose import BlockSpec
@@ -759,7 +771,6 @@ def _maybe(x: float | None, fmt: str) -> str:
 
 def cmd_latency_evaluate(args: argparse.Namespace) -> int:
     import shlex
-    from pathlib import Path
 
     from archlab.latency.evaluate import evaluate, write_report
     from archlab.ladder import load_ladder

@@ -92,9 +92,27 @@ def count_macs(module: torch.nn.Module, inputs: tuple) -> int:
     return int(total)
 
 
+def check_fits(spec: BlockSpec) -> None:
+    """Refuse a block too large to build and trace here (absurd channels or resolution), before any
+    memory is allocated: its parameters are counted on the meta device."""
+    from archlab.errors import ArchlabError
+    from archlab.io import memory_bytes
+
+    with torch.device("meta"):
+        params = sum(p.numel() for p in spec.build().parameters())
+    p, (h, w) = spec.params(), spec.hw
+    acts = max(p.get("cin", 0), p.get("dim", 0), p.get("channels", 0), p.get("cout", 0), 1) * h * w
+    need, memory = 4 * (params + 16 * acts), memory_bytes()  # weights, and the traced activations
+    if memory and need > memory / 2:
+        raise ArchlabError(f"{spec.key}: about {need / 2 ** 30:,.0f} GiB to build and trace ({params:,} params), "
+                           f"more than half of this machine's {memory / 2 ** 30:.1f} GiB: check the config's channels "
+                           "and latent resolution")
+
+
 @lru_cache(maxsize=None)
 def block_cost(spec: BlockSpec) -> BlockCost:
     """Params, MACs and activation elements of one block at batch 1 (cached by signature)."""
+    check_fits(spec)
     module, inputs = spec.runnable(batch=1)
     params = sum(p.numel() for p in module.parameters())
     with torch.no_grad():

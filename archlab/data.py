@@ -84,6 +84,18 @@ def load_dataset(cfg: DataConfig, progress: bool = False) -> ImageSet:
     return _folder(cfg, progress)
 
 
+def check_size(images: int, resolution: int, what: str = "") -> None:
+    """Refuse a set whose decoded uint8 array would take over half of this machine's memory, before
+    generating or decoding anything (an absurd --image-size or --classes is an error, not a crash)."""
+    from archlab.io import memory_bytes
+
+    need, memory = images * 3 * resolution ** 2, memory_bytes()
+    if memory and need > memory / 2:
+        raise ArchlabError(f"--image-size {resolution}: {images:,} images{what} at {resolution}x{resolution} px take "
+                           f"{need / 2 ** 30:,.1f} GiB decoded, more than half of this machine's "
+                           f"{memory / 2 ** 30:.1f} GiB; lower --image-size, --classes or --per-class")
+
+
 def save_dataset(data: ImageSet, path: str | Path) -> Path:
     """Write a prepared set (uint8 tensors, labels, class names, key) that `load_dataset` reads back."""
     return save_atomic({"format": "archlab-imageset-1", "train": data.train, "train_labels": data.train_labels, "val": data.val,
@@ -132,6 +144,7 @@ def synthetic(cfg: DataConfig) -> ImageSet:
     size, rotation, hue, background gradient and noise. Deterministic from `cfg.seed`."""
     k = cfg.classes or 10
     n_train, n_val = cfg.per_class or 200, cfg.val_per_class or 50
+    check_size(k * (n_train + n_val), cfg.resolution, f" (--classes {k} x {n_train} train + {n_val} validation)")
     rng = np.random.default_rng(cfg.seed)
     res = cfg.resolution
     imgs, labels = [], []
@@ -231,6 +244,7 @@ def _folder(cfg: DataConfig, progress: bool) -> ImageSet:
     if cache.is_file():
         d = torch.load(cache)
     else:
+        check_size(sum(len(t) + len(v) for t, v in files.values()), cfg.resolution)
         d = _decode(files, cfg.resolution, progress)
         save_atomic(d, cache)
     info = {"cache": str(cache), "classes_used": names[:5] + (["..."] if len(names) > 5 else [])}
@@ -255,7 +269,7 @@ def _decode(files: dict, res: int, progress: bool) -> dict:
                 try:
                     with Image.open(p) as im:
                         arr = _square(im.convert("RGB"), res)
-                except (OSError, ValueError):
+                except (OSError, ValueError, Image.DecompressionBombError):  # unreadable, or over PIL's pixel limit
                     skipped += 1
                     continue
                 out[split].append(arr)

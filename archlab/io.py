@@ -14,6 +14,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ARCHLAB_CACHE", "runs/cache"))
 
 
+def memory_bytes() -> int | None:
+    """This machine's physical memory (None where the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def progress_bar(desc: str, unit: str = "item") -> Callable[[Iterable], Iterable]:
     """Wrap a loop in a tqdm bar on stderr, shown only when stderr is a terminal."""
     import sys

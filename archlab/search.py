@@ -306,6 +306,21 @@ class SearchSettings(TrialSettings):
         return [self.objective, LATENCY] if self.multi else [self.objective]
 
 
+def read_settings(path: Path) -> SearchSettings:
+    """The settings a search saved in its run folder, checked; a damaged file is a one-line error
+    naming it, and nothing in the folder changes."""
+    try:
+        raw = json.loads(path.read_text())
+        if not isinstance(raw, dict):
+            raise TypeError(f"a JSON {type(raw).__name__}, not an object")
+        settings = SearchSettings(**raw)
+        settings.validate()
+    except (ValueError, TypeError, AttributeError, KeyError) as e:
+        raise ArchlabError(f"{path}: not a readable search settings file ({str(e).splitlines()[0][:160]}); "
+                           "start a new search in another folder") from None
+    return settings
+
+
 def _trial(config: dict, settings: dict, run_dir: str) -> None:
     """One Ray Tune trial: train the candidate at proxy scale, report the train loss as it goes and
     the scores at the end. A diverged run raises, so Tune records it as failed with the reason.
@@ -406,7 +421,7 @@ def run_search(settings: SearchSettings | None, run_dir: str | Path, resume: boo
     if resume:
         if not saved.is_file():
             raise ArchlabError(f"--resume: {run_dir} is not a search run folder (no search.json)")
-        settings = SearchSettings(**json.loads(saved.read_text()))
+        settings = read_settings(saved)
     elif saved.exists():
         raise ArchlabError(f"--out: {run_dir} already holds a search: resume it with --resume {run_dir}, or pick another folder")
     else:  # trials run in their own folders (and maybe other machines): absolute paths only
