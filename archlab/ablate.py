@@ -29,7 +29,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from archlab.cluster import TrialSettings, init_ray
+from archlab.cluster import TrialSettings
 from archlab.errors import ArchlabError
 from archlab.io import write_atomic
 from archlab.ladder import Ladder, load_ladder

@@ -64,6 +64,7 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("target", metavar="CONFIG_OR_LADDER")
     s.add_argument("--row", help="ladder row (name or 0-based index); default: the last row")
     s.add_argument("--blocks", action="store_true", help="print the block decomposition instead of the config")
+    s.add_argument("--json", action="store_true", help="print the config (or the block list) as JSON")
     s.set_defaults(run=cmd_show)
 
     sp = sub.add_parser("space", help="summarise a search space, sample from it, or list its block signatures")
@@ -101,6 +102,7 @@ def _build_parser() -> argparse.ArgumentParser:
     se.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted search (all other flags come from it)")
     _dataset_args(se)
     _train_args(se)
+    se.add_argument("--json", action="store_true", help="print the search's summary as JSON")
     se.set_defaults(run=cmd_search)
 
     ab = sub.add_parser("ablate", help="run an ablation ladder: cost, predicted and measured latency, K proxy trainings per row")
@@ -120,6 +122,7 @@ def _build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--out", type=_folder, help="results folder (default runs/ablate-<ladder name>); re-running resumes it")
     _dataset_args(ab)
     _train_args(ab)
+    ab.add_argument("--json", action="store_true", help="print the runs' results as JSON")
     ab.set_defaults(run=cmd_ablate)
 
     fi = sub.add_parser("fidelity", help="proxy fidelity: rank a panel of designs with each proxy preset and with a long "
@@ -153,6 +156,7 @@ def _build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", type=_folder, default="runs/report",
                     help="where to write ablation.md, ablation.csv and the plots (default runs/report; the lab's "
                          "committed report is --out reports)")
+    rp.add_argument("--json", action="store_true", help="print the report's files and tally as JSON")
     rp.set_defaults(run=cmd_report)
 
     da = sub.add_parser("data", help="load a dataset and summarise it; --export writes a prepared copy")
@@ -167,11 +171,13 @@ def _build_parser() -> argparse.ArgumentParser:
     _selection_args(ex)
     ex.add_argument("--opset", type=int, default=20)
     ex.add_argument("--out", type=_folder, required=True, help="bundle folder (resumes if it exists)")
+    ex.add_argument("--json", action="store_true", help="print the bundle's summary as JSON")
     ex.set_defaults(run=cmd_latency_export)
     rn = lsub.add_parser("run", help="time a bundle here with onnxruntime (the same as the bundle's runner.py)")
     rn.add_argument("bundle")
     rn.add_argument("--out", type=_file, required=True, help="table CSV, e.g. latency_tables/<device>.csv (resumes)")
     _timing_args(rn)
+    rn.add_argument("--json", action="store_true", help="print the table's rows as JSON")
     rn.set_defaults(run=cmd_latency_run)
     ms = lsub.add_parser("measure", help="export and time here, in chunks (resumes; deletes timed ONNX files)")
     _selection_args(ms)
@@ -180,9 +186,11 @@ def _build_parser() -> argparse.ArgumentParser:
     ms.add_argument("--keep-onnx", action="store_true", help="keep the exported ONNX files")
     ms.add_argument("--opset", type=int, default=20)
     _timing_args(ms)
+    ms.add_argument("--json", action="store_true", help="print the table's rows as JSON")
     ms.set_defaults(run=cmd_latency_measure)
     ft = lsub.add_parser("fit", help="fit the predictor of a table (writes <table>.predictor.json)")
     ft.add_argument("table", help="a measured table, e.g. latency_tables/<device>.csv")
+    ft.add_argument("--json", action="store_true", help="print the fit's summary as JSON")
     ft.set_defaults(run=cmd_latency_fit)
     q = lsub.add_parser("query", help="predicted latency of a block, a network config or every row of a ladder")
     q.add_argument("target", metavar="TARGET",
@@ -204,6 +212,7 @@ def _build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=2, help="seed of the held-out sample (default 2)")
     ev.add_argument("--out", type=_folder, default="runs/latency-eval",
                     help="folder for latency_eval.json and latency_eval.md (the lab's committed one: --out reports)")
+    ev.add_argument("--json", action="store_true", help="print the evaluation as JSON")
     ev.set_defaults(run=cmd_latency_evaluate)
     return p
 
@@ -378,7 +387,11 @@ def cmd_show(args: argparse.Namespace) -> int:
 
     ladder = load_ladder(args.target)
     row = ladder.row(args.row) if args.row is not None else ladder.rows[-1]
-    if args.blocks:
+    if args.json:
+        out = ([{"name": b.name, "skip": b.skip, "kind": b.kind, "key": b.key} for b in decompose(row.config)]
+               if args.blocks else row.config.to_dict())
+        print(json.dumps(out, indent=2))
+    elif args.blocks:
         specs = decompose(row.config)
         print(_table([(s.name, s.skip or "", s.key) for s in specs], ("block", "skip", "signature"), align="lll"))
     else:
@@ -433,6 +446,9 @@ def cmd_search(args: argparse.Namespace) -> int:
                                   train=asdict(_train_config(args, threads=args.cpus_per_trial)))
         out = args.out or f"runs/search-{dt.datetime.now():%Y%m%d-%H%M%S}"
         summary = run_search(settings, out)
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+        return 1 if "stopped" in summary else 0
     print(f"{summary['run_dir']}: {summary['trained']} trained, {summary['rejected_over_budget']} rejected over budget, "
           f"{summary['stopped_early']} stopped early, {summary['failed']} failed")
     if "best" in summary:
@@ -471,6 +487,10 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     out = args.out or f"runs/ablate-{ladder.name}"
     run = run_ablation(settings, out, progress=sys.stderr.isatty())
     done = [r for r in run["results"] if r.get("status") == "ok"]
+    if args.json:
+        print(json.dumps({"run_dir": run["run_dir"], "finished": len(done), "trainings": len(run["results"]),
+                          "results": run["results"], "report": f"archlab report {out}"}, indent=2, default=str))
+        return 0 if len(done) == len(run["results"]) else 1
     print(f"{run['run_dir']}: {len(done)} of {len(run['results'])} trainings finished")
     for r in run["results"]:
         if r.get("status") != "ok":
@@ -530,6 +550,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     rep = write_report(args.run_dir, args.out, command="archlab " + shlex.join(args.argv))
     t = tally(rep["changes"])
+    if args.json:
+        print(json.dumps({"out": rep["out"], "rows": [r["name"] for r in rep["rows"]], "directions": t}, indent=2))
+        return 0
     print(f"{rep['out']}/ablation.md, ablation.csv and plots: {len(rep['rows'])} rows; directions: {t['agree']} agree "
           f"with the paper, {t['disagree']} disagree, {t['noise']} within noise")
     return 0
@@ -609,6 +632,10 @@ def cmd_latency_export(args: argparse.Namespace) -> int:
     blocks, networks = _selection(args)
     manifest = export_bundle(args.out, blocks, networks, resolution=args.resolution, opset=args.opset,
                              progress=progress_bar("exporting", "model"))
+    if args.json:
+        print(json.dumps({"out": args.out, "models": len(manifest["items"]), "resolution": args.resolution,
+                          "opset": args.opset}, indent=2))
+        return 0
     print(f"{len(manifest['items'])} models in {args.out} (latent {args.resolution}x{args.resolution}, opset {args.opset})")
     return 0
 
@@ -624,7 +651,7 @@ def _timing(args: argparse.Namespace) -> dict:
 
 def cmd_latency_run(args: argparse.Namespace) -> int:
 
-    from archlab.latency.runner import RunnerError, noisy_keys, read_table, run_bundle, summary
+    from archlab.latency.runner import RunnerError, noisy_keys, read_table, run_bundle
 
     try:
         timing = _timing(args)
@@ -632,21 +659,27 @@ def cmd_latency_run(args: argparse.Namespace) -> int:
         rows = run_bundle(args.bundle, args.out, progress=sys.stderr.isatty(), redo=redo, **timing)
     except RunnerError as e:
         raise ArchlabError(str(e)) from None
-    print(summary(rows, args.out, args.max_cv))
+    _print_rows(args, rows)
     return 0
+
+
+def _print_rows(args: argparse.Namespace, rows: list) -> None:
+    from archlab.latency.runner import summary
+
+    print(json.dumps({"table": args.out, "rows": rows}, indent=2, default=str) if args.json
+          else summary(rows, args.out, args.max_cv))
 
 
 def cmd_latency_measure(args: argparse.Namespace) -> int:
 
     from archlab.latency.measure import measure
-    from archlab.latency.runner import summary
 
     blocks, networks = _selection(args)
     bundle = args.bundle or str(Path("runs") / "bundles" / Path(args.out).stem)
     rows = measure(args.out, bundle, blocks=blocks, networks=networks, resolution=args.resolution,
                    opset=args.opset, keep_onnx=args.keep_onnx, redo_noisy=args.redo_noisy,
                    progress=progress_bar("exporting", "model"), **_timing(args))
-    print(summary(rows, args.out, args.max_cv))
+    _print_rows(args, rows)
     return 0
 
 
@@ -656,14 +689,20 @@ def cmd_latency_fit(args: argparse.Namespace) -> int:
 
     pred = fit(args.table, progress=progress_bar("fitting kinds", "kind"))
     path = pred.save(predictor_path(args.table))
-    print(f"{path}: {len(pred.measured)} measured blocks, {len(pred.kinds)} kind models")
     meta, rows = read_checked_table(args.table)
     gate = meta.get("protocol", {}).get("max_cv", MAX_CV)
     noisy = noisy_keys(rows, gate)
+    if args.json:
+        print(json.dumps({"predictor": str(path), "measured_blocks": len(pred.measured), "kinds": len(pred.kinds),
+                          "rows": len(rows), "noisy_rows": len(noisy), "max_cv": gate}, indent=2))
+    else:
+        print(f"{path}: {len(pred.measured)} measured blocks, {len(pred.kinds)} kind models")
     if noisy:
         print(f"warning: {len(noisy)} of {len(rows)} rows have a run-to-run CV above {gate:.0%} (timed while the "
               f"machine was busy); time them again with `archlab latency measure ... --redo-noisy` and fit again",
               file=sys.stderr)
+    if args.json:
+        return 0
     print(_table([(k, m.n, "" if m.loo_mape is None else f"{100 * m.loo_mape:.1f}%",
                    ", ".join(f"{f}={c:.3g}" for f, c in zip(m.features, m.coef) if c))
                   for k, m in sorted(pred.kinds.items())], ("kind", "rows", "LOO MAPE", "ms per unit"), align="lrrl"))
@@ -782,6 +821,9 @@ def cmd_latency_evaluate(args: argparse.Namespace) -> int:
                       progress=progress_bar("exporting", "model"))
     command = "archlab " + " ".join(shlex.quote(a) for a in args.argv)
     js, md = write_report(report, args.out, command)
+    if args.json:
+        print(json.dumps({**report, "files": [str(js), str(md)]}, indent=2, default=str))
+        return 0
     print(f"{report['n']} held-out networks: MAPE {100 * report['mape']:.1f}%, within ±10% {100 * report['within_10']:.0f}%, "
           f"Kendall tau {_maybe(report['kendall_tau'], '.3f')} (raw block sum: MAPE {100 * report['raw_sum']['mape']:.1f}%); "
           f"noise CV {100 * report['noise_cv']:.1f}%")

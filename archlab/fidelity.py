@@ -102,8 +102,6 @@ def _data(settings: FidelitySettings, preset) -> dict:
 
 def identity(settings: FidelitySettings, designs: list[Design]) -> dict:
     """What makes two result folders' trainings the same: the panel, the data and the presets' values."""
-    from archlab import presets
-
     data = {k: v for k, v in settings.data.items() if k != "resolution"}
     if data.get("spec") != "synthetic":
         data["spec"] = Path(data["spec"]).name  # the same folder mounted elsewhere is the same data

@@ -51,7 +51,7 @@ def main() -> int:
     command = "python benchmarks/lr_pilot.py " + shlex.join(sys.argv[1:])
     out = Path(args.out)
     write_atomic(out.with_suffix(".json"), json.dumps({"command": command, "rows": rows}, indent=1) + "\n")
-    lines = ["# Learning-rate pilot", "", f"Validation loss of ladder rows at the `cpu` preset's scale, seed 0, by lr "
+    lines = ["# Learning-rate pilot", "", "Validation loss of ladder rows at the `cpu` preset's scale, seed 0, by lr "
              "and step count (one run per row and lr).", "", "```", command, "```", "",
              "| row | lr | " + " | ".join(f"{n} steps" for n in steps) + " |", "|---|---|" + "---|" * len(steps)]
     for name in args.rows.split(","):

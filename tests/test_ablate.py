@@ -70,12 +70,14 @@ def test_ablate_measures_trains_and_reports_then_resumes_without_redoing(tiny_la
     for png in ("ablation_changes.png", "ablation_latency_quality.png"):
         assert (out / png).stat().st_size > 5000
 
-    again = _run(argv + TINY_TRAIN)  # everything cached: nothing trained or measured again
+    again = _run(argv + TINY_TRAIN + ["--json"])  # everything cached: nothing trained or measured again
     assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads(again.stdout)["finished"] == 4 and len(json.loads(again.stdout)["results"]) == 4
     assert {p: p.stat().st_mtime_ns for p in results} == stamps
     assert len(pd.read_csv(measured)) == len(pd.read_csv(measured).drop_duplicates("key"))
     before = (out / "ablation.csv").read_bytes()
-    assert _run(["report", str(run), "--out", str(out)]).returncode == 0
+    rep = _run(["report", str(run), "--out", str(out), "--json"])
+    assert rep.returncode == 0 and json.loads(rep.stdout)["rows"] == ["base", "separable"]
     assert (out / "ablation.csv").read_bytes() == before  # the same folder gives the same tables
 
 

@@ -36,6 +36,19 @@ def test_cost_single_config_with_blocks(tmp_path, capsys):
     assert sum(b["macs"] for b in row["blocks"]) == row["macs"]
 
 
+def test_show_json_gives_the_config_or_the_blocks(capsys):
+    from archlab.config import ArchConfig
+    from archlab.decompose import decompose
+    from archlab.ladder import load_ladder
+
+    assert main(["show", str(LADDER), "--row", "mqa", "--json"]) == 0
+    cfg = ArchConfig.from_dict(json.loads(capsys.readouterr().out))
+    assert cfg.digest() == load_ladder(str(LADDER)).row("mqa").config.digest()
+    assert main(["show", str(LADDER), "--row", "mqa", "--blocks", "--json"]) == 0
+    blocks = json.loads(capsys.readouterr().out)
+    assert [b["key"] for b in blocks] == [b.key for b in decompose(cfg)]
+
+
 def test_show_round_trips_a_ladder_row(tmp_path, capsys):
     assert main(["show", str(LADDER), "--row", "mqa"]) == 0
     path = tmp_path / "mqa.yaml"

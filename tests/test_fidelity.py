@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from archlab import fidelity, presets
+from archlab import fidelity
 from archlab.errors import ArchlabError
 from conftest import tiny_dict
 
