@@ -279,12 +279,13 @@ def results(settings: AblateSettings, ladder: Ladder, run_dir: Path) -> list[dic
             for j in jobs(settings, ladder, run_dir)]
 
 
-def run_ablation(settings: AblateSettings, run_dir: str | Path, progress: bool = False) -> dict:
-    """Cost, time and train every selected row; returns what `archlab report` reads."""
+def run_ablation(settings: AblateSettings, run_dir: str | Path, progress: bool = False, on_event=None) -> dict:
+    """Cost, time and train every selected row; returns what `archlab report` reads. `on_event`:
+    the trials engine's progress events (a training started or ended)."""
     run_dir = Path(run_dir).resolve()
     settings, ladder = open_run(settings, run_dir)
     selected = settings.selected(ladder)
     cost = cost_rows(ladder, selected, run_dir, progress)
     latency = latency_rows(selected, settings, run_dir, progress)
-    run_jobs(jobs(settings, ladder, run_dir), settings, run_dir, name="ablate")
+    run_jobs(jobs(settings, ladder, run_dir), settings, run_dir, name="ablate", on_event=on_event)
     return {"run_dir": str(run_dir), "cost": cost, "latency": latency, "results": results(settings, ladder, run_dir)}

@@ -428,32 +428,91 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0 if result.status == "ok" else 1
 
 
+def _minutes(result: dict | None) -> str:
+    if not result:
+        return ""
+    return f"{((result.get('seconds') or 0) + (result.get('score_seconds') or 0)) / 60:.1f} min"
+
+
+def _scores(result: dict) -> str:
+    return ", ".join(f"{k} {result[k]:.4g}" for k in ("val_loss", "fid", "kid") if result.get(k) is not None)
+
+
+def _job_printer(label=lambda info: info["job"]):
+    """One line per trial event on stderr, instead of Ray's repeated status table."""
+    def on_event(kind: str, info: dict) -> None:
+        r = info.get("result") or {}
+        what = label(info)
+        line = {"start": f"{what}: started",
+                "done": f"{what}: {r.get('status')} {_scores(r)} ({_minutes(r)}){' ' + r.get('reason', '') if r.get('status') != 'ok' else ''}",
+                "stopped": f"{what}: stopped early (ASHA)",
+                "error": f"{what}: failed: {r.get('reason', '')}"}.get(kind)
+        if line:
+            print(line, file=sys.stderr, flush=True)
+    return on_event
+
+
+def _search_printer():
+    rejected = [0]
+    jobs = _job_printer(lambda info: f"trial {info['trial']} ({info.get('predicted_ms') or 0:.0f} ms predicted)")
+
+    def on_event(kind: str, info: dict) -> None:
+        if kind == "rejected":
+            rejected[0] += 1
+            return
+        if kind == "start" and rejected[0]:
+            print(f"  {rejected[0]} candidate(s) over the budget rejected before training", file=sys.stderr)
+            rejected[0] = 0
+        jobs(kind, info)
+    return on_event
+
+
+def _batch_printer():
+    """Progress lines for a batch of jobs (ablate, fidelity): the trials engine's (kind, job, info)."""
+    printer = _job_printer()
+    return lambda kind, job, info: printer(kind, {"job": job.key, **job.meta, "result": info})
+
+
+def _size(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     import datetime as dt
     from dataclasses import asdict
 
-    from archlab.search import SearchSettings, run_search
+    from archlab.search import LATENCY, SearchSettings, run_search
 
     if args.resume:
-        summary = run_search(None, args.resume, resume=True)
+        out, settings = args.resume, None
     else:
         if args.budget_ms is None:
             raise ArchlabError("--budget-ms: required (e.g. archlab latency query on a design you like gives a scale)")
         settings = SearchSettings(space=args.space, table=args.table, budget_ms=args.budget_ms, trials=args.trials,
                                   objective=args.objective, multi=args.multi, sampler=args.sampler, seed=args.seed,
                                   cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
-                                  concurrency=args.concurrency, address=args.address, storage=args.storage, asha=not args.no_asha, data=asdict(_data_config(args)),
+                                  concurrency=args.concurrency, address=args.address, storage=args.storage,
+                                  asha=not args.no_asha, data=asdict(_data_config(args)),
                                   train=asdict(_train_config(args, threads=args.cpus_per_trial)))
         out = args.out or f"runs/search-{dt.datetime.now():%Y%m%d-%H%M%S}"
-        summary = run_search(settings, out)
+    try:
+        summary = run_search(settings, out, resume=bool(args.resume), on_event=_search_printer())
+    except KeyboardInterrupt:
+        print(f"archlab: interrupted; continue with: archlab search --resume {out}", file=sys.stderr)
+        return 130
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
         return 1 if "stopped" in summary else 0
-    print(f"{summary['run_dir']}: {summary['trained']} trained, {summary['rejected_over_budget']} rejected over budget, "
-          f"{summary['stopped_early']} stopped early, {summary['failed']} failed")
+    run = Path(summary["run_dir"])
+    o = summary["settings"]["objective"]
+    print(f"{run}: {summary['trained']} trained, {summary['rejected_over_budget']} rejected over the budget, "
+          f"{summary['stopped_early']} stopped early, {summary['failed']} failed; early stopping {summary['asha']}")
     if "best" in summary:
         b = summary["best"]
-        print(f"best: trial {b['trial']} -> {b['config']}")
+        print(f"best: trial {b['trial']}, {o} {b[o]:.4g} at {b[LATENCY]:.0f} ms predicted -> {b['config']}")
+    print(f"files: {run / 'summary.md'}, {run / 'trials.csv'}, {run / 'pareto.png'}, {run / 'best'}/ "
+          f"({_size(run) / 2 ** 20:.1f} MB in the run folder)")
+    print(f"study: optuna-dashboard {run / 'optuna.journal'}; training curves: tensorboard --logdir {run / 'ray'}")
     if "stopped" in summary:
         print(summary["stopped"], file=sys.stderr)
         return 1
@@ -485,7 +544,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
                               train=asdict(_train_config(args, threads=args.cpus_per_trial)),
                               command="archlab " + shlex.join(args.argv))
     out = args.out or f"runs/ablate-{ladder.name}"
-    run = run_ablation(settings, out, progress=sys.stderr.isatty())
+    run = run_ablation(settings, out, progress=sys.stderr.isatty(), on_event=_batch_printer())
     done = [r for r in run["results"] if r.get("status") == "ok"]
     if args.json:
         print(json.dumps({"run_dir": run["run_dir"], "finished": len(done), "trainings": len(run["results"]),
@@ -516,7 +575,7 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
                                 data=asdict(_data_config(args)),  # each preset sets its own resolution
                                 train={"device": args.device})
     only = [] if args.no_train else (names(args.only) if args.only else None)
-    analysis = run(settings, args.results, args.work, only=only)
+    analysis = run(settings, args.results, args.work, only=only, on_event=_batch_printer())
     argv, skip = [], False  # the regenerating command: without the flags that only choose what to train now
     for a in args.argv:
         if skip or a == "--no-train" or a.startswith("--only="):

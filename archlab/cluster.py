@@ -10,6 +10,7 @@ mounts. With GPUs, Ray gives each trial its own devices (CUDA_VISIBLE_DEVICES), 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from dataclasses import asdict, dataclass, field
 
 from archlab.data import DataConfig
@@ -17,7 +18,9 @@ from archlab.errors import ArchlabError
 from archlab.train import TrainConfig
 
 
-def init_ray(address: str | None) -> None:
+def init_ray(address: str | None) -> str | None:
+    """Start a private local Ray (all this machine's CPUs) or join a cluster (`address`). Returns the
+    session folder of a local Ray this call started (None otherwise), for `shutdown_ray`."""
     import ray
 
     from archlab.io import cache_dir
@@ -26,14 +29,32 @@ def init_ray(address: str | None) -> None:
     if not address:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster
     if ray.is_initialized():
-        return
+        return None
     env = {"ARCHLAB_CACHE": str(cache_dir().resolve()), "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1"}
     kwargs = {"address": address} if address else {"address": "local", "num_cpus": os.cpu_count()}
     try:
-        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False,
-                 runtime_env={"env_vars": env}, **kwargs)
+        ctx = ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False,
+                       runtime_env={"env_vars": env}, **kwargs)
     except ConnectionError as e:
         raise ArchlabError(f"--address: cannot join a Ray cluster at {address!r}: {str(e).splitlines()[0][:200]}") from None
+    return None if address else ctx.address_info.get("session_dir")
+
+
+def shutdown_ray(session_dir: str | None) -> None:
+    """Stop the local Ray that `init_ray` started and remove its session files (logs, sockets, object
+    spill: about 130 MB under /tmp/ray after a small search); a joined cluster is left alone."""
+    import shutil
+
+    import ray
+
+    if session_dir is None:
+        return
+    ray.shutdown()
+    session = Path(session_dir)
+    latest = session.parent / "session_latest"
+    if latest.is_symlink() and latest.resolve() == session.resolve():
+        latest.unlink()
+    shutil.rmtree(session, ignore_errors=True)
 
 
 def trial_resources(cpus: int, gpus: float, device: str) -> dict:

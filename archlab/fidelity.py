@@ -254,9 +254,10 @@ def panel_digest(designs: list[Design]) -> str:
 
 # ---- running ------------------------------------------------------------------------------------
 
-def run(settings: FidelitySettings, results: str | Path, work: str | Path, only: list[str] | None = None) -> dict:
+def run(settings: FidelitySettings, results: str | Path, work: str | Path, only: list[str] | None = None,
+        on_event=None) -> dict:
     """Train whatever the results folder lacks (`only`: just these presets, e.g. the reference on a
-    GPU), then analyse everything it holds."""
+    GPU), then analyse everything it holds. `on_event`: the trials engine's progress events."""
     from archlab.trials import remember, run_jobs
 
     settings.validate()
@@ -272,7 +273,7 @@ def run(settings: FidelitySettings, results: str | Path, work: str | Path, only:
     todo = [j for j in every if only is None or j.meta["preset"] in only]
     # cheapest first: every design gets its short proxies before the long reference trainings start
     todo.sort(key=lambda j: (j.meta["compute"], j.meta["seed"], j.meta["design"]))
-    run_jobs(todo, settings, work, name="fidelity")
+    run_jobs(todo, settings, work, name="fidelity", on_event=on_event)
     derive(every)
     return analyse(settings, designs, [read(j.result) or {**j.meta, "key": j.key, "status": "missing"} for j in every])
 

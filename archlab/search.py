@@ -1,18 +1,22 @@
-"""Architecture search, part 1: Optuna over a search space under a latency budget, and its outputs.
+"""Architecture search: Optuna proposes, the latency predictor rejects, the trials engine trains.
 
-- `Candidates` is the define-by-run function: it suggests every parameter of the space (the same
+- `Candidates.propose(trial)` suggests every parameter of the space on an Optuna trial (the same
   choices the random sampler offers), builds the ArchConfig, predicts its latency from a measured
-  table and records `trial.set_constraint("latency_ms", predicted - budget)` (feasible when <= 0),
-  so the sampler learns the feasible region.
-- `BudgetedOptunaSearch` is Ray Tune's `OptunaSearch` that never hands out a candidate over the
-  budget: an infeasible draw is told to Optuna at once as COMPLETE with the worst possible values
-  (the form TPE and NSGA-II learn from; their objective values are never used) and marked
-  `rejected`, and the next draw is tried. After `max_rejections` draws in a row it finishes the
-  search with a message instead of spinning.
+  table and records `trial.set_constraint("latency_ms", predicted - budget)` (feasible when <= 0).
+- `Proposer` is a Ray Tune `Searcher` (its public interface) over Optuna's public ask -> tell: it
+  hands Ray one trials-engine job per candidate within the budget. A candidate over the budget is
+  told to Optuna at once as PRUNED (never trained; user attr `rejected`), before any job exists:
+  samplers learn from its constraint (TPE ranks infeasible trials by their violation, whatever their
+  state), and in optuna-dashboard it is not mistaken for a trained trial. The training loss reaches
+  the Optuna trial as intermediate values (learning curves); the end of a job is told as COMPLETE
+  (its scores), FAIL (diverged or raised, with the reason) or PRUNED (stopped early by ASHA).
+- `run_search` runs or resumes a search in its run folder. The Optuna study (a journal file) is the
+  record: on `--resume`, a candidate that was being trained is trained again from its checkpoint
+  (its job's folder), one whose result was written is told, and new candidates make up the rest.
 - `trials_frame`, `pareto_front`, `pareto_plot`, `export_best` and `summary` turn a study into the
   outputs (trials CSV/Parquet, Pareto PNG, best configs as YAML, Markdown summary).
 
-The Ray Tune driver (trainable, scheduler, resume) builds on these; see docs/search-notes.md.
+Only public APIs of Optuna and Ray Tune are used; see docs/search-notes.md for what was learnt.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from archlab.cluster import TrialSettings, init_ray
+from archlab.cluster import TrialSettings
 from archlab.errors import ArchlabError
 from archlab.io import atomic_path, write_atomic
 from archlab.space import SearchSpace, load_space
@@ -39,7 +43,7 @@ OBJECTIVES = ("val_loss", "fid", "kid")
 SAMPLERS = ("tpe", "nsga2", "random")
 LATENCY = "predicted_ms"
 LATENCY_FLAG = "latency_flag"  # set when the prediction leaves what the table covers
-INTERRUPTED = "interrupted: the search stopped before Ray recorded this trial"
+INTERRUPTED = "interrupted: the search stopped while this candidate was being drawn"
 
 
 def suggest_point(trial: optuna.Trial, space: SearchSpace) -> dict[str, Any]:
@@ -98,100 +102,120 @@ class Candidates:
                 self._space = self.space.at_resolution(res)
         return self._pred
 
-    def __call__(self, trial: optuna.Trial) -> dict[str, Any]:
-        point = suggest_point(trial, self.space)
-        cfg = self.space.config(point)
+    def propose(self, trial: optuna.Trial):
+        """Suggest a candidate on `trial`, predict its latency and record the constraint; returns
+        (config, predicted ms). Over the budget when the constraint is > 0."""
+        cfg = self.space.config(suggest_point(trial, self.space), name=f"{self.space.name}-trial{trial.number}")
         p = self.predictor.predict(cfg)
-        ms = p.latency_ms
-        trial.set_user_attr(LATENCY, ms)
+        trial.set_user_attr(LATENCY, p.latency_ms)
+        trial.set_user_attr("budget_ms", self.budget_ms)  # the constraint, where optuna-dashboard shows it
         if p.extrapolated:  # the table does not cover this candidate: its latency is a guess, and says so
             trial.set_user_attr(LATENCY_FLAG, "outside calibration" if p.outside_calibration else "extrapolated")
-        trial.set_constraint("latency_ms", ms - self.budget_ms)
-        return {LATENCY: ms, "optuna_trial": trial.number}
+        trial.set_constraint("latency_ms", p.latency_ms - self.budget_ms)
+        return cfg, p.latency_ms
 
 
-def _searcher_base():
-    from ray.tune.search.optuna import OptunaSearch
+def _proposer_base():
+    from ray.tune.search import Searcher
 
-    return OptunaSearch
+    return Searcher
 
 
-class BudgetedOptunaSearch(_searcher_base()):
-    """OptunaSearch that rejects candidates over the latency budget before any training."""
+class Proposer(_proposer_base()):
+    """Ray Tune's searcher interface over Optuna's public ask/tell, handing out trials-engine jobs.
 
-    def __init__(self, *args, max_rejections: int = 2000, **kwargs):
-        self._max_rejections = max_rejections
-        super().__init__(*args, **kwargs)
+    `job_for(number, config, meta)` makes the job of Optuna trial `number`; `pending` are (number, job)
+    of trials to train again first (a resumed search). `on_event(kind, info)` hears of rejections."""
 
-    def _worst(self):
-        modes = self._mode if isinstance(self._mode, list) else [self._mode]
-        values = [math.inf if m == "min" else -math.inf for m in modes]
-        return values if len(values) > 1 else values[0]
+    def __init__(self, study: optuna.Study, candidates: Candidates, job_for, objectives: list[str], cluster,
+                 pending=(), max_rejections: int = 2000, max_failed_share: float = 0.5, on_event=None):
+        super().__init__()
+        self.study, self.candidates, self.job_for, self.objectives = study, candidates, job_for, objectives
+        self._cluster = cluster  # a TrialSettings: the threads a job's trial gets
+        self.pending, self.max_rejections, self.max_failed_share = list(pending), max_rejections, max_failed_share
+        self.on_event = on_event or (lambda kind, info: None)
+        self.live: dict[str, tuple[int, Any, optuna.Trial | None]] = {}  # Ray trial id -> (number, job, trial)
+        self.finished = self.failed = 0
+        self.message = ""
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return True  # the candidates come from the space and the budget, not from a Tune config
+
+    def save(self, checkpoint_path: str) -> None:
+        """Nothing to save: the Optuna study and the jobs' results are the search's state."""
+
+    def restore(self, checkpoint_path: str) -> None:
+        """A search resumes from its study (`run_search(..., resume=True)`), not from Ray's state."""
 
     def suggest(self, trial_id: str):
         from ray.tune.search import Searcher
-        from ray.tune.utils.util import unflatten_dict
 
-        if trial_id in self._ot_trials:  # asked again about a trial it already handed out
-            return super().suggest(trial_id)
-        for _ in range(self._max_rejections):
-            ot_trial = self._ot_study.ask()
-            try:
-                params = self._suggest_from_define_by_run_func(self._space, ot_trial)
-            except Exception:
-                self._ot_study.tell(ot_trial, state=TrialState.FAIL)
-                raise
-            if all(v <= 0 for v in ot_trial.constraints.values()):
-                self._ot_trials[trial_id] = ot_trial
-                return unflatten_dict(params)
-            ot_trial.set_user_attr("rejected", True)
-            self._ot_study.tell(ot_trial, self._worst(), state=TrialState.COMPLETE)
-        log.error("no candidate within the latency budget in %d draws in a row: stopping the search",
-                  self._max_rejections)
+        from archlab.trials import payload
+
+        if self.message:
+            return Searcher.FINISHED
+        if self.pending:
+            number, job = self.pending.pop(0)
+            self.live[trial_id] = (number, job, None)
+            return {"job": payload(job, self._cluster)}
+        for _ in range(self.max_rejections):
+            trial = self.study.ask()
+            cfg, ms = self.candidates.propose(trial)
+            if ms <= self.candidates.budget_ms:
+                job = self.job_for(trial.number, cfg, {LATENCY: ms, LATENCY_FLAG: trial.user_attrs.get(LATENCY_FLAG, "")})
+                trial.set_user_attr("job", job.key)
+                self.live[trial_id] = (trial.number, job, trial)
+                return {"job": payload(job, self._cluster)}
+            trial.set_user_attr("rejected", f"predicted {ms:.1f} ms > budget {self.candidates.budget_ms:g} ms")
+            self.study.tell(trial, state=TrialState.PRUNED)
+            self.on_event("rejected", {"trial": trial.number, LATENCY: ms})
+        self.message = (f"no candidate within the latency budget in {self.max_rejections} draws in a row: "
+                        "stopping the search")
         return Searcher.FINISHED
 
-    def restore(self, checkpoint_path: str) -> None:
-        super().restore(checkpoint_path)
-        close_interrupted(self._ot_study, live={t._trial_id for tid, t in self._ot_trials.items()
-                                                 if tid not in self._completed_trials})
-
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        """Intermediate reports are for the scheduler (ASHA); Optuna gets the final scores only."""
+        """The training loss as the trial's intermediate values: learning curves in optuna-dashboard."""
+        _, _, trial = self.live.get(trial_id, (None, None, None))
+        if trial is not None and len(self.study.directions) == 1 and "train_loss" in result and "step" in result:
+            trial.report(float(result["train_loss"]), int(result["step"]))
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if trial_id not in self._ot_trials or trial_id in self._completed_trials:
+        from archlab.trials import read
+
+        if trial_id not in self.live:
             return
-        ot_trial = self._ot_trials[trial_id]
-        names = self.metric if isinstance(self.metric, list) else [self.metric]
-        values = [result.get(m) for m in names] if result else None
-        if error:
-            state, values = TrialState.FAIL, None
-        elif values is None or any(v is None or v != v for v in values):  # stopped early, or NaN
-            state, values = TrialState.PRUNED, None
-        else:
-            state = TrialState.COMPLETE
-        self._ot_study.tell(ot_trial, values if values is None or len(values) > 1 else values[0], state=state,
-                            skip_if_finished=True)
-        self._completed_trials.add(trial_id)
+        number, job, trial = self.live.pop(trial_id)
+        state = tell(self.study, number, trial, read(job.result), self.objectives)
+        Path(job.workdir, "checkpoint.pt").unlink(missing_ok=True)  # told: nothing will resume it
+        self.finished += 1
+        self.failed += state == TrialState.FAIL
+        if self.failed >= 3 and self.failed > self.max_failed_share * self.finished:
+            self.message = (f"{self.failed} of {self.finished} trials failed (their reasons are in trials.csv): "
+                            "stopping the search")
 
 
-def close_interrupted(study: optuna.Study, live: set[int] = frozenset()) -> int:
-    """After a crash: Optuna trials still RUNNING that Ray will not run again (created after its last
-    checkpoint) would stay RUNNING forever and bias TPE; close them as failed, `interrupted`.
-    `live`: storage ids of the trials Ray restores. Returns how many were closed."""
-    closed = 0
-    for ft in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if ft._trial_id not in live:
-            optuna.trial.Trial(study, ft._trial_id).set_user_attr("reason", INTERRUPTED)
-            study.tell(ft.number, state=TrialState.FAIL, skip_if_finished=True)
-            closed += 1
-    return closed
+def tell(study: optuna.Study, number: int, trial: optuna.Trial | None, result: dict | None, objectives: list[str]):
+    """Tell Optuna how a candidate's job ended: COMPLETE with its scores, FAIL (diverged or raised),
+    or PRUNED (no result: stopped early by ASHA). Returns the state told."""
+    if result is None:
+        state, values = TrialState.PRUNED, None
+    elif result.get("status") != "ok":
+        state, values = TrialState.FAIL, None
+    else:
+        values = [result.get(o) for o in objectives]
+        bad = any(v is None or not math.isfinite(v) for v in values)
+        state, values = (TrialState.FAIL, None) if bad else (TrialState.COMPLETE, values)
+    if trial is not None and state == TrialState.FAIL and result is not None:
+        trial.set_user_attr("reason", f"{result.get('status')}: {result.get('reason', '')}"[:300])
+    study.tell(trial if trial is not None else number, values if values is None or len(values) > 1 else values[0],
+               state=state, skip_if_finished=True)
+    return state
 
 
 def finished(study: optuna.Study) -> int:
     """Trials that count toward the total: trained, stopped early or failed (not rejected, not interrupted)."""
     return sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
-               if not t.user_attrs.get("rejected") and t.user_attrs.get("reason") != INTERRUPTED)
+               if not t.user_attrs.get("rejected") and "job" in t.user_attrs)
 
 
 # ---- outputs ------------------------------------------------------------------------------------
@@ -204,10 +228,12 @@ def trials_frame(study: optuna.Study, objectives: list[str]):
     for t in study.get_trials(deepcopy=False):
         rejected = bool(t.user_attrs.get("rejected"))
         values = t.values if (t.values and not rejected) else [None] * len(objectives)
+        reason = t.user_attrs.get("reason", "")
+        if t.state == TrialState.FAIL and "job" not in t.user_attrs and not rejected:
+            reason = INTERRUPTED  # closed on resume: it was being drawn when the search stopped
         row = {"number": t.number, "state": "REJECTED" if rejected else t.state.name, LATENCY: t.user_attrs.get(LATENCY),
                LATENCY_FLAG: t.user_attrs.get(LATENCY_FLAG, ""),
-               **{o: v for o, v in zip(objectives, values)},
-               "status": t.user_attrs.get("status", ""), "reason": t.user_attrs.get("reason", ""),
+               **{o: v for o, v in zip(objectives, values)}, "job": t.user_attrs.get("job", ""), "reason": reason,
                "started": t.datetime_start, "completed": t.datetime_complete,
                "seconds": (t.datetime_complete - t.datetime_start).total_seconds()
                if t.datetime_complete and t.datetime_start else None}
@@ -321,82 +347,6 @@ def read_settings(path: Path) -> SearchSettings:
     return settings
 
 
-def _trial(config: dict, settings: dict, run_dir: str) -> None:
-    """One Ray Tune trial: train the candidate at proxy scale, report the train loss as it goes and
-    the scores at the end. A diverged run raises, so Tune records it as failed with the reason.
-
-    The scores are also written to the Optuna trial (user attr `scores`) before they are reported:
-    if Ray runs a finished trial again after a crash of the driver, it reports them without training."""
-    import torch
-    from ray import tune
-
-    from archlab.data import load_dataset
-    from archlab.train import train
-
-    s = SearchSettings(**settings)
-    study = optuna.load_study(study_name=Path(run_dir).name, storage=_storage(s, Path(run_dir)))
-    frozen = study.trials[config["optuna_trial"]]
-    if "scores" in frozen.user_attrs:
-        tune.report(frozen.user_attrs["scores"])
-        return
-    torch.set_num_threads(s.cpus_per_trial)
-    space = load_space(s.space)
-    point = {p.path: config[p.path] for p in space.params}
-    cfg = space.config(point, name=f"{space.name}-{tune.get_context().get_trial_id()}")
-    data = load_dataset(s.data_config)
-    out = Path(tune.get_context().get_trial_dir()) / "proxy"  # its checkpoint: a resumed trial continues
-
-    def report(step: int, metrics: dict) -> None:
-        tune.report({"train_loss": metrics["train_loss"], "step": step})
-
-    r = train(cfg, data, s.train_config, out=out, on_report=report, with_scores=True)
-    if r.status != "ok":
-        raise RuntimeError(f"{r.status}: {r.reason}")
-    scores = {"train_loss": r.train_loss, "step": r.steps, "val_loss": r.val_loss, "fid": r.fid, "kid": r.kid,
-              LATENCY: config[LATENCY], "fid_extractor": r.fid_extractor or "", "seconds": r.seconds}
-    optuna.trial.Trial(study, frozen._trial_id).set_user_attr("scores", scores)
-    tune.report(scores)
-
-
-class _FailureGuard:
-    """Stops the search when most trials fail (at least 3), instead of burning the budget."""
-
-    def __init__(self, share: float):
-        self.share, self.failed, self.done, self.message = share, 0, 0, ""
-
-    def callback(self):
-        from ray.tune import Callback
-
-        guard = self
-
-        class _Count(Callback):
-            def on_trial_complete(self, iteration, trials, trial, **info):
-                guard.done += 1
-
-            def on_trial_error(self, iteration, trials, trial, **info):
-                guard.done += 1
-                guard.failed += 1
-                if guard.failed >= 3 and guard.failed > guard.share * guard.done:
-                    guard.message = (f"{guard.failed} of {guard.done} trials failed (see their error.txt in the "
-                                     "run folder): stopping the search")
-
-        return _Count()
-
-    def stopper(self):
-        from ray.tune.stopper import Stopper
-
-        guard = self
-
-        class _Stop(Stopper):
-            def __call__(self, trial_id, result):
-                return False
-
-            def stop_all(self):
-                return bool(guard.message)
-
-        return _Stop()
-
-
 def _storage(settings: SearchSettings, run_dir: Path):
     if settings.storage:  # an RDB URL (sqlite:///..., postgresql://...)
         try:
@@ -409,12 +359,66 @@ def _storage(settings: SearchSettings, run_dir: Path):
     return JournalStorage(JournalFileBackend(str(run_dir / "optuna.journal")))
 
 
-def run_search(settings: SearchSettings | None, run_dir: str | Path, resume: bool = False) -> dict:
-    """Run (or resume) a search in `run_dir`; writes the outputs there and returns the summary."""
-    from ray import tune
+def _study(settings: SearchSettings, run_dir: Path, create: bool) -> optuna.Study:
+    """The search's study (named after its run folder), with its metric names; `create`: make it if the
+    storage lacks it (a new search, or one stopped before its study existed)."""
+    sampler = make_sampler(settings.sampler, settings.seed)
+    storage = _storage(settings, run_dir)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the CLI prints a line per trial instead
+    try:
+        return optuna.load_study(study_name=run_dir.name, storage=storage, sampler=sampler)
+    except KeyError:
+        if not create:
+            raise
+    study = optuna.create_study(study_name=run_dir.name, storage=storage, sampler=sampler,
+                                directions=["minimize"] * len(settings.metrics))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(settings.metrics)
+    return study
+
+
+def _jobs(settings: SearchSettings, run_dir: Path):
+    """The trials-engine job of Optuna trial `number`: its result in `trials/`, its checkpoint beside it."""
+    from archlab.trials import Job
+
+    def job_for(number: int, cfg, meta: dict) -> Job:
+        key = f"trial{number:04d}"
+        return Job(key=key, arch=cfg.to_dict(), data=settings.data, train=settings.train,
+                   result=str(run_dir / "trials" / f"{key}.json"), workdir=str(run_dir / "trials" / key),
+                   meta={"trial": number, **meta})
+
+    return job_for
+
+
+def _recover(study: optuna.Study, candidates: Candidates, job_for, objectives: list[str]) -> list:
+    """After a stop: Optuna trials still RUNNING. One whose job wrote its result is told now; one that
+    was being trained is returned (number, job) to be trained again (from its checkpoint); one that
+    was being drawn (no job yet) is closed as failed: interrupted."""
+    from archlab.trials import read
+
+    space, pending = candidates.space, []
+    for ft in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if "job" not in ft.user_attrs or any(p.path not in ft.params for p in space.params):
+            study.tell(ft.number, state=TrialState.FAIL, skip_if_finished=True)
+            continue
+        cfg = space.config(space.point_from(ft.params), name=f"{space.name}-trial{ft.number}")
+        job = job_for(ft.number, cfg, {LATENCY: ft.user_attrs.get(LATENCY), LATENCY_FLAG: ft.user_attrs.get(LATENCY_FLAG, "")})
+        result = read(job.result)
+        if result is not None and result.get("status") != "failed":
+            tell(study, ft.number, None, result, objectives)
+        else:
+            pending.append((ft.number, job))
+    return pending
+
+
+def run_search(settings: SearchSettings | None, run_dir: str | Path, resume: bool = False, on_event=None) -> dict:
+    """Run (or resume) a search in `run_dir`; writes the outputs there and returns the summary.
+    `on_event(kind, info)`: a candidate rejected, a trial started or ended (for progress lines)."""
     from ray.tune.schedulers import ASHAScheduler
 
     from archlab.train import prepare
+    from archlab.trials import tune_jobs
 
     run_dir = Path(run_dir).resolve()
     saved = run_dir / "search.json"
@@ -435,59 +439,43 @@ def run_search(settings: SearchSettings | None, run_dir: str | Path, resume: boo
     if not resume:
         write_atomic(saved, json.dumps(asdict(settings), indent=1) + "\n")
 
-    init_ray(settings.address)
-    t = settings.train_config
-    trainable = tune.with_resources(tune.with_parameters(_trial, settings=asdict(settings), run_dir=str(run_dir)),
-                                    settings.resources)
-    exp = run_dir / "ray" / "search"
-    guard = _FailureGuard(settings.max_failed_share)
-    restorable = resume and tune.Tuner.can_restore(str(exp))
-    remaining = settings.trials
-    if resume and not restorable:  # killed before Ray's first checkpoint (or before the study existed)
-        try:
-            study = optuna.load_study(study_name=run_dir.name, storage=_storage(settings, run_dir))
-        except KeyError:
-            study = None
-        if study is not None:
-            close_interrupted(study)
-            remaining = settings.trials - finished(study)
-    if restorable:
-        tuner = tune.Tuner.restore(str(exp), trainable, resume_unfinished=True, resume_errored=False)
-    elif remaining <= 0:
-        tuner = None
-    else:
-        modes = ["min"] * len(settings.metrics)
-        searcher = BudgetedOptunaSearch(space=candidates, metric=settings.metrics if settings.multi else settings.objective,
-                                        mode=modes if settings.multi else "min", sampler=make_sampler(settings.sampler, settings.seed),
-                                        storage=_storage(settings, run_dir), study_name=run_dir.name,
-                                        max_rejections=settings.max_rejections)
+    study = _study(settings, run_dir, create=True)
+    job_for = _jobs(settings, run_dir)
+    pending = _recover(study, candidates, job_for, settings.metrics)
+    remaining = settings.trials - finished(study)
+    emit = on_event or (lambda kind, info: None)
+    proposer = Proposer(study, candidates, job_for, settings.metrics, settings, pending=pending,
+                        max_rejections=settings.max_rejections, max_failed_share=settings.max_failed_share,
+                        on_event=emit)
+    if remaining > 0:
+        t = settings.train_config
         scheduler = None
         iterations = len({*range(t.report_every, t.steps + 1, t.report_every), t.steps}) + 1  # + the final scores
         if settings.asha and iterations > 3:  # fewer reports than that leave nothing to stop on
             scheduler = ASHAScheduler(time_attr="training_iteration", metric="train_loss", mode="min",
                                       max_t=iterations, grace_period=max(2, iterations // 4), reduction_factor=3)
-        tuner = tune.Tuner(trainable,
-                           tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=remaining,
-                                                       max_concurrent_trials=settings.concurrency),
-                           run_config=tune.RunConfig(name="search", storage_path=str(run_dir / "ray"), verbose=1,
-                                                     callbacks=[guard.callback()], stop=guard.stopper()))
-    grid = tuner.fit() if tuner else []
-    errors = {}
-    for r in grid:
-        if r.error is not None and r.config:
-            errors[r.config.get("optuna_trial")] = str(r.error).strip().splitlines()[-1][:300]
-    summary = write_outputs(settings, run_dir, errors)
-    if guard.message:
-        summary["stopped"] = guard.message
+        tune_jobs(settings, run_dir, "search", searcher=proposer, num_samples=remaining, scheduler=scheduler,
+                  on_event=lambda kind, job, info: emit(kind, {"job": job.key, **job.meta, "result": info}))
+    summary = write_outputs(settings, run_dir)
+    if proposer.message:
+        summary["stopped"] = proposer.message
     return summary
 
 
-def write_outputs(settings: SearchSettings, run_dir: Path, errors: dict | None = None) -> dict:
-    """trials.csv/.parquet, pareto.png, best/*.yaml and summary.md from the run's Optuna study."""
+def write_outputs(settings: SearchSettings, run_dir: Path) -> dict:
+    """trials.csv/.parquet, pareto.png, best/*.yaml and summary.md from the run's Optuna study and
+    its jobs' results (a failed job's reason, its training and scoring seconds)."""
+    from archlab.trials import read
+
     study = optuna.load_study(study_name=run_dir.name, storage=_storage(settings, run_dir))
     df = trials_frame(study, settings.metrics)
-    for number, reason in (errors or {}).items():
-        df.loc[df["number"] == number, "reason"] = reason
+    for i, r in df.iterrows():
+        result = read(run_dir / "trials" / f"{r['job']}.json") if r["job"] else None
+        if result:
+            df.loc[i, ["status", "train_seconds", "score_seconds"]] = [result.get("status"), result.get("seconds"),
+                                                                       result.get("score_seconds")]
+            if result.get("status") != "ok" and not r["reason"]:
+                df.loc[i, "reason"] = f"{result.get('status')}: {result.get('reason', '')}"[:300]
     trained = df[df["state"] == "COMPLETE"]
     over = trained[trained[LATENCY] > settings.budget_ms]
     if len(over):  # cannot happen: the searcher rejects them; say so loudly if it ever does
@@ -498,7 +486,7 @@ def write_outputs(settings: SearchSettings, run_dir: Path, errors: dict | None =
     with atomic_path(run_dir / "trials.parquet") as tmp:
         df.astype({c: str for c in mixed}).to_parquet(tmp, index=False)  # kv_heads: 2 or "mqa"
     n = counts(df)
-    summary = {"run_dir": str(run_dir), "settings": asdict(settings), **n}
+    summary = {"run_dir": str(run_dir), "settings": asdict(settings), **n, "asha": asha_note(settings)}
     if len(trained):
         pareto_plot(df, settings.objective, settings.budget_ms, run_dir / "pareto.png")
         best = export_best(df, load_space(settings.space).at_resolution(Candidates(
@@ -511,6 +499,18 @@ def write_outputs(settings: SearchSettings, run_dir: Path, errors: dict | None =
     return summary
 
 
+def asha_note(settings: SearchSettings) -> str:
+    """Whether ASHA early stopping runs, and why not."""
+    t = settings.train_config
+    reports = len({*range(t.report_every, t.steps + 1, t.report_every), t.steps})
+    if not settings.asha:
+        return "off (--no-asha)"
+    if reports + 1 <= 3:
+        return (f"off: {t.steps} steps give only {reports} training-loss report(s) every {t.report_every} steps, too "
+                "few to stop on")
+    return f"on: stops trials on the training loss ({reports} reports per trial)"
+
+
 def summary_markdown(summary: dict, df, settings: SearchSettings) -> str:
     o = settings.objective
     lines = [f"# Search `{Path(summary['run_dir']).name}`", "",
@@ -521,13 +521,14 @@ def summary_markdown(summary: dict, df, settings: SearchSettings) -> str:
              f"- candidates sampled: {summary['sampled']}; rejected over the budget before training: "
              f"{summary['rejected_over_budget']}",
              f"- trained to the end: {summary['trained']}; stopped early by ASHA: {summary['stopped_early']}; "
-             f"failed: {summary['failed']}; interrupted (and sampled again on resume): {summary['interrupted']}"]
+             f"failed: {summary['failed']}; interrupted while being drawn: {summary['interrupted']}",
+             f"- early stopping (ASHA): {summary['asha']}"]
     if "best" in summary:
         b = summary["best"]
         lines += [f"- best: trial {b['trial']}, {o} {b[o]:.4g}, predicted {b[LATENCY]:.1f} ms -> `{b['config']}`", "",
                   "![Pareto front](pareto.png)", ""]
     failed = df[(df["state"] == "FAIL") & (df["reason"] != INTERRUPTED)]
     if len(failed):
-        lines += ["", "Failed trials:", ""] + [f"- trial {int(r['number'])}: {r['reason'] or 'see its error.txt'}"
+        lines += ["", "Failed trials:", ""] + [f"- trial {int(r['number'])}: {r['reason'] or 'no reason recorded'}"
                                               for _, r in failed.iterrows()]
     return "\n".join(lines) + "\n"

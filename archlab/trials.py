@@ -20,6 +20,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import os
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -138,15 +139,76 @@ def remember(jobs: list[Job]) -> int:
     return n
 
 
-def _ray_trial(config: dict, jobs: dict) -> None:
+def payload(job: Job, cluster) -> dict:
+    """A job as a Ray trial's config: absolute paths (trials run in their own folders, maybe on other
+    machines) and the trial's torch threads (the CPUs Ray gives it)."""
+    return {**asdict(job), "train": {**job.train, "threads": cluster.cpus_per_trial},
+            "result": str(Path(job.result).resolve()), "workdir": str(Path(job.workdir).resolve())}
+
+
+def _ray_trial(config: dict) -> None:
     from ray import tune
 
-    job = Job(**jobs[config["job"]])
+    job = Job(**config["job"])
     result = run_job(job, on_report=lambda step, m: tune.report({"train_loss": m["train_loss"], "step": step}))
     tune.report({k: v for k, v in result.items() if isinstance(v, (int, float, str)) and v is not None})
 
 
-def run_jobs(jobs: list[Job], cluster, run_dir: str | Path, name: str) -> list[dict]:
+Event = Callable[[str, Job, dict | None], None]  # (kind, job, info): start (meta), done (its result), stopped, error
+
+
+def _progress(on_event: Event):
+    """A Ray Tune callback (public API) that turns trial events into job events for `on_event`."""
+    from ray.tune import Callback
+
+    def job_of(trial) -> Job:
+        return Job(**trial.config["job"])
+
+    class Progress(Callback):
+        def on_trial_start(self, iteration, trials, trial, **info):
+            on_event("start", job_of(trial), job_of(trial).meta)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            job = job_of(trial)
+            result = read(job.result)
+            on_event("done" if result else "stopped", job, result)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            lines = str(getattr(trial, "error", "") or "").strip().splitlines()
+            on_event("error", job_of(trial), {"reason": lines[-1][:300] if lines else "the trial raised"})
+
+    return Progress()
+
+
+def tune_jobs(cluster, run_dir: str | Path, name: str, *, jobs: list[Job] | None = None, searcher=None,
+              num_samples: int = 1, scheduler=None, on_event: Event | None = None):
+    """Run jobs as Ray Tune trials: a fixed grid (`jobs`), or the jobs a Ray Tune `Searcher` hands out
+    (`searcher`, up to `num_samples`), `cluster.concurrency` at a time with `cluster.resources` each.
+    With `on_event`, Ray's own status table is off and each trial's start and end go there instead."""
+    from ray import tune
+
+    from archlab.cluster import init_ray, shutdown_ray
+
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")  # Ctrl-C reaches archlab, which says how to resume
+    if on_event:
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # its boxes ignore verbose=0; the legacy output honours it
+    session = init_ray(cluster.address)
+    try:
+        trainable = tune.with_resources(_ray_trial, cluster.resources)
+        space = {"job": tune.grid_search([payload(j, cluster) for j in jobs])} if jobs is not None else None
+        tuner = tune.Tuner(trainable, param_space=space,
+                           tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=num_samples,
+                                                       max_concurrent_trials=cluster.concurrency),
+                           run_config=tune.RunConfig(name=f"{name}-{dt.datetime.now():%Y%m%d-%H%M%S}",
+                                                     storage_path=str(Path(run_dir).resolve() / "ray"),
+                                                     verbose=0 if on_event else 1,
+                                                     callbacks=[_progress(on_event)] if on_event else None))
+        return tuner.fit()
+    finally:
+        shutdown_ray(session)
+
+
+def run_jobs(jobs: list[Job], cluster, run_dir: str | Path, name: str, on_event: Event | None = None) -> list[dict]:
     """Every job without a standing result, as Ray Tune trials (`cluster`: a TrialSettings for the
     resources, concurrency and address); returns every job's result, or a `missing` one for a job
     that never finished (the batch was stopped)."""
@@ -158,9 +220,6 @@ def run_jobs(jobs: list[Job], cluster, run_dir: str | Path, name: str) -> list[d
             run_job(j)
     todo = [j for j in jobs if not is_done(j.result)]
     if todo:
-        from ray import tune
-
-        from archlab.cluster import init_ray
         from archlab.data import DataConfig
         from archlab.train import TrainConfig, prepare
 
@@ -168,15 +227,6 @@ def run_jobs(jobs: list[Job], cluster, run_dir: str | Path, name: str) -> list[d
         scoring = ("samples", "fid_extractor", "fid_reference")
         for j in {json.dumps([j.data, [j.train.get(k) for k in scoring]], sort_keys=True): j for j in todo}.values():
             prepare(DataConfig(**j.data), TrainConfig(**j.train))
-        init_ray(cluster.address)
-        threads = {"threads": cluster.cpus_per_trial}  # a trial's torch threads are the CPUs Ray gives it
-        payload = {j.key: {**asdict(j), "train": {**j.train, **threads}, "result": str(Path(j.result).resolve()),
-                           "workdir": str(Path(j.workdir).resolve())} for j in todo}  # trials run in their own folders
-        trainable = tune.with_resources(tune.with_parameters(_ray_trial, jobs=payload), cluster.resources)
-        tuner = tune.Tuner(trainable, param_space={"job": tune.grid_search([j.key for j in todo])},
-                           tune_config=tune.TuneConfig(max_concurrent_trials=cluster.concurrency),
-                           run_config=tune.RunConfig(name=f"{name}-{dt.datetime.now():%Y%m%d-%H%M%S}",
-                                                     storage_path=str(Path(run_dir).resolve() / "ray"), verbose=1))
-        tuner.fit()
+        tune_jobs(cluster, run_dir, name, jobs=todo, on_event=on_event)
     return [read(j.result) or {**j.meta, "key": j.key, "status": "missing",
                                "reason": "no result: the batch stopped before this training finished"} for j in jobs]

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import optuna
 
@@ -16,8 +17,7 @@ import yaml
 
 from archlab.decompose import decompose
 from archlab.latency.predictor import fit, predictor_path
-from archlab.search import (BudgetedOptunaSearch, Candidates, counts, export_best, make_sampler, pareto_front,
-                            pareto_plot, trials_frame)
+from archlab.search import Candidates, counts, export_best, make_sampler, pareto_front, pareto_plot, trials_frame
 from archlab.space import load_space
 from conftest import tiny_dict
 from test_latency_predictor import RES, write_synthetic
@@ -38,60 +38,97 @@ def setup(tmp_path_factory):
     return space_path, space, table, every
 
 
-def _drive(searcher, n, objective=lambda ms: 1.0 / ms):
+def _proposer(space_path, table, budget, run_dir, sampler="random", seed=0, metrics=("val_loss",), study=None, **kw):
+    from archlab.search import Proposer, SearchSettings, _jobs
+
+    settings = SearchSettings(space=str(space_path), table=str(table), budget_ms=budget, cpus_per_trial=1)
+    study = study or optuna.create_study(directions=["minimize"] * len(metrics), sampler=make_sampler(sampler, seed))
+    return Proposer(study, Candidates(space_path, table, budget), _jobs(settings, Path(run_dir)), list(metrics), settings,
+                    **kw)
+
+
+def _finish(proposer, trial_id, config, result):
+    """What a Ray trial does: the job writes its result (or none, when ASHA stops it); Ray reports the end."""
+    if result is not None:
+        Path(config["job"]["result"]).parent.mkdir(parents=True, exist_ok=True)
+        Path(config["job"]["result"]).write_text(json.dumps(result))
+    proposer.on_trial_complete(trial_id)
+
+
+def _drive(proposer, n, objective=lambda ms: 1.0 / ms):
     """What Ray Tune does: ask for n trials, complete each with a result."""
     handed = []
     for i in range(n):
-        config = searcher.suggest(f"t{i}")
+        config = proposer.suggest(f"t{i}")
         handed.append(config)
-        searcher.on_trial_complete(f"t{i}", {"val_loss": objective(config["predicted_ms"])})
+        ms = config["job"]["meta"]["predicted_ms"]
+        _finish(proposer, f"t{i}", config, {"status": "ok", "val_loss": objective(ms)})
     return handed
 
 
-def test_candidates_over_budget_are_never_handed_out(setup):
+def test_candidates_over_budget_are_never_handed_out(setup, tmp_path):
     space_path, space, table, every = setup
     budget = every[len(every) // 2]  # about half the space is over budget
-    searcher = BudgetedOptunaSearch(space=Candidates(space_path, table, budget), metric="val_loss", mode="min",
-                                    sampler=make_sampler("random", 0))
-    handed = _drive(searcher, 8)
-    assert all(c["predicted_ms"] <= budget for c in handed)
-    assert all(set(c) >= {p.path for p in space.params} for c in handed)
-    df = trials_frame(searcher._ot_study, ["val_loss"])
+    proposer = _proposer(space_path, table, budget, tmp_path)
+    handed = _drive(proposer, 8)
+    assert all(c["job"]["meta"]["predicted_ms"] <= budget for c in handed)
+    assert all(c["job"]["train"]["threads"] == 1 and Path(c["job"]["result"]).is_absolute() for c in handed)
+    df = trials_frame(proposer.study, ["val_loss"])
     n = counts(df)
     assert n["trained"] == 8 and n["rejected_over_budget"] > 0 and n["sampled"] == 8 + n["rejected_over_budget"]
     rejected = df[df["state"] == "REJECTED"]
     assert (rejected["predicted_ms"] > budget).all() and rejected["val_loss"].isna().all()
-    for t in searcher._ot_study.trials:  # every trial carries its constraint, so samplers can learn from it
+    for t in proposer.study.trials:  # every trial carries its constraint, so samplers can learn from it
         assert (t.constraints["latency_ms"] > 0) == bool(t.user_attrs.get("rejected"))
+        # a rejected candidate is never trained: PRUNED without a value, not COMPLETE with a fake one
+        assert t.state.name == ("PRUNED" if t.user_attrs.get("rejected") else "COMPLETE")
+        assert t.user_attrs["budget_ms"] == budget
 
 
-def test_a_budget_nothing_meets_finishes_the_search(setup):
+def test_a_budget_nothing_meets_finishes_the_search(setup, tmp_path):
     from ray.tune.search import Searcher
 
     space_path, _, table, every = setup
-    searcher = BudgetedOptunaSearch(space=Candidates(space_path, table, every[0] / 2), metric="val_loss", mode="min",
-                                    sampler=make_sampler("tpe", 0), max_rejections=20)
-    assert searcher.suggest("t0") == Searcher.FINISHED
+    proposer = _proposer(space_path, table, every[0] / 2, tmp_path, sampler="tpe", max_rejections=20)
+    assert proposer.suggest("t0") == Searcher.FINISHED and "no candidate within the latency budget" in proposer.message
 
 
-def test_failed_and_stopped_trials_are_recorded_as_such(setup):
+def test_failed_and_stopped_trials_are_recorded_as_such(setup, tmp_path):
     space_path, _, table, every = setup
-    searcher = BudgetedOptunaSearch(space=Candidates(space_path, table, every[-1]), metric=["val_loss", "kid"],
-                                    mode=["min", "min"], sampler=make_sampler("nsga2", 0))
+    proposer = _proposer(space_path, table, every[-1], tmp_path, sampler="nsga2", metrics=("val_loss", "kid"))
+    configs = [proposer.suggest(f"t{i}") for i in range(3)]
+    _finish(proposer, "t0", configs[0], {"status": "ok", "val_loss": 0.5, "kid": 0.1})
+    _finish(proposer, "t1", configs[1], {"status": "diverged", "reason": "non-finite loss at step 3"})
+    _finish(proposer, "t2", configs[2], None)  # stopped by the scheduler before scoring: no result
+    assert [t.state.name for t in proposer.study.trials] == ["COMPLETE", "FAIL", "PRUNED"]
+    assert proposer.study.trials[1].user_attrs["reason"].startswith("diverged: non-finite")
+
+
+def test_most_trials_failing_stops_the_search(setup, tmp_path):
+    from ray.tune.search import Searcher
+
+    space_path, _, table, every = setup
+    proposer = _proposer(space_path, table, every[-1], tmp_path)
     for i in range(3):
-        searcher.suggest(f"t{i}")
-    searcher.on_trial_complete("t0", {"val_loss": 0.5, "kid": 0.1})
-    searcher.on_trial_complete("t1", error=True)
-    searcher.on_trial_complete("t2", {"train_loss": 0.9})  # stopped by the scheduler before scoring
-    assert [t.state.name for t in searcher._ot_study.trials] == ["COMPLETE", "FAIL", "PRUNED"]
+        _finish(proposer, f"t{i}", proposer.suggest(f"t{i}"), {"status": "failed", "reason": "RuntimeError: boom"})
+    assert proposer.suggest("t3") == Searcher.FINISHED and "3 of 3 trials failed" in proposer.message
+
+
+def test_training_loss_reaches_the_study_as_learning_curves(setup, tmp_path):
+    space_path, _, table, every = setup
+    proposer = _proposer(space_path, table, every[-1], tmp_path)
+    config = proposer.suggest("t0")
+    for step, loss in ((10, 0.9), (20, 0.7)):
+        proposer.on_trial_result("t0", {"train_loss": loss, "step": step})
+    _finish(proposer, "t0", config, {"status": "ok", "val_loss": 0.6})
+    assert proposer.study.trials[0].intermediate_values == {10: 0.9, 20: 0.7}
 
 
 def test_outputs_pareto_plot_and_best_configs(setup, tmp_path):
     space_path, space, table, every = setup
-    searcher = BudgetedOptunaSearch(space=Candidates(space_path, table, every[-1]), metric="val_loss", mode="min",
-                                    sampler=make_sampler("tpe", 1))
-    _drive(searcher, 10)
-    df = trials_frame(searcher._ot_study, ["val_loss"])
+    proposer = _proposer(space_path, table, every[-1], tmp_path, sampler="tpe", seed=1)
+    _drive(proposer, 10)
+    df = trials_frame(proposer.study, ["val_loss"])
     front = pareto_front(df, "val_loss")
     assert len(front) >= 1
     done = df[df["state"] == "COMPLETE"]
@@ -191,17 +228,19 @@ def test_resume_without_ray_state_runs_only_the_remaining_trials(setup, tmp_path
 
 def test_rdb_storage_url_is_accepted_and_a_bad_one_is_one_line(setup, tmp_path):
     from archlab.errors import ArchlabError
-    from archlab.search import SearchSettings, _storage
+    from archlab.search import SearchSettings, _storage, _study
 
     space_path, _, table, every = setup
     settings = SearchSettings(space=str(space_path), table=str(table), budget_ms=every[-1],
                               storage=f"sqlite:///{tmp_path / 'study.db'}")
-    searcher = BudgetedOptunaSearch(space=Candidates(space_path, table, every[-1]), metric=["val_loss", "predicted_ms"],
-                                    mode=["min", "min"], sampler=make_sampler("nsga2", 0),
-                                    storage=_storage(settings, tmp_path), study_name="s")
-    searcher.suggest("t0")
-    searcher.on_trial_complete("t0", {"val_loss": 0.5, "predicted_ms": 1.0})
+    settings.multi, settings.sampler = True, "nsga2"
+    run = tmp_path / "s"
+    proposer = _proposer(space_path, table, every[-1], tmp_path, metrics=settings.metrics,
+                         study=_study(settings, run, create=True))
+    config = proposer.suggest("t0")
+    _finish(proposer, "t0", config, {"status": "ok", "val_loss": 0.5, "predicted_ms": 1.0})
     study = optuna.load_study(study_name="s", storage=settings.storage)  # what optuna-dashboard opens
+    assert study.metric_names == ["val_loss", "predicted_ms"]
     assert [t.state.name for t in study.trials if not t.user_attrs.get("rejected")] == ["COMPLETE"]
     with pytest.raises(ArchlabError, match="--storage"):
         _storage(SearchSettings(space="", table="", budget_ms=1, storage="nosuchdb://x"), tmp_path)
@@ -215,9 +254,9 @@ def test_a_candidate_the_table_does_not_cover_is_flagged_in_the_trials(setup, tm
     write_synthetic(table, space.block_signatures(), [cheapest])
     fit(table).save(predictor_path(table))
     cands = Candidates(space_path, table, every[-1] * 10)
-    searcher = BudgetedOptunaSearch(space=cands, metric="val_loss", mode="min", sampler=make_sampler("random", 0))
-    _drive(searcher, 10)
-    df = trials_frame(searcher._ot_study, ["val_loss"])
+    proposer = _proposer(space_path, table, every[-1] * 10, tmp_path)
+    _drive(proposer, 10)
+    df = trials_frame(proposer.study, ["val_loss"])
     for _, row in df.iterrows():
         point = space.point_from({p.path: row[f"param.{p.path}"] for p in space.params})
         assert bool(row["latency_flag"]) == cands.predictor.predict(space.config(point)).extrapolated
