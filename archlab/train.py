@@ -117,6 +117,7 @@ class TrainResult:
     val_loss_t: list[float] = field(default_factory=list)  # the validation loss at each of the fixed timesteps
     params: int = 0
     history: list[tuple[int, float]] = field(default_factory=list)
+    resumed_from: int = 0  # the step of the checkpoint this run continued from (0: trained from scratch)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -373,6 +374,7 @@ def _train(arch, data, t, out, progress, on_report, with_scores) -> TrainResult:
     ckpt = _Checkpoint(Path(out) if out else None, settings)
     step, history, smooth, before = 0, [], None, 0.0
     state = ckpt.load()
+    resumed_from = 0 if state is None else state["step"]
     if state is not None:
         if state["step"] > t.steps:
             raise ArchlabError(f"{ckpt.path}: the checkpoint is at step {state['step']}, past --steps {t.steps}")
@@ -419,7 +421,8 @@ def _train(arch, data, t, out, progress, on_report, with_scores) -> TrainResult:
             on_report(step, {"train_loss": smooth})
     bar.close()
     params = sum(p.numel() for p in model.parameters())
-    result = TrainResult(status, reason, step, before + time.time() - start, smooth, None, params=params, history=history)
+    result = TrainResult(status, reason, step, before + time.time() - start, smooth, None, params=params, history=history,
+                         resumed_from=resumed_from)
     scoring = time.time()
     if status == "ok":
         result.val_loss_t = validation_loss(ema, data, t.val_images, t.device)
