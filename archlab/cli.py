@@ -663,26 +663,10 @@ def cmd_space(args: argparse.Namespace) -> int:
 # ---- latency ------------------------------------------------------------------------------------
 
 def _selection(args: argparse.Namespace) -> tuple[list, list]:
-    """(blocks, networks) named by --space/--networks/--ladder/--ladder-networks at --resolution."""
-    from archlab.decompose import decompose
-    from archlab.ladder import load_ladder
-    from archlab.space import load_space
+    from archlab.latency.export import select
 
-    if not args.space and not args.ladder:
-        raise ArchlabError("give --space, --ladder or both")
-    if args.networks and not args.space:
-        raise ArchlabError("--networks samples from a search space: give --space")
-    blocks, networks = {}, []
-    if args.space:
-        space = load_space(args.space).at_resolution(args.resolution)
-        blocks.update((s.signature, s) for s in space.block_signatures())
-        networks += [cfg for _, cfg in space.sample(args.networks, seed=args.seed)]
-    if args.ladder:
-        for cfg in load_ladder(args.ladder).configs(args.resolution):
-            blocks.update((s.signature, s) for s in decompose(cfg))
-            if args.ladder_networks:
-                networks.append(cfg)
-    return list(blocks.values()), networks
+    return select(space=args.space, ladder=args.ladder, networks=args.networks, seed=args.seed,
+                  resolution=args.resolution, ladder_networks=args.ladder_networks)
 
 
 def cmd_latency_export(args: argparse.Namespace) -> int:
@@ -702,43 +686,41 @@ def cmd_latency_export(args: argparse.Namespace) -> int:
 def _timing(args: argparse.Namespace) -> dict:
     from archlab.latency.runner import MAX_CV, RETRIES
 
-    args.max_cv = MAX_CV if args.max_cv is None else args.max_cv
-    args.retries = RETRIES if args.retries is None else args.retries
     return dict(device=args.device, threads=args.threads, opt_level=args.opt, warmup=args.warmup, runs=args.runs,
-                rounds=args.rounds, budget_s=args.budget_s, max_cv=args.max_cv, retries=args.retries)
+                rounds=args.rounds, budget_s=args.budget_s, max_cv=MAX_CV if args.max_cv is None else args.max_cv,
+                retries=RETRIES if args.retries is None else args.retries)
 
 
 def cmd_latency_run(args: argparse.Namespace) -> int:
-
     from archlab.latency.runner import RunnerError, noisy_keys, read_table, run_bundle
 
+    timing = _timing(args)
     try:
-        timing = _timing(args)
-        redo = noisy_keys(read_table(Path(args.out))[1], args.max_cv) if args.redo_noisy else ()
+        redo = noisy_keys(read_table(Path(args.out))[1], timing["max_cv"]) if args.redo_noisy else ()
         rows = run_bundle(args.bundle, args.out, progress=sys.stderr.isatty(), redo=redo, **timing)
     except RunnerError as e:
         raise ArchlabError(str(e)) from None
-    _print_rows(args, rows)
+    _print_rows(args, rows, timing["max_cv"])
     return 0
 
 
-def _print_rows(args: argparse.Namespace, rows: list) -> None:
+def _print_rows(args: argparse.Namespace, rows: list, max_cv: float) -> None:
     from archlab.latency.runner import summary
 
     print(json.dumps({"table": args.out, "rows": rows}, indent=2, default=str) if args.json
-          else summary(rows, args.out, args.max_cv))
+          else summary(rows, args.out, max_cv))
 
 
 def cmd_latency_measure(args: argparse.Namespace) -> int:
-
     from archlab.latency.measure import measure
 
     blocks, networks = _selection(args)
     bundle = args.bundle or str(Path("runs") / "bundles" / Path(args.out).stem)
+    timing = _timing(args)
     rows = measure(args.out, bundle, blocks=blocks, networks=networks, resolution=args.resolution,
                    opset=args.opset, keep_onnx=args.keep_onnx, redo_noisy=args.redo_noisy,
-                   progress=progress_bar("exporting", "model"), **_timing(args))
-    _print_rows(args, rows)
+                   progress=progress_bar("exporting", "model"), **timing)
+    _print_rows(args, rows, timing["max_cv"])
     return 0
 
 
@@ -775,73 +757,18 @@ def cmd_latency_fit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _query_targets(args: argparse.Namespace, resolution: int) -> tuple[list, list]:
-    """(blocks, networks): what TARGET names, as BlockSpecs or (row name, ArchConfig, paper ms) triples."""
-
-    from archlab.config import read_yaml
-    from archlab.decompose import BlockSpec
-    from archlab.ladder import load_ladder
-
-    target = args.target
-    if Path(target).is_file():
-        data = read_yaml(target)
-        if isinstance(data, dict) and "kind" in data:
-            return [_block_from_yaml(data, target)], []
-        if isinstance(data, dict) and {"base", "params"} <= set(data):
-            raise ArchlabError(f"{target}: a search space is not one network; `archlab space {target} --sample N "
-                               "--json` gives configs to query, or query its blocks (`archlab space --signatures`)")
-        ladder = load_ladder(target)
-        rows = [ladder.row(args.row)] if args.row is not None else ladder.rows
-        res = {"latent.resolution": args.resolution} if args.resolution else {}
-        return [], [(r.name, r.config.with_values(res, where=f"{target}: {r.name}"), r.paper.get("latency_ms"))
-                    for r in rows]
-    try:
-        return [BlockSpec.from_key(target)], []
-    except ValueError as e:
-        raise ArchlabError(f"TARGET {target!r}: not a file, and {e}") from None
-
-
-def _block_from_yaml(data: dict, where: str):
-    from archlab.decompose import BlockSpec
-
-    hp = dict(data)
-    kind = hp.pop("kind")
-    for name, value in hp.items():
-        if not isinstance(value, (bool, int, float, str)):
-            raise ArchlabError(f"{where}: {name}: a block hyper-parameter must be a number, a string or a bool, got {value!r}")
-    size = hp.pop("resolution", None)
-    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-        raise ArchlabError(f"{where}: resolution: a block needs its input resolution as a positive integer, got {size!r}")
-    return BlockSpec(str(kind), tuple(hp.items()), (size, size))
-
-
 def cmd_latency_query(args: argparse.Namespace) -> int:
     from archlab.latency.predictor import load_for_table
+    from archlab.latency.query import query
 
     pred = load_for_table(args.table, device=args.device)
-    blocks, networks = _query_targets(args, pred.resolution)
-    rows = []
-    for spec in blocks:
-        ms, source = pred.block(spec)
-        rows.append({"name": spec.key, "latency_ms": round(ms, 5), "extrapolated": source == "extrapolated",
-                     "blocks": [{"name": spec.key, "key": spec.key, "kind": spec.kind, "latency_ms": round(ms, 5),
-                                 "source": source}]})
-    base = None
-    for name, cfg, paper_ms in networks:
-        p = pred.predict(cfg).to_dict()
-        p["name"] = name
-        base = base or (p["latency_ms"], paper_ms)
-        if len(networks) > 1:
-            p["ratio_to_first"] = round(p["latency_ms"] / base[0], 4)
-            if paper_ms and base[1]:
-                p["paper_ratio_to_first"] = round(paper_ms / base[1], 4)
-        rows.append(p)
-    settings = {k: pred.settings.get(k) for k in ("device", "cpu", "resolution", "threads", "opt_level", "ort_version")}
+    out = query(pred, args.target, row=args.row, resolution=args.resolution)
+    rows, blocks = out["rows"], out["kind"] == "blocks"
     if args.json:
-        print(json.dumps({"target": args.target, "table": args.table, "calibrated": pred.calibration is not None,
-                          **settings, "rows": rows}, indent=2))
+        print(json.dumps({"target": args.target, "table": args.table, **{k: v for k, v in out.items() if k != "kind"}},
+                         indent=2))
         return 0
-    print(f"{args.target}: predicted on {settings['device']} ({settings['threads']} thread(s), "
+    print(f"{args.target}: predicted on {out['device']} ({out['threads']} thread(s), "
           f"latent {pred.resolution}x{pred.resolution}) from {args.table}")
     if blocks:
         for r in rows:

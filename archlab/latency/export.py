@@ -59,6 +59,32 @@ def _export(module: torch.nn.Module, inputs: tuple, folder: Path, opset: int) ->
     return {n: list(t.shape) for n, t in zip(names, inputs)}
 
 
+def select(space: str | None = None, ladder: str | None = None, networks: int = 0, seed: int = 0,
+           resolution: int = 32, ladder_networks: bool = False) -> tuple[list[BlockSpec], list[ArchConfig]]:
+    """What a table measures: every block signature a search space (and a ladder's rows) can produce at
+    `resolution`, plus `networks` whole networks sampled from the space (and the ladder's rows with
+    `ladder_networks`). Returns (blocks, networks)."""
+    from archlab.decompose import decompose
+    from archlab.ladder import load_ladder
+    from archlab.space import load_space
+
+    if not space and not ladder:
+        raise ArchlabError("give --space, --ladder or both")
+    if networks and not space:
+        raise ArchlabError("--networks samples from a search space: give --space")
+    blocks, nets = {}, []
+    if space:
+        sp = load_space(space).at_resolution(resolution)
+        blocks.update((s.signature, s) for s in sp.block_signatures())
+        nets += [cfg for _, cfg in sp.sample(networks, seed=seed)]
+    if ladder:
+        for cfg in load_ladder(ladder).configs(resolution):
+            blocks.update((s.signature, s) for s in decompose(cfg))
+            if ladder_networks:
+                nets.append(cfg)
+    return list(blocks.values()), nets
+
+
 def export_bundle(out_dir: str | Path, blocks: list[BlockSpec], networks: list[ArchConfig] = (), *,
                   resolution: int, opset: int = DEFAULT_OPSET, name: str = "", progress=None) -> dict:
     """Export every block and network not yet in the bundle at `out_dir`; returns the manifest."""
