@@ -64,7 +64,7 @@ def test_fidelity_trains_analyses_reports_and_resumes(lab, tmp_path):
             sc = e["scores"][score]
             assert -1 <= sc["kendall_tau"] <= 1 and len(sc["kendall_tau_ci"]) == 2 and sc["spearman_rho"] is not None
             assert sc["noise"] > 0 and sc["designs"] == 4 and len(sc["means"]) == 4
-            assert sc["ladder_kendall_tau_vs_paper_fid"] is not None
+            assert sc["ladder_kendall_tau_vs_paper_fid"] is not None and -1 <= sc["seed_vs_seed_tau"] <= 1
     r = json.loads(files[0].read_text())
     assert r["hardware"] and r["threads"] == 1 and r["score_seconds"] > 0 and len(r["val_loss_t"]) == 8
     paths = fidelity.write_report(a, s, out, "archlab fidelity ...")
@@ -79,6 +79,14 @@ def test_fidelity_trains_analyses_reports_and_resumes(lab, tmp_path):
     again = fidelity.run(s, results, work)  # everything cached: nothing trains again
     assert {p: p.stat().st_mtime_ns for p in files} == stamps and again["presets"] == a["presets"]
     assert len(paths) == 3
+
+
+def test_seed_vs_seed_tau_tells_a_reproducible_ranking_from_noise():
+    steady = [[1.0, 1.1, 1.2], [2.0, 2.1, 2.2], [3.0, 3.1, 3.2], [4.0, 4.2, 4.1]]  # every seed ranks alike
+    assert fidelity.seed_vs_seed_tau(steady) == 1.0
+    noisy = [[1.0, 4.0, 2.0], [2.0, 3.0, 4.0], [3.0, 1.0, 1.0], [4.0, 2.0, 3.0]]
+    assert fidelity.seed_vs_seed_tau(noisy) < 0.3
+    assert fidelity.seed_vs_seed_tau([[1.0], [2.0], [3.0]]) is None  # one seed: nothing to compare
 
 
 def test_a_training_another_batch_ran_is_reused(lab, tmp_path):
