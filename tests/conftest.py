@@ -1,5 +1,9 @@
 """Shared fixtures: tiny configs that build and run in milliseconds on a CPU."""
 
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -36,3 +40,19 @@ def _cache(tmp_path_factory):
 @pytest.fixture
 def tiny() -> ArchConfig:
     return ArchConfig.from_dict(tiny_dict())
+
+
+def kill_when(argv: list[str], ready, timeout: float = 300, poll: float = 0.2) -> None:
+    """Start `argv` in its own process group, wait until `ready()` is true, then SIGKILL the whole group
+    (the driver, Ray and its workers): what a crash or a reboot does to a run."""
+    proc = subprocess.Popen(argv, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline and proc.poll() is None and not ready():
+            time.sleep(poll)
+        assert proc.poll() is None, f"{' '.join(argv[2:4])} ended before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)

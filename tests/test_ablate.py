@@ -84,26 +84,14 @@ def test_ablate_measures_trains_and_reports_then_resumes_without_redoing(tiny_la
 def test_an_ablation_killed_mid_row_resumes_that_training(tiny_lab, tmp_path):
     """SIGKILL while a row trains (after its first checkpoint): the same command continues that
     training from the checkpoint and finishes the ladder."""
-    import os
-    import signal
-    import time
+    from conftest import kill_when
 
     ladder, table = tiny_lab
     run = tmp_path / "run"
     argv = CLI + ["ablate", str(ladder), "--rows", "0", "--seeds", "1", "--table", str(table), "--measure", "none",
                   "--out", str(run)] + TINY_TRAIN + ["--steps", "600"]  # a checkpoint every 200 steps
     ckpt = run / "train" / "00-base" / "seed0" / "checkpoint.pt"
-    proc = subprocess.Popen(argv, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None and not ckpt.exists():
-            time.sleep(0.1)
-        assert proc.poll() is None, "the ablation ended before it could be killed"
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    kill_when(argv, ckpt.exists)
     assert not (run / "results" / "00-base" / "seed0.json").exists()
     done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

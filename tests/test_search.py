@@ -2,12 +2,9 @@
 
 import json
 import math
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import optuna
@@ -19,7 +16,7 @@ from archlab.decompose import decompose
 from archlab.latency.predictor import fit, predictor_path
 from archlab.search import Candidates, counts, export_best, make_sampler, pareto_front, pareto_plot, trials_frame
 from archlab.space import load_space
-from conftest import tiny_dict
+from conftest import kill_when, tiny_dict
 from test_latency_predictor import RES, write_synthetic
 
 
@@ -170,23 +167,10 @@ def test_search_runs_on_ray_and_resumes_after_sigkill(setup, tmp_path):
                    "--dataset", "synthetic", "--image-size", "8", "--classes", "3", "--per-class", "8",
                    "--val-per-class", "4", "--steps", "6", "--batch", "4", "--width-mult", "1", "--samples", "0",
                    "--cpus-per-trial", "1", "--out", str(run)]
-    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
-    proc = subprocess.Popen(argv, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None:
-            if (run / "optuna.journal").exists() and _trained(_study(run)):
-                break
-            time.sleep(0.5)
-        assert proc.poll() is None, "the search ended before it could be killed"
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    kill_when(argv, lambda: (run / "optuna.journal").exists() and bool(_trained(_study(run))), timeout=240)
     before = _trained(_study(run))
     assert 1 <= len(before) < 4
-    done = subprocess.run(base + ["--resume", str(run)], capture_output=True, text=True, env=env, timeout=600)
+    done = subprocess.run(base + ["--resume", str(run)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     after = _trained(_study(run))
     assert len(after) == 4
