@@ -160,7 +160,11 @@ class Proposer(_proposer_base()):
             return {"job": payload(job, self._cluster)}
         for _ in range(self.max_rejections):
             trial = self.study.ask()
-            cfg, ms = self.candidates.propose(trial)
+            try:
+                cfg, ms = self.candidates.propose(trial)
+            except Exception:
+                self.study.tell(trial, state=TrialState.FAIL)  # never leave a trial RUNNING
+                raise
             if ms <= self.candidates.budget_ms:
                 job = self.job_for(trial.number, cfg, {LATENCY: ms, LATENCY_FLAG: trial.user_attrs.get(LATENCY_FLAG, "")})
                 trial.set_user_attr("job", job.key)
@@ -185,7 +189,10 @@ class Proposer(_proposer_base()):
         if trial_id not in self.live:
             return
         number, job, trial = self.live.pop(trial_id)
-        state = tell(self.study, number, trial, read(job.result), self.objectives)
+        result = read(job.result)
+        if result is None and error:  # the trial's process died (out of memory, a lost node): not an early stop
+            result = {"status": "failed", "reason": "the trial's process failed; see its error.txt under ray/"}
+        state = tell(self.study, number, trial, result, self.objectives)
         Path(job.workdir, "checkpoint.pt").unlink(missing_ok=True)  # told: nothing will resume it
         self.finished += 1
         self.failed += state == TrialState.FAIL
