@@ -93,11 +93,12 @@ def test_a_budget_nothing_meets_finishes_the_search(setup, tmp_path):
 def test_failed_and_stopped_trials_are_recorded_as_such(setup, tmp_path):
     space_path, _, table, every = setup
     proposer = _proposer(space_path, table, every[-1], tmp_path, sampler="nsga2", metrics=("val_loss", "kid"))
-    configs = [proposer.suggest(f"t{i}") for i in range(3)]
+    configs = [proposer.suggest(f"t{i}") for i in range(4)]
     _finish(proposer, "t0", configs[0], {"status": "ok", "val_loss": 0.5, "kid": 0.1})
     _finish(proposer, "t1", configs[1], {"status": "diverged", "reason": "non-finite loss at step 3"})
     _finish(proposer, "t2", configs[2], None)  # stopped by the scheduler before scoring: no result
-    assert [t.state.name for t in proposer.study.trials] == ["COMPLETE", "FAIL", "PRUNED"]
+    proposer.on_trial_complete("t3", error=True)  # its process died: no result, and not an early stop
+    assert [t.state.name for t in proposer.study.trials] == ["COMPLETE", "FAIL", "PRUNED", "FAIL"]
     assert proposer.study.trials[1].user_attrs["reason"].startswith("diverged: non-finite")
 
 
