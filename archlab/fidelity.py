@@ -203,10 +203,21 @@ def analyse(settings: FidelitySettings, designs: list[Design], results: list[dic
             lad = [(means[names.index(d.name)], d.paper_fid) for d in ladder if means[names.index(d.name)] is not None]
             score["ladder_kendall_tau_vs_paper_fid"] = rank_agreement(*zip(*lad), boot=boot)["kendall_tau"] \
                 if len(lad) >= 3 else None
+            if p != reference:
+                score["ladder_steps_as_reference"] = ladder_steps(
+                    [means[names.index(d.name)] for d in ladder], [ref[s][d.name] for d in ladder])
             score["means"] = {names[i]: means[i] for i in range(len(names)) if means[i] is not None}
             entry["scores"][s] = score
         out["presets"][p] = entry
     return out
+
+
+def ladder_steps(ours: list[float | None], reference: list[float | None]) -> list[int] | None:
+    """[same, of]: how many of the ladder's row-to-row changes go the same way (up or down) under the
+    preset as under the reference (the ablation report's question, asked of the proxy)."""
+    steps = [(b - a, d - c) for a, b, c, d in zip(ours, ours[1:], reference, reference[1:])
+             if None not in (a, b, c, d)]
+    return [sum((x > 0) == (y > 0) for x, y in steps), len(steps)] if steps else None
 
 
 def seed_vs_seed_tau(by_design: list[list[float | None]]) -> float | None:
@@ -309,6 +320,10 @@ def _f(v, fmt=".2f") -> str:
     return "-" if v is None else format(v, fmt)
 
 
+def _steps(v) -> str:
+    return "-" if not v else f"{v[0]} of {v[1]}"
+
+
 def _ci(v) -> str:
     return "-" if not v else f"[{v[0]:.2f}, {v[1]:.2f}]"
 
@@ -352,9 +367,12 @@ def markdown(a: dict, settings: FidelitySettings, command: str) -> str:
               "rankings, averaged over pairs of seeds: how reproducible the preset's ranking is, whatever the reference "
               "says (high here but low against the reference: the proxy ranks another way than the long training, "
               "not by noise). Ladder tau vs paper: Kendall tau of the ladder rows' ranking against the paper's FID "
-              "(8 rows).", "",
+              "(8 rows). Ladder steps as reference: of the ladder's row-to-row changes, how many go the same way "
+              "under the preset (mean over seeds) as under the reference: the ablation report's question, asked of "
+              "the proxy.", "",
               "| preset | score | Kendall tau [95% CI] | Spearman rho | tau vs ref val loss | seed vs seed tau | "
-              "noise / spread | tells apart | ladder tau vs paper FID |", "|---|---|---|---|---|---|---|---|---|"]
+              "noise / spread | tells apart | ladder steps as reference | ladder tau vs paper FID |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for p in presets_used:
         for s in ALL_SCORES:
             e = a["presets"][p]["scores"][s]
@@ -362,7 +380,8 @@ def markdown(a: dict, settings: FidelitySettings, command: str) -> str:
             nts = "noise only" if e.get("reliability") == 0 else _f(e.get("noise_to_spread"))
             lines.append(f"| `{p}` | {LABELS[s]} | {tau} | {_f(e.get('spearman_rho'))} | "
                          f"{_f(e.get('kendall_tau_vs_reference_val_loss'))} | {_f(e.get('seed_vs_seed_tau'))} | {nts} | "
-                         f"{_f(e.get('distinguishable'), '.1f')} | {_f(e.get('ladder_kendall_tau_vs_paper_fid'))} |")
+                         f"{_f(e.get('distinguishable'), '.1f')} | {_steps(e.get('ladder_steps_as_reference'))} | "
+                         f"{_f(e.get('ladder_kendall_tau_vs_paper_fid'))} |")
     dflt = a["presets"][settings.default_preset]["scores"]["val_loss"]
     lines += ["", "Derived scores, computed after training from what each run kept (no retraining): the validation "
               "loss at its 4 low (t < 0.5, near the data) and 4 high (t > 0.5, near the noise) timesteps, and FID / KID "

@@ -65,6 +65,7 @@ def test_fidelity_trains_analyses_reports_and_resumes(lab, tmp_path):
             assert -1 <= sc["kendall_tau"] <= 1 and len(sc["kendall_tau_ci"]) == 2 and sc["spearman_rho"] is not None
             assert sc["noise"] > 0 and sc["designs"] == 4 and len(sc["means"]) == 4
             assert sc["ladder_kendall_tau_vs_paper_fid"] is not None and -1 <= sc["seed_vs_seed_tau"] <= 1
+            assert sc["ladder_steps_as_reference"][1] == 2  # the tiny ladder's 3 rows: 2 changes
     r = json.loads(files[0].read_text())
     assert r["hardware"] and r["threads"] == 1 and r["score_seconds"] > 0 and len(r["val_loss_t"]) == 8
     paths = fidelity.write_report(a, s, out, "archlab fidelity ...")
@@ -79,6 +80,11 @@ def test_fidelity_trains_analyses_reports_and_resumes(lab, tmp_path):
     again = fidelity.run(s, results, work)  # everything cached: nothing trains again
     assert {p: p.stat().st_mtime_ns for p in files} == stamps and again["presets"] == a["presets"]
     assert len(paths) == 3
+
+
+def test_ladder_steps_count_the_changes_that_go_the_reference_way():
+    assert fidelity.ladder_steps([1.0, 2.0, 1.5, 1.6], [3.0, 4.0, 3.9, 3.8]) == [2, 3]
+    assert fidelity.ladder_steps([1.0, None, 1.5], [1.0, 2.0, 3.0]) is None  # no complete pair of rows
 
 
 def test_seed_vs_seed_tau_tells_a_reproducible_ranking_from_noise():
