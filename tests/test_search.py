@@ -185,6 +185,34 @@ def test_search_runs_on_ray_and_resumes_after_sigkill(setup, tmp_path):
     assert "rejected over the budget" in (run / "summary.md").read_text()
 
 
+def test_ctrl_c_says_how_to_resume(setup, tmp_path):
+    """Ctrl-C reaches archlab (not Ray Tune's handler, which would suggest Tuner.restore): exit 130 and
+    the `--resume` command, with the study intact."""
+    import signal
+    import time
+
+    space_path, space, table, every = setup
+    run = tmp_path / "run"
+    argv = [sys.executable, "-m", "archlab.cli", "search", "--space", str(space_path), "--table", str(table),
+            "--budget-ms", str(every[-1]), "--trials", "3", "--dataset", "synthetic", "--image-size", "8", "--classes",
+            "3", "--per-class", "8", "--val-per-class", "4", "--steps", "400", "--batch", "4", "--width-mult", "1",
+            "--samples", "0", "--cpus-per-trial", "1", "--out", str(run)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None and not list((run / "trials").glob("trial*/checkpoint.pt")):
+            time.sleep(0.2)
+        assert proc.poll() is None, "the search ended before Ctrl-C"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert f"archlab search --resume {run}" in err and "Tuner.restore" not in err + out
+    assert (run / "optuna.journal").is_file() and (run / "search.json").is_file()
+
+
 def test_resume_without_ray_state_runs_only_the_remaining_trials(setup, tmp_path):
     """Killed before Ray wrote its first checkpoint: the resume counts what the study already finished,
     closes the trial that was being set up as interrupted, and runs only the rest."""
