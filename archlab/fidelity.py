@@ -199,7 +199,7 @@ def analyse(settings: FidelitySettings, designs: list[Design], results: list[dic
                              kendall_tau_vs_reference_val_loss=agree_val["kendall_tau"],
                              kendall_tau_vs_reference_val_loss_ci=agree_val["kendall_tau_ci"])
             score.update(noise_to_spread(by_design))
-            score["seed_vs_seed_tau"] = seed_vs_seed_tau(by_design)
+            score["seed_vs_seed_tau"] = seed_vs_seed_tau([by_design[i] for i in have])  # the designs ranked vs the reference
             lad = [(means[names.index(d.name)], d.paper_fid) for d in ladder if means[names.index(d.name)] is not None]
             score["ladder_kendall_tau_vs_paper_fid"] = rank_agreement(*zip(*lad), boot=boot)["kendall_tau"] \
                 if len(lad) >= 3 else None
