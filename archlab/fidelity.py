@@ -339,7 +339,11 @@ def markdown(a: dict, settings: FidelitySettings, command: str) -> str:
              f"`{reference}` preset ({a['reference_seeds']} seed{'s' if a['reference_seeds'] > 1 else ''}, seeds of its "
              f"own), on `{Path(d['spec']).name}` ({d.get('classes') or 'all'} classes, {d.get('per_class') or 'all'} "
              f"train / {d.get('val_per_class') or 'all'} validation images per class). Every ranking is of the "
-             "designs' mean score over seeds; lower is better for every score.", "",
+             "designs' mean score over seeds; lower is better for every score."
+             + ("" if a["presets"][reference]["trainings"] >= len(a["designs"]) else
+                f" **{a['presets'][reference]['trainings']} of the {len(a['designs'])} designs have their reference "
+                "training so far**: every tau below is over those; the rest are listed at the end and the same "
+                "command trains them."), "",
              "Regenerate (trains only what `reports/proxy_fidelity/results/` lacks):", "", "```", command, "```", "",
              "## Presets", "", "| preset | image px | width | steps x batch | training images | lr | val images | "
              "samples (Euler steps) | FID extractor | hardware | CPU-minutes per training |", "|---|---|---|---|---|---|---|---|---|---|---|"]
