@@ -356,7 +356,8 @@ def markdown(a: dict, settings: FidelitySettings, command: str) -> str:
                      f"{_f(e['cpu_minutes_per_design'], '.1f')} |")
     lines += ["", "CPU-minutes: median over the preset's trainings of (training + scoring seconds) x torch threads; each "
               "ran with 1 thread, 2 at a time on the 2-core machine (so each minute is one core's minute, with the "
-              "other core busy).", "",
+              "other core busy). A training that shared the machine with other work (a test run, a search) reads slower: "
+              "these are upper bounds, not speed measurements.", "",
               "## Rank fidelity against the reference", "",
               "Kendall tau and Spearman rho between the preset's ranking and the reference's ranking by the same score, "
               "with 95% bootstrap intervals over designs; `tau vs ref val loss` ranks against the reference's "
