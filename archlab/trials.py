@@ -116,8 +116,13 @@ def run_job(job: Job, on_report: Callable[[int, dict], None] | None = None) -> d
     text = json.dumps(result, indent=1) + "\n"
     write_atomic(job.result, text)
     if result["status"] != "failed":
-        write_atomic(cached(job), json.dumps(_content(result, job), indent=1) + "\n")
+        _file(job, result)
     return result
+
+
+def _file(job: Job, result: dict) -> None:
+    """Keep a standing result in the content cache, without its batch's names."""
+    write_atomic(cached(job), json.dumps(_content(result, job), indent=1) + "\n")
 
 
 def _content(result: dict, job: Job | None = None) -> dict:
@@ -134,7 +139,7 @@ def remember(jobs: list[Job]) -> int:
     for j in jobs:
         r = read(j.result)
         if r is not None and r.get("status") == "ok" and not cached(j).is_file():
-            write_atomic(cached(j), json.dumps(_content(r, j), indent=1) + "\n")
+            _file(j, r)
             n += 1
     return n
 
