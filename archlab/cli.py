@@ -310,61 +310,59 @@ def cmd_cost(args: argparse.Namespace) -> int:
 
     from archlab.cost import CONVENTION, ladder_cost, network_cost
     from archlab.ladder import load_ladder
+    from archlab.verdict import Verdict
 
     ladder = load_ladder(args.target)
     if args.row is not None:
         ladder = replace(ladder, rows=(ladder.row(args.row),))
     rows = ladder_cost(ladder, progress=not args.json and sys.stderr.isatty())
-    if args.blocks:
-        for row, lrow in zip(rows, ladder.rows):
-            row["blocks"] = [{"name": s.name, "kind": s.kind, "key": s.key, "params": c.params, "macs": c.macs}
-                             for s, c in network_cost(lrow.config).blocks]
+    blocks = {r.index: [{"name": s.name, "kind": s.kind, "key": s.key, "params": c.params, "macs": c.macs}
+                        for s, c in network_cost(lrow.config).blocks]
+              for r, lrow in zip(rows, ladder.rows)} if args.blocks else {}
     if args.json:
-        print(json.dumps({"target": args.target, "ladder": ladder.name, "convention": CONVENTION,
-                          "source": ladder.source, "rows": rows}, indent=2))
+        print(json.dumps({"target": args.target, "ladder": ladder.name, "convention": CONVENTION, "source": ladder.source,
+                          "rows": [{**r.to_dict(), **({"blocks": blocks[r.index]} if blocks else {})} for r in rows]},
+                         indent=2))
         return 0
     print(f"{ladder.name}  ({args.target})")
     print(f"{CONVENTION}.")
     if ladder.source:
         print(f"paper: {ladder.source}; params in M, FLOPs in G (convention unconfirmed).")
     print()
-    print(_cost_table(rows, with_paper=any(r["paper"] for r in rows)))
-    notes = [(r, m) for r in rows for m, ok in r.get("agree", {}).items() if ok is False]
+    print(_cost_table(rows, with_paper=any(r.paper for r in rows)))
+    notes = [(r, c) for r in rows for c in r.changes if c.verdict is Verdict.DISAGREE]
     if notes:
         print("\nWhere our direction disagrees with the paper's:")
-        for r, m in notes:
-            why = r["why_differs"].get(m, "unexplained: add why_differs to the ladder row")
-            print(f"  row {r['index']} {r['name']}, {m}: {why}")
-    for row in rows:
-        if "blocks" in row:
-            print(f"\nblocks of {row['name']}:")
-            print(_table([(b["name"], b["key"], f"{b['params'] / 1e6:.3f}", f"{b['macs'] / 1e9:.3f}") for b in row["blocks"]],
-                         ("block", "signature", "params M", "MACs G"), align="llrr"))
+        for r, c in notes:
+            print(f"  row {r.index} {r.name}, {c.metric}: {c.reason}")
+    for r in rows if blocks else []:
+        print(f"\nblocks of {r.name}:")
+        print(_table([(b["name"], b["key"], f"{b['params'] / 1e6:.3f}", f"{b['macs'] / 1e9:.3f}") for b in blocks[r.index]],
+                     ("block", "signature", "params M", "MACs G"), align="llrr"))
     return 0
 
 
 def _pct(before: float | None, after: float | None) -> str:
-    if before is None or after is None or not before:
-        return ""
-    return f"{100 * (after - before) / before:+.1f}%"
+    from archlab.verdict import relative
+
+    rel = relative(before, after)
+    return "" if rel is None else f"{100 * rel:+.1f}%"
 
 
-def _cost_table(rows: list[dict], with_paper: bool) -> str:
-    marks = {True: "ok", False: "DIFF", None: ""}
+def _cost_table(rows: list, with_paper: bool) -> str:
     header = ["#", "name", "params M", "d", "MACs G", "d", "FLOPs G"]
     if with_paper:
         header += ["paper params M", "d", "paper FLOPs G", "d", "dir params", "dir MACs"]
     out, prev = [], None
     for r in rows:
-        line = [str(r["index"]), r["name"], f"{r['params'] / 1e6:.1f}", _pct(prev and prev["params"], r["params"]),
-                f"{r['macs'] / 1e9:.1f}", _pct(prev and prev["macs"], r["macs"]), f"{r['flops'] / 1e9:.1f}"]
+        line = [str(r.index), r.name, f"{r.params / 1e6:.1f}", _pct(prev and prev.params, r.params),
+                f"{r.macs / 1e9:.1f}", _pct(prev and prev.macs, r.macs), f"{r.flops / 1e9:.1f}"]
         if with_paper:
-            pp, pf = r["paper"].get("params_m"), r["paper"].get("flops_g")
-            before = prev["paper"] if prev else {}
-            agree = r.get("agree", {})
+            pp, pf = r.paper.get("params_m"), r.paper.get("flops_g")
+            before = prev.paper if prev else {}
             line += ["" if pp is None else f"{pp:g}", _pct(before.get("params_m"), pp),
-                     "" if pf is None else f"{pf:g}", _pct(before.get("flops_g"), pf),
-                     marks[agree.get("params")], marks[agree.get("macs")]]
+                     "" if pf is None else f"{pf:g}", _pct(before.get("flops_g"), pf)]
+            line += [c.verdict.mark for c in r.changes] or ["", ""]
         out.append(line)
         prev = r
     return _table(out, header, align="ll" + "r" * (len(header) - 2))
@@ -605,12 +603,15 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     import shlex
 
+    from dataclasses import asdict
+
     from archlab.report import tally, write_report
 
     rep = write_report(args.run_dir, args.out, command="archlab " + shlex.join(args.argv))
     t = tally(rep["changes"])
     if args.json:
-        print(json.dumps({"out": rep["out"], "rows": [r["name"] for r in rep["rows"]], "directions": t}, indent=2))
+        print(json.dumps({"out": rep["out"], "rows": [asdict(r) for r in rep["rows"]],
+                          "changes": [asdict(c) for c in rep["changes"]], "directions": t}, indent=2))
         return 0
     print(f"{rep['out']}/ablation.md, ablation.csv and plots: {len(rep['rows'])} rows; directions: {t['agree']} agree "
           f"with the paper, {t['disagree']} disagree, {t['noise']} within noise")

@@ -11,7 +11,7 @@ counted; any other op fvcore cannot count is an error, never a silent zero.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 
 import torch
@@ -23,6 +23,7 @@ from tqdm import tqdm
 from archlab.config import ArchConfig
 from archlab.decompose import BlockSpec, decompose
 from archlab.ladder import Ladder
+from archlab.verdict import MACS, PARAMS, Change, compare
 
 CONVENTION = "MACs by fvcore (1 multiply-add = 1 MAC, plus fvcore's norm/upsample estimates); FLOPs = 2 x MACs"
 
@@ -127,33 +128,32 @@ def network_cost(cfg: ArchConfig) -> NetworkCost:
 
 # ---- ladder tables ------------------------------------------------------------------------------
 
-UNCHANGED = 0.005  # a relative change below 0.5% counts as "unchanged" when comparing directions
+@dataclass(frozen=True)
+class CostRow:
+    """A ladder row's cost, the paper's numbers, and the params and MACs changes from the row above."""
+    index: int
+    name: str
+    change: str
+    params: int
+    macs: int
+    flops: int
+    paper: dict
+    why_differs: dict
+    changes: tuple[Change, ...] = ()  # vs the row above (none for the first row)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
-def direction(before: float, after: float) -> int:
-    """-1, 0 or +1: the sign of a change, with changes under UNCHANGED (relative) counted as 0."""
-    rel = (after - before) / abs(before) if before else after  # abs: an unbiased KID can be negative
-    return 0 if abs(rel) < UNCHANGED else (1 if rel > 0 else -1)
-
-
-def ladder_cost(ladder: Ladder, progress: bool = False) -> list[dict]:
-    """One dict per row: our params/MACs/FLOPs and changes, the paper's numbers and changes, and
-    whether each direction agrees with the paper's (None where the paper gives no number)."""
-    rows: list[dict] = []
-    prev: dict | None = None
+def ladder_cost(ladder: Ladder, progress: bool = False) -> list[CostRow]:
+    """Every row's params/MACs/FLOPs, and whether each change's direction agrees with the paper's."""
+    rows: list[CostRow] = []
     for r in tqdm(ladder.rows, desc="costing", unit="row", disable=not progress, leave=False):
         c = network_cost(r.config)
-        row = {"index": r.index, "name": r.name, "change": r.change, "params": c.params, "macs": c.macs,
-               "flops": c.flops, "paper": dict(r.paper), "why_differs": dict(r.why_differs)}
-        if prev is not None:
-            row["delta"] = {"params": c.params - prev["params"], "macs": c.macs - prev["macs"]}
-            row["agree"] = {}
-            for ours, theirs in (("params", "params_m"), ("macs", "flops_g")):
-                if theirs in r.paper and theirs in prev["paper"]:
-                    row["agree"][ours] = (direction(prev[ours], row[ours])
-                                          == direction(prev["paper"][theirs], r.paper[theirs]))
-                else:
-                    row["agree"][ours] = None
-        rows.append(row)
-        prev = row
+        prev = rows[-1] if rows else None
+        changes = () if prev is None else tuple(
+            compare(m, (getattr(prev, key), getattr(c, key)), r.paper, prev.paper, r.why_differs)
+            for m, key in ((PARAMS, "params"), (MACS, "macs")))
+        rows.append(CostRow(r.index, r.name, r.change, c.params, c.macs, c.flops, dict(r.paper), dict(r.why_differs),
+                            changes))
     return rows

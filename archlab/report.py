@@ -18,15 +18,16 @@ import math
 import statistics
 from pathlib import Path
 
+from dataclasses import dataclass
+
+from archlab import stats
 from archlab.ablate import ladder_sha, read_settings, results
-from archlab.cost import UNCHANGED, direction
-from archlab.stats import MIN_SEEDS, compare
 from archlab.errors import ArchlabError
 from archlab.io import atomic_path, write_atomic
 from archlab.ladder import load_ladder
-
-SCORES = ("fid", "kid", "val_loss")
-MARK = {True: "ok", False: "DIFF", None: "", "noise": "~"}
+from archlab.verdict import (MACS, PARAMS, PREDICTED, SCORES, UNCHANGED, Change, Noise, ScoreTest, Verdict, compare,
+                             measured)
+from archlab.verdict import tally as count_verdicts
 
 
 def load_run(run_dir: str | Path) -> dict:
@@ -54,14 +55,60 @@ def load_run(run_dir: str | Path) -> dict:
             "results": results(settings, ladder, run_dir)}
 
 
-def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    if not values:
-        return None, None
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+@dataclass(frozen=True)
+class Score:
+    """A score over seeds: mean and std of the finished runs, and seed k's value (None: no result)."""
+    mean: float | None
+    std: float | None
+    seeds: tuple[float | None, ...]
 
 
-def rows(run: dict) -> list[dict]:
+@dataclass(frozen=True)
+class Measured:
+    ms: float
+    cv: float  # run-to-run coefficient of variation
+
+
+@dataclass(frozen=True)
+class RowSummary:
+    """A ladder row as the ablation measured it, beside the paper's numbers."""
+    index: int
+    name: str
+    change: str
+    paper: dict
+    why_differs: dict
+    params: int
+    macs: int
+    flops: int
+    predicted_ms: float
+    predicted_flag: str
+    predicted_error: float | None  # the predictor's leave-one-out error on whole networks (relative)
+    measured: dict[str, Measured]  # by latent resolution
+    scores: dict[str, Score]  # fid, kid, val_loss
+    runs: int
+    ok: int
+    failed: tuple[dict, ...]
+    status: str  # ok, or why no run finished
+
+
+@dataclass(frozen=True)
+class RowChanges:
+    """A row against the one above it: one `Change` per metric."""
+    index: int
+    name: str
+    changes: tuple[Change, ...]
+
+    def __getitem__(self, label: str) -> Change:
+        return next(c for c in self.changes if c.metric == label)
+
+
+def _score(values: list[float | None]) -> Score:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return Score(statistics.fmean(finite) if finite else None,
+                 statistics.stdev(finite) if len(finite) > 1 else None, tuple(values))
+
+
+def rows(run: dict) -> list[RowSummary]:
     """One summary per selected ladder row: cost, latency, paper numbers, scores over seeds."""
     settings, lat = run["settings"], run["latency"]
     out = []
@@ -72,30 +119,25 @@ def rows(run: dict) -> list[dict]:
         c = run["cost"][row.index]
         runs = [r for r in run["results"] if r["index"] == row.index]
         ok = [r for r in runs if r.get("status") == "ok"]
-        s = {"index": row.index, "name": row.name, "change": row.change, "paper": dict(row.paper),
-             "why_differs": dict(row.why_differs), "params": c["params"], "macs": c["macs"], "flops": c["flops"],
-             "predicted_ms": lr["predicted_ms"], "predicted_flag": lr.get("predicted_flag", ""),
-             "predicted_error": lat.get("predicted_error"),
-             "seeds": len(runs), "ok": len(ok), "failed": [r for r in runs if r.get("status") != "ok"],
-             "status": "ok" if ok else (runs[0].get("status", "missing") if runs else "missing")}
-        for res, m in lr["measured"].items():
-            s[f"measured_ms_{res}"], s[f"measured_cv_{res}"] = m["ms"], m["cv"]
         by_seed = {r["seed"]: r for r in ok}
-        for k in SCORES:
-            s[k], s[f"{k}_std"] = _mean_std([r.get(k) for r in ok])
-            s[f"{k}_seeds"] = [by_seed[i].get(k) if i in by_seed else None for i in range(settings.seeds)]
-        out.append(s)
+        out.append(RowSummary(
+            row.index, row.name, row.change, dict(row.paper), dict(row.why_differs), c["params"], c["macs"], c["flops"],
+            lr["predicted_ms"], lr.get("predicted_flag", ""), lat.get("predicted_error"),
+            {str(res): Measured(m["ms"], m["cv"]) for res, m in sorted(lr["measured"].items(), key=lambda x: int(x[0]))},
+            {k: _score([by_seed[i].get(k) if i in by_seed else None for i in range(settings.seeds)]) for k in SCORES},
+            len(runs), len(ok), tuple(r for r in runs if r.get("status") != "ok"),
+            "ok" if ok else (runs[0].get("status", "missing") if runs else "missing")))
     return out
 
 
-def pairing(summary: list[dict]) -> dict[str, dict]:
+def pairing(summary: list[RowSummary]) -> dict[str, dict]:
     """Per score: does pairing by seed narrow the interval of a row-to-row change, over the whole
     ladder? `paired` is decided once per score (not per row, which would shop for a verdict): paired
     intervals where their median width is below the unpaired one's."""
     out = {}
     for key in SCORES:
-        comps = [compare(a[f"{key}_seeds"], b[f"{key}_seeds"]) for a, b in zip(summary, summary[1:])
-                 if b["index"] == a["index"] + 1]
+        comps = [stats.compare(a.scores[key].seeds, b.scores[key].seeds) for a, b in zip(summary, summary[1:])
+                 if b.index == a.index + 1]
         gains = [c.pairing_gain for c in comps if c.pairing_gain is not None]
         corrs = [c.correlation for c in comps if c.correlation is not None]
         gain = statistics.median(gains) if gains else None
@@ -104,82 +146,65 @@ def pairing(summary: list[dict]) -> dict[str, dict]:
     return out
 
 
-def changes(summary: list[dict], resolutions: list[str]) -> list[dict]:
-    """Row-to-row changes, ours and the paper's, with an agreement mark and the reason per metric.
-
-    Marks: True agree, False disagree, None no paper number, "noise" (no verdict: ours is within its
-    noise). For a score: the 95% interval over seeds of the change (paired by seed where pairing helps,
-    see `pairing`) includes 0, or fewer than MIN_SEEDS seeds have a result; for a measured latency:
-    within 2x the run-to-run CVs; for a predicted latency: within 2x the predictor's leave-one-out
-    error on whole networks."""
-    pairs = [("params", "params", "params_m"), ("MACs (paper: FLOPs)", "macs", "flops_g"), ("predicted latency", "predicted_ms", "latency_ms")]
-    pairs += [(f"measured latency {r}x{r}", f"measured_ms_{r}", "latency_ms") for r in resolutions]
-    pairs += [("FID", "fid", "fid"), ("KID", "kid", "fid"), ("val loss", "val_loss", "fid")]
-    paired = pairing(summary) if summary and "val_loss_seeds" in summary[0] else {}
+def changes(summary: list[RowSummary]) -> list[RowChanges]:
+    """Row-to-row changes, ours and the paper's, each decided by `verdict.compare` with its noise:
+    for a score, the 95% interval over seeds of the change (paired by seed where pairing helps, see
+    `pairing`; fewer than MIN_SEEDS seeds with results give no verdict); for a measured latency, 2x
+    the run-to-run CVs; for a predicted latency, 2x the predictor's leave-one-out error on whole
+    networks; cost is exact."""
+    paired = pairing(summary)
     out = []
     for prev, cur in zip(summary, summary[1:]):
-        if cur["index"] != prev["index"] + 1:
+        if cur.index != prev.index + 1:
             continue  # rows not adjacent in the ladder (a --rows selection): no change to compare
-        ch = {"index": cur["index"], "name": cur["name"], "metrics": []}
-        for label, ours, theirs in pairs:
-            a, b = prev.get(ours), cur.get(ours)
-            pa, pb = prev["paper"].get(theirs), cur["paper"].get(theirs)
-            m = {"metric": label, "ours": None if a is None or b is None or not a else (b - a) / abs(a),
-                 "paper": None if pa is None or pb is None or not pa else (pb - pa) / abs(pa), "agree": None, "reason": ""}
-            if ours in SCORES and ours in paired:
-                m["test"] = _score_test(prev, cur, ours, paired[ours]["paired"])
-            if m["ours"] is not None and m["paper"] is not None:
-                verdict = m["test"] if "test" in m else _noise_test(prev, cur, ours)
-                if verdict is not None and not verdict["resolved"]:
-                    m["agree"], m["reason"] = "noise", verdict["why"]
-                else:
-                    m["agree"] = direction(a, b) == direction(pa, pb)
-                if m["agree"] is False:
-                    key = {"params": "params", "MACs (paper: FLOPs)": "macs", "FID": "fid", "KID": "fid", "val loss": "fid"}.get(
-                        label, "latency")
-                    m["reason"] = cur["why_differs"].get(key, "no reason recorded: add why_differs."
-                                                              f"{key} to the ladder row")
-            ch["metrics"].append(m)
-        out.append(ch)
+
+        def cmp(metric, before, after, noise=None):
+            return compare(metric, (before, after), cur.paper, prev.paper, cur.why_differs, noise)
+
+        ch = [cmp(PARAMS, prev.params, cur.params), cmp(MACS, prev.macs, cur.macs),
+              cmp(PREDICTED, prev.predicted_ms, cur.predicted_ms, _predicted_noise(prev, cur))]
+        for res, m in cur.measured.items():
+            before = prev.measured.get(res)
+            ch.append(cmp(measured(res), before and before.ms, m.ms, before and _measured_noise(before, m)))
+        for key, metric in SCORES.items():
+            a, b = prev.scores[key], cur.scores[key]
+            ch.append(cmp(metric, a.mean, b.mean, score_test(a, b, paired[key]["paired"])))
+        out.append(RowChanges(cur.index, cur.name, tuple(ch)))
     return out
 
 
-def _score_test(prev: dict, cur: dict, key: str, paired: bool) -> dict:
-    """The change of a score from `prev` to `cur` over seeds, and whether its interval decides it."""
-    c = compare(prev[f"{key}_seeds"], cur[f"{key}_seeds"])
+def score_test(a: Score, b: Score, paired: bool) -> ScoreTest:
+    """The change of a score from `a` to `b` over seeds, and whether its interval decides it."""
+    c = stats.compare(a.seeds, b.seeds)
     iv = c.interval(paired)
-    test = {"seeds": c.seeds, "paired": paired, "mean": c.mean, "correlation": c.correlation,
-            "pairing_gain": c.pairing_gain, "low": iv.low if iv else None, "high": iv.high if iv else None,
-            "seeds_to_resolve": c.seeds_to_resolve(paired)}
-    if c.seeds < MIN_SEEDS or iv is None:
-        test.update(resolved=False, why=f"{c.seeds} seed(s) with results on both rows: a verdict needs at least {MIN_SEEDS}")
-    elif not iv.excludes_zero:
-        test.update(resolved=False, why=f"our change ({c.mean:+.3g}) has a 95% interval over {c.seeds} seeds "
-                                        f"({'paired' if paired else 'unpaired'}) of [{iv.low:+.3g}, {iv.high:+.3g}], "
-                                        "which includes 0")
-    else:
-        test.update(resolved=True, why="")
-    return test
+    fields = dict(seeds=c.seeds, paired=paired, mean=c.mean, correlation=c.correlation, pairing_gain=c.pairing_gain,
+                  low=iv.low if iv else None, high=iv.high if iv else None, seeds_to_resolve=c.seeds_to_resolve(paired))
+    if c.seeds < stats.MIN_SEEDS or iv is None:
+        return ScoreTest(False, f"{c.seeds} seed(s) with results on both rows: a verdict needs at least "
+                                f"{stats.MIN_SEEDS}", **fields)
+    if not iv.excludes_zero:
+        return ScoreTest(False, f"our change ({c.mean:+.3g}) has a 95% interval over {c.seeds} seeds "
+                                f"({'paired' if paired else 'unpaired'}) of [{iv.low:+.3g}, {iv.high:+.3g}], "
+                                "which includes 0", **fields)
+    return ScoreTest(True, **fields)
 
 
-def tally(ch: list[dict]) -> dict[str, int]:
-    marks = [m["agree"] for c in ch for m in c["metrics"]]
-    return {"agree": sum(m is True for m in marks), "disagree": sum(m is False for m in marks),
-            "noise": sum(m == "noise" for m in marks)}
+def _within(change: float, noise: float) -> Noise:
+    return Noise(abs(change) > noise, f"our change ({change:+.3g}) is within the noise (+-{noise:.3g})")
 
 
-def _noise_test(prev: dict, cur: dict, key: str) -> dict | None:
-    """Latency: the change against its measurement or prediction noise (None: no noise estimate)."""
-    noise = None
-    if key.startswith("measured_ms_"):
-        res = key.rsplit("_", 1)[1]
-        noise = 2 * math.hypot(prev[key] * prev[f"measured_cv_{res}"], cur[key] * cur[f"measured_cv_{res}"])
-    elif key == "predicted_ms" and cur.get("predicted_error") is not None:
-        noise = 2 * cur["predicted_error"] * math.hypot(prev[key], cur[key])
-    if noise is None:
-        return None
-    change = cur[key] - prev[key]
-    return {"resolved": abs(change) > noise, "why": f"our change ({change:+.3g}) is within the noise (+-{noise:.3g})"}
+def _measured_noise(a: Measured, b: Measured) -> Noise:
+    return _within(b.ms - a.ms, 2 * math.hypot(a.ms * a.cv, b.ms * b.cv))
+
+
+def _predicted_noise(a: RowSummary, b: RowSummary) -> Noise | None:
+    if b.predicted_error is None:
+        return None  # an uncalibrated predictor has no error estimate
+    return _within(b.predicted_ms - a.predicted_ms, 2 * b.predicted_error * math.hypot(a.predicted_ms, b.predicted_ms))
+
+
+def tally(ch: list[RowChanges]) -> dict[str, int]:
+    return count_verdicts(c for rc in ch for c in rc.changes)
 
 
 # ---- files --------------------------------------------------------------------------------------
@@ -187,7 +212,7 @@ def _noise_test(prev: dict, cur: dict, key: str) -> dict | None:
 def csv_frame(run: dict, summary: list[dict]):
     import pandas as pd
 
-    by_index = {s["index"]: s for s in summary}
+    by_index = {s.index: s for s in summary}
     lines = []
     for r in run["results"]:
         s = by_index[r["index"]]
@@ -195,9 +220,9 @@ def csv_frame(run: dict, summary: list[dict]):
                 "status": r.get("status"), "reason": r.get("reason", ""),
                 **{k: r.get(k) for k in ("fid", "kid", "kid_std", "val_loss", "train_loss", "steps", "seconds")},
                 "fid_extractor": r.get("fid_extractor"), "proxy_params": r.get("params"),
-                "params": s["params"], "macs": s["macs"], "flops": s["flops"], "predicted_ms": s["predicted_ms"]}
-        line.update({k: s[k] for k in s if k.startswith("measured_ms_")})
-        line.update({f"paper_{k}": s["paper"].get(k) for k in ("fid", "params_m", "flops_g", "latency_ms")})
+                "params": s.params, "macs": s.macs, "flops": s.flops, "predicted_ms": s.predicted_ms}
+        line.update({f"measured_ms_{res}": m.ms for res, m in s.measured.items()})
+        line.update({f"paper_{k}": s.paper.get(k) for k in ("fid", "params_m", "flops_g", "latency_ms")})
         lines.append(line)
     return pd.DataFrame(lines)
 
@@ -210,10 +235,10 @@ def _pct(v) -> str:
     return "-" if v is None else f"{100 * v:+.1f}%"
 
 
-def _pm(mean, std, fmt: str, status: str = "ok") -> str:
-    if mean is None:
+def _pm(score: Score, fmt: str, status: str = "ok") -> str:
+    if score.mean is None:
         return "-" if status == "ok" else status  # not computed (e.g. --samples 0), or every run failed
-    return format(mean, fmt) + ("" if std is None else " +- " + format(std, fmt))
+    return format(score.mean, fmt) + ("" if score.std is None else " +- " + format(score.std, fmt))
 
 
 def _ratio(v, base) -> str:
@@ -244,42 +269,42 @@ def markdown(run: dict, summary: list[dict], ch: list[dict], command: str) -> st
             + [f"measured {r}^2" for r in res] + ["FID", "KID", "val loss", "runs ok"])
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in summary:
-        p = r["paper"]
-        cells = [str(r["index"]), r["name"], _f(p.get("fid"), "g"), _f(p.get("params_m"), "g"), _f(p.get("flops_g"), "g"),
-                 _f(p.get("latency_ms"), "g") + _ratio(p.get("latency_ms"), base["paper"].get("latency_ms")),
-                 f"{r['params'] / 1e6:.1f}", f"{r['macs'] / 1e9:.1f}", f"{r['flops'] / 1e9:.1f}",
-                 f"{r['predicted_ms']:.0f}" + _ratio(r["predicted_ms"], base["predicted_ms"])
-                 + (f" [{r['predicted_flag']}]" if r["predicted_flag"] else "")]
-        cells += [f"{r[f'measured_ms_{x}']:.0f}" + _ratio(r[f"measured_ms_{x}"], base[f"measured_ms_{x}"]) for x in res]
-        cells += [_pm(r["fid"], r["fid_std"], ".1f", r["status"]), _pm(r["kid"], r["kid_std"], ".4f", r["status"]),
-                  _pm(r["val_loss"], r["val_loss_std"], ".4f", r["status"]), f"{r['ok']}/{r['seeds']}"]
+        p = r.paper
+        cells = [str(r.index), r.name, _f(p.get("fid"), "g"), _f(p.get("params_m"), "g"), _f(p.get("flops_g"), "g"),
+                 _f(p.get("latency_ms"), "g") + _ratio(p.get("latency_ms"), base.paper.get("latency_ms")),
+                 f"{r.params / 1e6:.1f}", f"{r.macs / 1e9:.1f}", f"{r.flops / 1e9:.1f}",
+                 f"{r.predicted_ms:.0f}" + _ratio(r.predicted_ms, base.predicted_ms)
+                 + (f" [{r.predicted_flag}]" if r.predicted_flag else "")]
+        cells += [f"{r.measured[str(x)].ms:.0f}" + _ratio(r.measured[str(x)].ms, base.measured[str(x)].ms) for x in res]
+        cells += [_pm(r.scores["fid"], ".1f", r.status), _pm(r.scores["kid"], ".4f", r.status),
+                  _pm(r.scores["val_loss"], ".4f", r.status), f"{r.ok}/{r.runs}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "## Row-to-row changes", "",
               "Each row against the one above it: the paper's change and ours, and whether the directions agree "
               f"(ok), disagree (DIFF, with the reason) or ours is within noise (~). Changes under {UNCHANGED:.1%} "
               "count as no change. Every quality metric is compared with the paper's FID change (lower is better "
-              f"for all of them). Noise: for a score, the 95% interval of the change over seeds (at least {MIN_SEEDS} "
+              f"for all of them). Noise: for a score, the 95% interval of the change over seeds (at least {stats.MIN_SEEDS} "
               "seeds; see the next section); for measured latency 2x the run-to-run CVs combined; for predicted "
               "latency 2x the predictor's leave-one-out error on whole networks.",
               ""] + (["![row-to-row changes](ablation_changes.png)", ""] if ch else ["No two adjacent rows were run.", ""])
-    metrics = [m["metric"] for m in ch[0]["metrics"]] if ch else []
+    metrics = [m.metric for m in ch[0].changes] if ch else []
     if ch:
         lines += ["| # | row | " + " | ".join(f"{m} (paper / ours)" for m in metrics) + " |",
                   "|" + "---|" * (2 + len(metrics))]
         for c in ch:
-            cells = [f"{_pct(m['paper'])} / {_pct(m['ours'])} {MARK[m['agree']]}".strip() for m in c["metrics"]]
-            lines.append(f"| {c['index']} | {c['name']} | " + " | ".join(cells) + " |")
-        reasons = [(c, m) for c in ch for m in c["metrics"] if m["agree"] is False or m["agree"] == "noise"]
+            cells = [f"{_pct(m.paper)} / {_pct(m.ours)} {m.verdict.mark}".strip() for m in c.changes]
+            lines.append(f"| {c.index} | {c.name} | " + " | ".join(cells) + " |")
+        reasons = [(c, m) for c in ch for m in c.changes if m.verdict in (Verdict.DISAGREE, Verdict.NOISE)]
         if reasons:
             lines += ["", "Where ours disagrees with the paper (DIFF) or cannot tell (~):", ""]
-            lines += [f"- row {c['index']} {c['name']}, {m['metric']} ({MARK[m['agree']]}): {m['reason']}"
+            lines += [f"- row {c.index} {c.name}, {m.metric} ({m.verdict.mark}): {m.reason}"
                       for c, m in reasons]
         n = tally(ch)
         lines += ["", f"Directions: {n['agree']} agree with the paper, {n['disagree']} disagree, {n['noise']} within "
                   "our noise (no verdict)."]
         lines += _quality_section(summary, ch)
     lines += ["", "## Latency and quality", "", "![latency vs quality](ablation_latency_quality.png)", ""]
-    failed = [f for r in summary for f in r["failed"]]
+    failed = [f for r in summary for f in r.failed]
     if failed:
         lines += ["## Runs that did not finish", ""]
         lines += [f"- row {f['index']} {f['name']}, seed {f['seed']}: {f.get('status')}: {f.get('reason', '')}"
@@ -325,29 +350,28 @@ def _quality_section(summary: list[dict], ch: list[dict]) -> list[str]:
     lines += ["", "| # | row | paper FID | " + " | ".join(f"{k} change [95% interval]" for k in ("val loss", "FID", "KID"))
               + " |", "|---|---|---|---|---|---|"]
     for c in ch:
-        ms = {m["metric"]: m for m in c["metrics"]}
         cells = []
         for label in ("val loss", "FID", "KID"):
-            t = ms[label].get("test")
-            cells.append("-" if not t or t["low"] is None else
-                         f"{t['mean']:+.3g} [{t['low']:+.3g}, {t['high']:+.3g}] {MARK[ms[label]['agree']]}".strip())
-        lines.append(f"| {c['index']} | {c['name']} | {_pct(ms['FID']['paper'])} | " + " | ".join(cells) + " |")
-    big = [(c, {m["metric"]: m for m in c["metrics"]}) for c in ch]
-    big = [(c, ms) for c, ms in big if ms["FID"]["paper"] is not None and abs(ms["FID"]["paper"]) >= 0.05]
+            t = c[label].test
+            cells.append("-" if not isinstance(t, ScoreTest) or t.low is None else
+                         f"{t.mean:+.3g} [{t.low:+.3g}, {t.high:+.3g}] {c[label].verdict.mark}".strip())
+        lines.append(f"| {c.index} | {c.name} | {_pct(c['FID'].paper)} | " + " | ".join(cells) + " |")
+    big = [c for c in ch if c["FID"].paper is not None and abs(c["FID"].paper) >= 0.05]
     if big:
         lines += ["", "The paper's large quality changes (FID by 5% or more), and what the lab finds:", ""]
-        for c, ms in big:
+        for c in big:
             verdicts = []
             for label in ("val loss", "FID", "KID"):
-                a, t = ms[label]["agree"], ms[label].get("test") or {}
-                verdict = {True: "agrees", False: "disagrees", "noise": "cannot tell (within noise", None: "not measured"}[a]
-                if a == "noise":
-                    n = t.get("seeds_to_resolve")
+                v = c[label].verdict
+                verdict = {Verdict.AGREE: "agrees", Verdict.DISAGREE: "disagrees", Verdict.NOISE: "cannot tell (within noise",
+                           Verdict.NONE: "not measured"}[v]
+                if v is Verdict.NOISE:
+                    n = c[label].test.seeds_to_resolve
                     verdict += (f"; a change this large would need about {n} seeds at the measured noise)" if n else
                                 "; the measured change is too small for its noise to resolve at any practical number "
                                 "of seeds)")
                 verdicts.append(f"{label} {verdict}")
-            lines.append(f"- row {c['index']} {c['name']} (paper FID {_pct(ms['FID']['paper'])}): " + "; ".join(verdicts))
+            lines.append(f"- row {c.index} {c.name} (paper FID {_pct(c['FID'].paper)}): " + "; ".join(verdicts))
     return lines
 
 
@@ -365,16 +389,16 @@ def plots(summary: list[dict], ch: list[dict], resolutions: list[str], out: Path
 
     paths = []
     if ch:
-        metrics = [m["metric"] for m in ch[0]["metrics"]]
+        metrics = [m.metric for m in ch[0].changes]
         fig, axes = plt.subplots(1, len(metrics), figsize=(2.3 * len(metrics), 3.6), dpi=110, sharey=True)
         y = np.arange(len(ch))
         for ax, k in zip(np.atleast_1d(axes), range(len(metrics))):
-            paper = [c["metrics"][k]["paper"] for c in ch]
-            ours = [c["metrics"][k]["ours"] for c in ch]
+            paper = [c.changes[k].paper for c in ch]
+            ours = [c.changes[k].ours for c in ch]
             ax.barh(y - 0.2, [100 * v if v is not None else 0 for v in paper], 0.4, color="0.65", label="paper")
             ax.barh(y + 0.2, [100 * v if v is not None else 0 for v in ours], 0.4, color="C0", label="lab")
             for i, c in enumerate(ch):
-                mark = MARK[c["metrics"][k]["agree"]]
+                mark = c.changes[k].verdict.mark
                 if mark:
                     ax.annotate(mark, (0.98, i + 0.2), xycoords=("axes fraction", "data"), ha="right", va="center",
                                 fontsize=7, color="C3" if mark == "DIFF" else "0.3")
@@ -384,7 +408,7 @@ def plots(summary: list[dict], ch: list[dict], resolutions: list[str], out: Path
             ax.tick_params(labelsize=7)
             ax.set_xlabel("change vs row above (%)", fontsize=7)
         ax0 = np.atleast_1d(axes)[0]
-        ax0.set_yticks(y, [f"{c['index']} {c['name']}" for c in ch])
+        ax0.set_yticks(y, [f"{c.index} {c.name}" for c in ch])
         ax0.invert_yaxis()
         ax0.legend(fontsize=7, frameon=False)
         fig.tight_layout()
@@ -393,24 +417,24 @@ def plots(summary: list[dict], ch: list[dict], resolutions: list[str], out: Path
     else:
         (out / "ablation_changes.png").unlink(missing_ok=True)  # not a stale one from another run
 
-    lat_key = f"measured_ms_{resolutions[-1]}" if resolutions else "predicted_ms"
-    lat_label = f"measured latency at {resolutions[-1]}x{resolutions[-1]} (ms)" if resolutions else "predicted latency (ms)"
+    res = str(resolutions[-1]) if resolutions else None
+    latency = (lambda r: r.measured[res].ms) if res else (lambda r: r.predicted_ms)
+    lat_label = f"measured latency at {res}x{res} (ms)" if res else "predicted latency (ms)"
     quality = [("fid", "FID (lab)"), ("val_loss", "validation loss (lab)")]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.8), dpi=110)
     for ax, (key, label) in zip(axes[:2], quality):
-        pts = [(r[lat_key], r[key], r.get(f"{key}_std") or 0, r) for r in summary if r[key] is not None]
+        pts = [(latency(r), r.scores[key].mean, r.scores[key].std or 0, r) for r in summary if r.scores[key].mean is not None]
         if pts:
             ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], fmt="o-", color="C0", ms=4)
             for x, yv, _, r in pts:
-                ax.annotate(str(r["index"]), (x, yv), textcoords="offset points", xytext=(4, 4), fontsize=7)
+                ax.annotate(str(r.index), (x, yv), textcoords="offset points", xytext=(4, 4), fontsize=7)
         ax.set_xlabel(lat_label, fontsize=8)
         ax.set_ylabel(label, fontsize=8)
-    pts = [(r["paper"]["latency_ms"], r["paper"]["fid"], r) for r in summary
-           if "latency_ms" in r["paper"] and "fid" in r["paper"]]
+    pts = [(r.paper["latency_ms"], r.paper["fid"], r) for r in summary if "latency_ms" in r.paper and "fid" in r.paper]
     if pts:
         axes[2].plot([p[0] for p in pts], [p[1] for p in pts], "o-", color="0.5", ms=4)
         for x, yv, r in pts:
-            axes[2].annotate(str(r["index"]), (x, yv), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            axes[2].annotate(str(r.index), (x, yv), textcoords="offset points", xytext=(4, 4), fontsize=7)
     axes[2].set_xlabel("paper latency, iPhone, 1024 px (ms)", fontsize=8)
     axes[2].set_ylabel("paper FID (ImageNet 256 px)", fontsize=8)
     for ax in axes:
@@ -435,7 +459,7 @@ def write_report(run_dir: str | Path, out: str | Path, command: str) -> dict:
     if not summary:
         raise ArchlabError(f"RUN_DIR: {run_dir} has no rows")
     resolutions = run["latency"]["resolutions"]
-    ch = changes(summary, resolutions)
+    ch = changes(summary)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "ablation.csv") as tmp:

@@ -35,10 +35,10 @@ def changes(run_dir: Path, seeds: int) -> dict:
     for key in SCORES:
         comps = []
         for a, b in zip(summary, summary[1:]):
-            c = compare(a[f"{key}_seeds"][:seeds], b[f"{key}_seeds"][:seeds])
+            c = compare(a.scores[key].seeds[:seeds], b.scores[key].seeds[:seeds])
             if c.paired is None or c.unpaired is None:
                 continue
-            comps.append({"row": b["name"], "mean": c.mean, "correlation": c.correlation,
+            comps.append({"row": b.name, "mean": c.mean, "correlation": c.correlation,
                           "paired_half_width": c.paired.half_width, "unpaired_half_width": c.unpaired.half_width,
                           "paired_resolves": c.paired.excludes_zero, "unpaired_resolves": c.unpaired.excludes_zero})
         med = (lambda k: statistics.median([c[k] for c in comps if c[k] is not None]) if comps else None)

@@ -141,7 +141,7 @@ def test_a_failed_training_is_reported_not_dropped(tiny_lab, tmp_path, monkeypat
     assert "| 1 | separable |" in md and "| failed |" in md
     csv = pd.read_csv(tmp_path / "report" / "ablation.csv")
     assert list(csv["status"]) == ["ok", "failed"]
-    assert rep["rows"][1]["val_loss"] is None
+    assert rep["rows"][1].scores["val_loss"].mean is None
     monkeypatch.undo()  # a run that raised is run again next time; a finished one is not
     assert ablate.run_one(settings, 1, 0, tmp_path)["status"] == "ok"
     assert ablate.run_one(settings, 0, 0, tmp_path) == ok
@@ -194,58 +194,75 @@ def test_annotations_can_change_designs_cannot(tiny_lab, tmp_path):
         ablate.open_run(ablate.AblateSettings(ladder=str(mine), table=str(table), measure=[]), run)
 
 
+def _row(i, paper, predicted_ms=100.0, predicted_error=None, why=None, **seeds):
+    """A ladder row as the report summarises it; `seeds` gives a score's values over seeds."""
+    from archlab.report import RowSummary, _score
+
+    return RowSummary(i, f"r{i}", "", paper, why or {}, 1, 1, 2, predicted_ms, "", predicted_error, {},
+                      {k: _score(seeds.get(k, [])) for k in ("fid", "kid", "val_loss")}, 0, 0, (), "ok")
+
+
 def test_a_predicted_latency_change_within_the_predictors_error_gets_no_verdict():
     from archlab.report import changes
+    from archlab.verdict import Verdict
 
-    def row(i, ms, err):
-        return {"index": i, "name": f"r{i}", "paper": {"latency_ms": 100}, "why_differs": {}, "predicted_ms": ms,
-                "predicted_error": err}
-
-    def mark(a, b, err):
-        (ch,) = changes([row(0, a, err), row(1, b, err)], [])
-        return next(m for m in ch["metrics"] if m["metric"] == "predicted latency")["agree"]
+    def verdict(a, b, err):
+        (ch,) = changes([_row(0, {"latency_ms": 100}, a, err), _row(1, {"latency_ms": 100}, b, err)])
+        return ch["predicted latency"].verdict
 
     # the paper's latency is unchanged; 2 x 1.3% of hypot(1000, 1010) = 28 ms of predictor error
-    assert mark(1000, 1010, 0.013) == "noise"
-    assert mark(1000, 1050, 0.013) is False
-    assert mark(1000, 1010, None) is False  # an uncalibrated predictor has no error estimate: no band
+    assert verdict(1000, 1010, 0.013) is Verdict.NOISE
+    assert verdict(1000, 1050, 0.013) is Verdict.DISAGREE
+    assert verdict(1000, 1010, None) is Verdict.DISAGREE  # an uncalibrated predictor has no error estimate: no band
 
 
-def _score_rows(a_seeds, b_seeds, paper=(4.0, 3.0)):
-    def row(i, seeds, fid):
-        ok = [v for v in seeds if v is not None]
-        return {"index": i, "name": f"r{i}", "paper": {"fid": fid}, "why_differs": {"fid": "a recorded reason"},
-                "val_loss": sum(ok) / len(ok), "val_loss_seeds": list(seeds),
-                **{f"{k}{x}": None for k in ("fid", "kid") for x in ("", "_seeds")}}
+def _score_change(a_seeds, b_seeds, paper=(4.0, 3.0)):
+    from archlab.report import changes
 
-    rows = [row(0, a_seeds, paper[0]), row(1, b_seeds, paper[1])]
-    for r in rows:
-        r["fid_seeds"] = r["kid_seeds"] = [None] * len(a_seeds)
-    (ch,) = changes(rows, [])
-    return next(m for m in ch["metrics"] if m["metric"] == "val loss")
-
-
-from archlab.report import changes  # noqa: E402
+    rows = [_row(i, {"fid": fid}, why={"fid": "a recorded reason"}, val_loss=seeds)
+            for i, (seeds, fid) in enumerate(((a_seeds, paper[0]), (b_seeds, paper[1])))]
+    (ch,) = changes(rows)
+    return ch["val loss"]
 
 
 def test_a_score_verdict_comes_from_the_interval_over_seeds():
+    from archlab.verdict import Verdict
+
     # the seeds move both rows together (shared batches and init): paired differences are all -0.01
     a = [0.50, 0.55, 0.60]
     b = [0.49, 0.541, 0.589]
-    m = _score_rows(a, b)
-    assert m["test"]["paired"] and m["test"]["correlation"] > 0.99
-    assert m["agree"] is True and m["test"]["high"] < 0  # lower loss, as the paper's FID: agree
-    m = _score_rows(a, [0.51, 0.56, 0.61])  # worse by 0.01 on every seed: resolved, and against the paper
-    assert m["agree"] is False and m["reason"] == "a recorded reason"
-    m = _score_rows(a, [0.47, 0.58, 0.59])  # the same mean change, but seed by seed it is noise
-    assert m["agree"] == "noise" and "includes 0" in m["reason"]
-    assert m["test"]["seeds_to_resolve"] is None  # a mean change of 0.003 under 0.03 of noise: no practical number
-    m = _score_rows(a, [0.47, 0.56, 0.59])  # a mean change of -0.01 under 0.02 of paired noise
-    assert m["agree"] == "noise" and 10 < m["test"]["seeds_to_resolve"] < 40
+    m = _score_change(a, b)
+    assert m.test.paired and m.test.correlation > 0.99
+    assert m.verdict is Verdict.AGREE and m.test.high < 0  # lower loss, as the paper's FID: agree
+    m = _score_change(a, [0.51, 0.56, 0.61])  # worse by 0.01 on every seed: resolved, and against the paper
+    assert m.verdict is Verdict.DISAGREE and m.reason == "a recorded reason"
+    m = _score_change(a, [0.47, 0.58, 0.59])  # the same mean change, but seed by seed it is noise
+    assert m.verdict is Verdict.NOISE and "includes 0" in m.reason
+    assert m.test.seeds_to_resolve is None  # a mean change of 0.003 under 0.03 of noise: no practical number
+    m = _score_change(a, [0.47, 0.56, 0.59])  # a mean change of -0.01 under 0.02 of paired noise
+    assert m.verdict is Verdict.NOISE and 10 < m.test.seeds_to_resolve < 40
 
 
 def test_fewer_than_three_seeds_give_no_score_verdict():
-    m = _score_rows([0.50, 0.55], [0.40, 0.45])
-    assert m["agree"] == "noise" and "at least 3" in m["reason"]
-    m = _score_rows([0.50, 0.55, None], [0.40, 0.45, 0.43])  # a failed seed leaves the pairs
-    assert m["agree"] == "noise" and m["test"]["seeds"] == 2
+    from archlab.verdict import Verdict
+
+    m = _score_change([0.50, 0.55], [0.40, 0.45])
+    assert m.verdict is Verdict.NOISE and "at least 3" in m.reason
+    m = _score_change([0.50, 0.55, None], [0.40, 0.45, 0.43])  # a failed seed leaves the pairs
+    assert m.verdict is Verdict.NOISE and m.test.seeds == 2
+
+
+def test_one_rule_decides_cost_latency_and_quality():
+    """`verdict.compare`: the same rule for every metric; no paper number, no verdict; a missing reason is said."""
+    from archlab.verdict import MACS, PREDICTED, SCORES, Noise, Verdict, compare
+
+    paper0, paper1 = {"flops_g": 10, "latency_ms": 100, "fid": 4.0}, {"flops_g": 8, "latency_ms": 100, "fid": 3.0}
+    assert compare(MACS, (10, 9), paper1, paper0, {}).verdict is Verdict.AGREE
+    up = compare(MACS, (10, 11), paper1, paper0, {})
+    assert up.verdict is Verdict.DISAGREE and "why_differs.macs" in up.reason
+    assert compare(MACS, (10, 11), paper1, paper0, {"macs": "wider"}).reason == "wider"
+    assert compare(PREDICTED, (100, 100.2), paper1, paper0, {}).verdict is Verdict.AGREE  # both unchanged (< 0.5%)
+    assert compare(SCORES["kid"], (1.0, 0.9), {}, paper0, {}).verdict is Verdict.NONE
+    noisy = compare(SCORES["val_loss"], (1.0, 1.1), paper1, paper0, {}, Noise(False, "within noise"))
+    assert noisy.verdict is Verdict.NOISE and noisy.reason == "within noise" and noisy.ours == pytest.approx(0.1)
+    assert compare(SCORES["fid"], (4.0, 3.5), paper1, paper0, {}, Noise(True)).verdict is Verdict.AGREE

@@ -23,7 +23,7 @@ def test_cost_text_shows_paper_and_explains_disagreements(capsys):
     assert main(["cost", str(LADDER)]) == 0
     out = capsys.readouterr().out
     assert "paper params M" in out and "DIFF" in out and "unexplained" not in out
-    assert "row 6 early-conditioning, macs:" in out
+    assert "row 6 early-conditioning, MACs (paper: FLOPs):" in out
 
 
 def test_cost_single_config_with_blocks(tmp_path, capsys):

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from archlab.config import ArchConfig
-from archlab.cost import block_cost, count_macs, direction, ladder_cost, network_cost
+from archlab.cost import block_cost, count_macs, ladder_cost, network_cost
+from archlab.verdict import Verdict, direction
 from archlab.decompose import BlockSpec, decompose
 from archlab.ladder import load_ladder
 from archlab.unet import UNet
@@ -59,26 +60,26 @@ def ladder_rows():
 
 def test_baseline_params_close_to_paper(ladder_rows):
     base = ladder_rows[0]
-    assert abs(base["params"] / 1e6 - 741) / 741 < 0.10
+    assert abs(base.params / 1e6 - 741) / 741 < 0.10
 
 
 def test_ladder_directions_match_the_paper(ladder_rows):
     for r in ladder_rows[2:6]:
-        assert r["agree"]["params"], r["name"]
+        assert r.changes[0].verdict is Verdict.AGREE, r.name  # params
     for r in ladder_rows[1:6]:
-        assert r["agree"]["macs"], r["name"]
+        assert r.changes[1].verdict is Verdict.AGREE, r.name  # MACs
 
 
 def test_every_disagreement_is_explained(ladder_rows):
     for r in ladder_rows[1:]:
-        for metric, ok in r["agree"].items():
-            assert ok or r["why_differs"].get(metric), (r["name"], metric)
+        for c in r.changes:
+            assert c.verdict is not Verdict.DISAGREE or not c.reason.startswith("no reason recorded"), (r.name, c)
 
 
 def test_paper_scale_directions_from_the_facts(ladder_rows):
-    p = {r["name"]: r for r in ladder_rows}
-    assert p["separable-conv"]["params"] < p["no-highres-sa"]["params"]
-    assert p["expansion-2"]["macs"] > p["separable-conv"]["macs"]
-    assert p["mqa"]["params"] < p["ffn-3"]["params"]
-    drop = 1 - p["no-highres-sa"]["macs"] / p["baseline"]["macs"]
+    p = {r.name: r for r in ladder_rows}
+    assert p["separable-conv"].params < p["no-highres-sa"].params
+    assert p["expansion-2"].macs > p["separable-conv"].macs
+    assert p["mqa"].params < p["ffn-3"].params
+    drop = 1 - p["no-highres-sa"].macs / p["baseline"].macs
     assert 0.10 < drop < 0.25  # paper: FLOPs -17.5%
