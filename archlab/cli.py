@@ -227,37 +227,21 @@ def _dataset_args(p: argparse.ArgumentParser, image_size: bool = True) -> None:
     p.add_argument("--val-per-class", type=int, help="validation images per class")
 
 
-# flags that override a value of the --proxy preset (dest -> TrainConfig field)
-PRESET_FLAGS = {"steps": int, "batch": int, "lr": float, "width_mult": float, "timesteps": str, "mu": float,
-                "sigma": float, "samples": int, "sample_steps": int, "cfg_scale": float, "fid_extractor": str,
-                "val_images": int, "fid_reference": int, "init": str}
-
-
 def _train_args(p: argparse.ArgumentParser, threads: bool = False) -> None:
     p.add_argument("--proxy", metavar="PRESET",
                    help="proxy preset: smoke, cpu (default) or reference (reports/proxy_fidelity.md has their measured "
                         "fidelity), or FILE.yaml:NAME; the flags below override its values")
-    for dest, kind in PRESET_FLAGS.items():
-        flag = "--" + dest.replace("_", "-")
-        extra = {"choices": ("logit_normal", "uniform")} if dest == "timesteps" else \
-            {"choices": ("shared", "sequential")} if dest == "init" else {}
-        p.add_argument(flag, type=kind, help=f"({_FLAG_HELP.get(dest, dest.replace('_', ' '))}; default: the preset's)",
-                       **extra)
+    from archlab.train_config import preset_settings
+
+    for name, s in preset_settings().items():
+        p.add_argument("--" + name.replace("_", "-"), type=s["type"], choices=s["choices"] or None,
+                       help=f"{s['help']} (default: the preset's)")
     p.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
     if threads:  # search and ablate: a trial's threads are its --cpus-per-trial
         p.add_argument("--threads", type=int, default=1,
                        help="torch threads (default 1: these proxies gain little from more, and on a busy 2-core "
                             "machine 2 threads ran up to 10x slower)")
-
-
-_FLAG_HELP = {"steps": "training steps", "width_mult": "proxy width: channels and head dim x this",
-              "mu": "logit-normal timestep mean", "sigma": "logit-normal timestep std",
-              "samples": "generated images for FID/KID, 0: skip", "sample_steps": "Euler steps when sampling",
-              "fid_extractor": "auto (inception if installed), inception, randconv",
-              "val_images": "held-out images of the validation loss",
-              "fid_reference": "real validation images FID/KID compare against",
-              "init": "shared: each module's initial weights seeded by its path, so designs share common blocks' init"}
 
 
 def _preset(args: argparse.Namespace):
@@ -275,7 +259,9 @@ def _data_config(args: argparse.Namespace):
 
 def _train_config(args: argparse.Namespace, threads: int):
     """The --proxy preset's training, with every flag the user gave on top."""
-    over = {dest: getattr(args, dest) for dest in PRESET_FLAGS}
+    from archlab.train_config import preset_settings
+
+    over = {name: getattr(args, name) for name in preset_settings()}
     return _preset(args).train_config(**over, seed=args.seed, device=args.device, threads=threads)
 
 

@@ -26,6 +26,7 @@ from torch import nn
 
 from archlab.errors import ArchlabError
 from archlab.io import cache_dir, save_atomic
+from archlab.train_config import EXTRACTORS
 
 
 
@@ -91,7 +92,6 @@ def inception_weights() -> Path | None:
     return None
 
 
-EXTRACTORS = ("auto", "inception", "randconv")
 
 
 def extractor(name: str = "auto") -> nn.Module:

@@ -15,24 +15,20 @@ Flags given beside `--proxy` override its values.
 from __future__ import annotations
 
 import functools
-import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 from archlab.errors import ArchlabError
+from archlab.train_config import TrainConfig, preset_settings
 
 BUILTIN = Path(__file__).with_name("presets.yaml")
 DEFAULT = "cpu"
-# what a preset may set: the data resolution and the training settings that change what is learned
-# or scored (not the seed, the device or the bookkeeping)
-NOT_PRESET = ("seed", "device", "threads", "checkpoint_every", "report_every")
 
 
 def preset_fields() -> dict[str, type]:
-    from archlab.train import TrainConfig
-
-    hints = typing.get_type_hints(TrainConfig)
-    return {"image_size": int, **{f.name: hints[f.name] for f in fields(TrainConfig) if f.name not in NOT_PRESET}}
+    """What a preset may set: the data resolution and the training settings that change what is learned
+    or scored (not the seed, the device or the bookkeeping)."""
+    return {"image_size": int, **{k: s["type"] for k, s in preset_settings().items()}}
 
 
 @dataclass(frozen=True)
@@ -44,15 +40,11 @@ class Preset:
 
     def train_config(self, **overrides):
         """The TrainConfig of this preset; `overrides` (e.g. seed, device, or flags) win."""
-        from archlab.train import TrainConfig
-
         return TrainConfig(**{**self.train, **{k: v for k, v in overrides.items() if v is not None}})
 
     @property
     def compute(self) -> int:
         """Training images seen (steps x batch): the unit in which presets are compared."""
-        from archlab.train import TrainConfig
-
         t = TrainConfig(**self.train)
         return t.steps * t.batch
 
@@ -72,8 +64,6 @@ def _check_value(where: str, name: str, value, kind) -> None:
 
 def parse(name: str, raw, where: str) -> Preset:
     """One preset from its YAML mapping; every field is checked (type, range), one line per error."""
-    from archlab.train import TrainConfig
-
     where = f"{where}: {name}"
     if not isinstance(raw, dict):
         raise ArchlabError(f"{where}: a preset must be a mapping of settings, got {raw!r}")

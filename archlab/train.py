@@ -37,68 +37,12 @@ from archlab.config import ArchConfig
 from archlab.data import ImageSet, to_model, to_uint8
 from archlab.errors import ArchlabError
 from archlab.io import atomic_path, save_atomic, write_atomic
+from archlab.train_config import NOT_TRAINING, TrainConfig
 from archlab.unet import UNet
 
-# settings that do not change the trained weights: a checkpoint made with other values is resumed
-NOT_TRAINING = ("steps", "val_images", "samples", "sample_steps", "cfg_scale", "fid_extractor", "fid_reference",
-                "checkpoint_every", "report_every", "device", "threads")
-INITS = ("shared", "sequential")
 VAL_TIMESTEPS = 8  # validation loss: t = (i + 0.5) / 8, i = 0..7, for every held-out image
 DIVERGED_LOSS = 50.0  # the target eps - x0 has a variance under 2 (a model that outputs 0 scores that): a batch
 # loss 25x over it is a blow-up, however finite
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    steps: int = 500
-    batch: int = 32
-    lr: float = 3e-4
-    weight_decay: float = 0.01
-    warmup: int = 50
-    grad_clip: float = 1.0
-    ema: float = 0.999
-    timesteps: str = "logit_normal"  # or "uniform"
-    mu: float = 0.0
-    sigma: float = 1.0
-    label_dropout: float = 0.1
-    width_mult: float = 0.125
-    context_dim: int = 64
-    context_len: int = 4
-    seed: int = 0
-    init: str = "shared"  # or "sequential": one generator for the whole model, in build order
-    # scoring
-    val_images: int = 256
-    samples: int = 250
-    sample_steps: int = 20
-    cfg_scale: float = 2.0
-    fid_extractor: str = "auto"
-    fid_reference: int = 1000  # real validation images (balanced over classes) that FID/KID compare against
-    # bookkeeping
-    checkpoint_every: int = 200
-    report_every: int = 25
-    device: str = "cpu"
-    threads: int | None = None  # torch intra-op threads while training (None: leave torch's setting)
-
-    def validate(self) -> None:
-        from archlab.metrics import EXTRACTORS
-
-        checks = {"steps": self.steps >= 0, "batch": self.batch >= 1, "lr": self.lr > 0,
-                  "weight_decay": self.weight_decay >= 0, "warmup": self.warmup >= 0, "grad_clip": self.grad_clip > 0,
-                  "fid_extractor": self.fid_extractor in EXTRACTORS,
-                  "ema": 0 <= self.ema < 1, "label_dropout": 0 <= self.label_dropout < 1,
-                  "timesteps": self.timesteps in ("logit_normal", "uniform"), "sigma": self.sigma > 0,
-                  "width_mult": self.width_mult > 0, "samples": self.samples == 0 or self.samples >= 2, "sample_steps": self.sample_steps >= 1,
-                  "val_images": self.val_images >= 1, "context_len": self.context_len >= 1,
-                  "context_dim": self.context_dim >= 1, "checkpoint_every": self.checkpoint_every >= 1,
-                  "report_every": self.report_every >= 1, "init": self.init in INITS,
-                  "fid_reference": self.fid_reference >= 2, "threads": self.threads is None or self.threads >= 1}
-        for name, ok in checks.items():
-            if not ok:
-                raise ArchlabError(f"train: {name}={getattr(self, name)!r} is out of range")
-        try:
-            torch.empty(0, device=self.device)
-        except (RuntimeError, AssertionError) as e:
-            raise ArchlabError(f"train: device={self.device!r} is not usable here ({e})") from None
 
 
 @dataclass

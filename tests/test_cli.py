@@ -118,3 +118,18 @@ def test_malformed_files_one_line_exit_2(tmp_path, content, expect):
 def test_directory_is_not_a_file(tmp_path):
     r = _cli("cost", str(tmp_path))
     assert r.returncode == 2 and "not a file" in r.stderr
+
+
+def test_every_preset_setting_is_a_flag_that_overrides_the_preset():
+    """The training flags are made from TrainConfig's fields: none is missing, each overrides the preset."""
+    from archlab import presets
+    from archlab.cli import _build_parser, _train_config
+    from archlab.train_config import preset_settings
+
+    parser = _build_parser()
+    for command in (["train", "x.yaml"], ["search"], ["ablate", "x.yaml"]):
+        args = parser.parse_args(command + ["--proxy", "smoke", "--weight-decay", "0.5", "--init", "sequential"])
+        assert set(preset_settings()) <= set(vars(args)), command
+        t = _train_config(args, threads=1)
+        assert t.weight_decay == 0.5 and t.init == "sequential"
+        assert t.steps == presets.get("smoke").train_config().steps  # not given: the preset's
