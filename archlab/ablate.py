@@ -33,6 +33,7 @@ from archlab.cluster import TrialSettings
 from archlab.errors import ArchlabError
 from archlab.io import write_atomic
 from archlab.ladder import Ladder, load_ladder
+from archlab.schema import at_least, build, require_mapping, setting
 from archlab.trials import Job, read, run_job, run_jobs
 
 log = logging.getLogger(__name__)
@@ -46,25 +47,22 @@ PACKAGES = ("torch", "onnxruntime", "onnx", "optuna", "ray", "torchmetrics", "fv
 @dataclass
 class AblateSettings(TrialSettings):
     ladder: str
-    seeds: int = 3
+    seeds: int = setting(3, valid=at_least(1), rule=">= 1")
     rows: list[int] | None = None  # row indices to run (default: all)
     table: str = DEFAULT_TABLE  # predictor table; measured tables are looked up beside it
     measure: list[int] = field(default_factory=lambda: [32, 128])  # latent resolutions to time end to end
-    threads: int | None = None  # ORT threads for measuring (default: the predictor table's)
+    threads: int | None = setting(None, valid=at_least(1), rule=">= 1")  # ORT threads for measuring (default: the table's)
     ladder_sha: str = ""
     command: str = ""
 
     def validate(self, ladder: Ladder) -> None:
-        for name, ok in (("seeds", self.seeds >= 1), ("threads", self.threads is None or self.threads >= 1)):
-            if not ok:
-                raise ArchlabError(f"--{name}: {getattr(self, name)!r} is out of range")
+        self.validate_trials()
         for res in self.measure:
             if res < 8 or res & (res - 1):
                 raise ArchlabError(f"--measure: {res} is not a power-of-two latent resolution >= 8")
         for i in self.rows or []:
             if not 0 <= i < len(ladder.rows):
                 raise ArchlabError(f"--rows: {i} is not a row of {ladder.path} (0..{len(ladder.rows) - 1})")
-        self.validate_trials()
 
     def selected(self, ladder: Ladder):
         return [r for r in ladder.rows if self.rows is None or r.index in self.rows]
@@ -79,10 +77,11 @@ def read_settings(path: Path) -> tuple[AblateSettings, list[dict]]:
     """The settings saved in an ablation folder and its invocations; a damaged file is a one-line error."""
     try:
         raw = json.loads(path.read_text())
-        history = raw.pop("invocations", [])
-        return AblateSettings(**raw), history
-    except (ValueError, TypeError, AttributeError) as e:
+    except ValueError as e:
         raise ArchlabError(f"{path}: not a readable ablation settings file ({str(e).splitlines()[0][:120]})") from None
+    raw = require_mapping(raw, str(path))
+    history = raw.pop("invocations", [])
+    return build(AblateSettings, raw, str(path)), history
 
 
 def ladder_sha(ladder: Ladder) -> str:

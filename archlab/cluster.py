@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass, field
 
 from archlab.data import DataConfig
 from archlab.errors import ArchlabError
-from archlab.train import TrainConfig
+from archlab.schema import at_least, build, check, flag, setting
+from archlab.train_config import TrainConfig
 
 
 def init_ray(address: str | None) -> str | None:
@@ -58,10 +59,8 @@ def shutdown_ray(session_dir: str | None) -> None:
 
 
 def trial_resources(cpus: int, gpus: float, device: str) -> dict:
-    if cpus < 1:
-        raise ArchlabError(f"--cpus-per-trial: {cpus!r} is out of range")
-    if gpus < 0 or (gpus > 0 and device == "cpu"):
-        raise ArchlabError(f"--gpus-per-trial: {gpus!r} needs --device cuda (or another accelerator) and must be >= 0")
+    if gpus > 0 and device == "cpu":
+        raise ArchlabError(f"--gpus-per-trial: {gpus!r} needs --device cuda (or another accelerator)")
     if device.startswith("cuda") and not gpus:  # Ray hides every GPU from a trial that asks for none
         raise ArchlabError(f"--device {device}: trials run on Ray, which gives a trial GPUs only when it asks for "
                            "them: add --gpus-per-trial (e.g. 1, or 0.5 for two trials per GPU)")
@@ -71,25 +70,26 @@ def trial_resources(cpus: int, gpus: float, device: str) -> dict:
 @dataclass(kw_only=True)
 class TrialSettings:
     """What the search and the ablation share: the proxy training their Ray trials run, and where."""
-    cpus_per_trial: int = 2
-    gpus_per_trial: float = 0
-    concurrency: int = 1
+    cpus_per_trial: int = setting(2, valid=at_least(1), rule=">= 1")
+    gpus_per_trial: float = setting(0, valid=at_least(0), rule=">= 0")
+    concurrency: int = setting(1, valid=at_least(1), rule=">= 1")
     address: str | None = None
     data: dict = field(default_factory=lambda: asdict(DataConfig()))
     train: dict = field(default_factory=lambda: asdict(TrainConfig()))
 
     @property
     def train_config(self) -> TrainConfig:
-        return TrainConfig(**self.train)
+        return build(TrainConfig, self.train, "train")
 
     @property
     def data_config(self) -> DataConfig:
-        return DataConfig(**self.data)
+        return build(DataConfig, self.data, "data")
 
     def validate_trials(self) -> None:
-        if self.concurrency < 1:
-            raise ArchlabError(f"--concurrency: {self.concurrency!r} is out of range")
-        self.resources  # raises if the request cannot be met
+        """Every field in its range (named by its flag), the data and training settings, the resources."""
+        check(self, label=flag)
+        self.data_config
+        self.resources  # raises if the request cannot be met (a GPU asked without --gpus-per-trial, ...)
         self.train_config.validate()
 
     @property

@@ -22,18 +22,16 @@ YAML shape (every key optional except `stages`; see search_spaces/snapgen_ablati
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
-import math
-import types
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, Union
 
 import yaml
 
 from archlab.errors import ArchlabError
+from archlab.schema import at_least, build, check, located, positive, require_mapping, setting
 
 Number = Union[int, float]
 KVHeads = Union[int, Literal["mhsa", "mqa"]]
@@ -41,21 +39,21 @@ KVHeads = Union[int, Literal["mhsa", "mqa"]]
 
 @dataclass(frozen=True)
 class LatentConfig:
-    channels: int = 4
-    resolution: int = 32
+    channels: int = setting(4, valid=at_least(1), rule=">= 1")
+    resolution: int = setting(32, valid=at_least(1), rule=">= 1")
 
 
 @dataclass(frozen=True)
 class AttentionConfig:
-    head_dim: int = 64
+    head_dim: int = setting(64, valid=at_least(1), rule=">= 1")
     qk_norm: bool = False  # RMSNorm on per-head q and k
     rope: bool = False  # 2D rotary embedding (row, col) in self-attention
 
 
 @dataclass(frozen=True)
 class ConditioningConfig:
-    context_dim: int = 2048  # width of the text/class context tokens
-    context_len: int = 77  # number of context tokens
+    context_dim: int = setting(2048, valid=at_least(1), rule=">= 1")  # width of the text/class context tokens
+    context_len: int = setting(77, valid=at_least(1), rule=">= 1")  # number of context tokens
     first_stage: int = 1  # 0-based: transformers of stages >= first_stage get cross-attention
     # A conditioned stage with no transformer blocks of its own gets one CA+FFN block (no
     # self-attention) per layer: `add` puts it after the residual block, `replace` puts it instead
@@ -66,9 +64,9 @@ class ConditioningConfig:
 
 @dataclass(frozen=True)
 class StageConfig:
-    channels: int
-    transformer_depth: int = 0  # transformer blocks after each residual block
-    res_blocks: int = 2  # per down layer; the up path has res_blocks + 1 (SDXL layout)
+    channels: int = setting(valid=at_least(1), rule=">= 1")
+    transformer_depth: int = setting(0, valid=at_least(0), rule=">= 0")  # transformer blocks after each residual block
+    res_blocks: int = setting(2, valid=at_least(1), rule=">= 1")  # per down layer; the up path has res_blocks + 1 (SDXL layout)
     self_attention: bool = True
     conv: Literal["standard", "separable"] = "standard"  # separable = DW 3x3 + PW 1x1
     expansion: Number = 1  # hidden channels of the residual block = expansion * channels
@@ -85,28 +83,28 @@ class ArchConfig:
     stages: tuple[StageConfig, ...]
     name: str = "unet"
     latent: LatentConfig = field(default_factory=LatentConfig)
-    width_mult: Number = 1.0
-    time_embed_mult: int = 4
-    norm_groups: int = 32
+    width_mult: Number = setting(1.0, valid=positive, rule="> 0")
+    time_embed_mult: int = setting(4, valid=at_least(1), rule=">= 1")
+    norm_groups: int = setting(32, valid=at_least(1), rule=">= 1")
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
-    mid_depth: int | None = None  # None: the last stage's transformer_depth
+    mid_depth: int | None = setting(None, valid=at_least(0), rule=">= 0")  # None: the last stage's transformer_depth
 
     # ---- loading -------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: Any, where: str = "") -> "ArchConfig":
         """Build and validate; raises ArchlabError naming the field (prefixed by `where`)."""
-        data = _require_mapping(data, where or "config")
+        data = require_mapping(data, where or "config")
         data = dict(data)
         defaults = data.pop("stage_defaults", None)
-        defaults = {} if defaults is None else _require_mapping(defaults, _join(where, "stage_defaults"))
+        defaults = {} if defaults is None else require_mapping(defaults, located(where, "stage_defaults"))
         for key in defaults:
             if key not in STAGE_KEYS or key == "channels":
-                raise ArchlabError(f"{_join(where, 'stage_defaults')}: unknown key {key!r} (allowed: {', '.join(k for k in STAGE_KEYS if k != 'channels')})")
-        if isinstance(data.get("stages"), list):  # anything else: _build names the problem
-            data["stages"] = [{**defaults, **_require_mapping(s, _join(where, f"stages[{i}]"))}
+                raise ArchlabError(f"{located(where, 'stage_defaults')}: unknown key {key!r} (allowed: {', '.join(k for k in STAGE_KEYS if k != 'channels')})")
+        if isinstance(data.get("stages"), list):  # anything else: build names the problem
+            data["stages"] = [{**defaults, **require_mapping(s, located(where, f"stages[{i}]"))}
                               for i, s in enumerate(data["stages"])]
-        cfg = _build(cls, data, where, "")
+        cfg = build(cls, data, where)
         cfg.validate(where)
         return cfg
 
@@ -179,22 +177,14 @@ class ArchConfig:
     # ---- validation ------------------------------------------------------------------------
     def validate(self, where: str = "") -> None:
         def fail(path: str, msg: str) -> None:
-            raise ArchlabError(f"{_join(where, path)}: {msg}")
+            raise ArchlabError(f"{located(where, path)}: {msg}")
 
         if not self.stages:
             fail("stages", "must be a non-empty list of stages")
+        check(self, where)  # each field's own range
+        for i, s in enumerate(self.stages):
+            check(s, where, prefix=f"stages[{i}]")
         w = self.width_mult
-        if w <= 0:
-            fail("width_mult", f"must be > 0, got {w}")
-        for path, value in (("latent.channels", self.latent.channels), ("latent.resolution", self.latent.resolution),
-                            ("time_embed_mult", self.time_embed_mult), ("norm_groups", self.norm_groups),
-                            ("attention.head_dim", self.attention.head_dim),
-                            ("conditioning.context_dim", self.conditioning.context_dim),
-                            ("conditioning.context_len", self.conditioning.context_len)):
-            if value < 1:
-                fail(path, f"must be >= 1, got {value}")
-        if self.mid_depth is not None and self.mid_depth < 0:
-            fail("mid_depth", f"must be >= 0, got {self.mid_depth}")
         if not 0 <= self.conditioning.first_stage < self.n_stages:
             fail("conditioning.first_stage", f"must be a stage index in 0..{self.n_stages - 1}, got {self.conditioning.first_stage}")
         down = 2 ** (self.n_stages - 1)
@@ -206,14 +196,8 @@ class ArchConfig:
             fail("attention.rope", f"2D RoPE needs head_dim divisible by 4, got {self.head_dim}")
         for i, s in enumerate(self.stages):
             p = f"stages[{i}]"
-            if s.channels < 1:
-                fail(f"{p}.channels", f"must be >= 1, got {s.channels}")
             if not _is_int(s.channels * w) or self.channels(i) < 1:
                 fail("width_mult", f"{w} makes {p}.channels {s.channels} * {w} = {s.channels * w}, not a positive integer")
-            if s.transformer_depth < 0:
-                fail(f"{p}.transformer_depth", f"must be >= 0, got {s.transformer_depth}")
-            if s.res_blocks < 1:
-                fail(f"{p}.res_blocks", f"must be >= 1, got {s.res_blocks}")
             if isinstance(s.kv_heads, int) and s.kv_heads < 1:
                 fail(f"{p}.kv_heads", f"must be mhsa, mqa or an integer >= 1, got {s.kv_heads}")
             attention = self.uses_attention(i)
@@ -256,7 +240,7 @@ def set_path(data: dict, path: str, value: Any, where: str = "") -> None:
     """Set ``a.b.0.c`` in nested dicts/lists; ``*`` sets every element of a list
     (``stages.*.conv``). Every step must already exist, so a typo is an error, not a new key."""
     if not isinstance(path, str) or not path:
-        raise ArchlabError(f"{_join(where, repr(path))}: a path must be a dotted string like stages.1.conv")
+        raise ArchlabError(f"{located(where, repr(path))}: a path must be a dotted string like stages.1.conv")
     _set(data, path.split("."), 0, value, where, path)
 
 
@@ -268,100 +252,18 @@ def _set(node: Any, parts: list[str], depth: int, value: Any, where: str, path: 
         elif part.isdigit() and int(part) < len(node):
             keys = [int(part)]
         else:
-            raise ArchlabError(f"{_join(where, path)}: no list element {part!r} at {here!r} (the list has {len(node)} items)")
+            raise ArchlabError(f"{located(where, path)}: no list element {part!r} at {here!r} (the list has {len(node)} items)")
     elif isinstance(node, dict):
         if part not in node:
-            raise ArchlabError(f"{_join(where, path)}: unknown key {part!r} at {here!r}")
+            raise ArchlabError(f"{located(where, path)}: unknown key {part!r} at {here!r}")
         keys = [part]
     else:
-        raise ArchlabError(f"{_join(where, path)}: {'.'.join(parts[:depth])!r} is not a mapping or list")
+        raise ArchlabError(f"{located(where, path)}: {'.'.join(parts[:depth])!r} is not a mapping or list")
     for key in keys:
         if last:
             node[key] = value
         else:
             _set(node[key], parts, depth + 1, value, where, path)
-
-
-# ---- generic typed construction ---------------------------------------------------------------
-
-@functools.lru_cache(maxsize=None)
-def _schema(cls: type) -> tuple[dict, dict]:
-    """(type hints, fields by name) of a config dataclass; cached, resolving hints is slow."""
-    return get_type_hints(cls), {f.name: f for f in fields(cls)}
-
-
-def _build(cls: type, data: Any, where: str, prefix: str) -> Any:
-    data = _require_mapping(data, _join(where, prefix or cls.__name__))
-    hints, known = _schema(cls)
-    for key in data:
-        if key not in known:
-            raise ArchlabError(f"{_join(where, _dot(prefix, str(key)))}: unknown key (allowed: {', '.join(known)})")
-    kwargs = {}
-    for name, f in known.items():
-        if name not in data:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ArchlabError(f"{_join(where, _dot(prefix, name))}: missing required key")
-            continue
-        kwargs[name] = _coerce(hints[name], data[name], where, _dot(prefix, name))
-    return cls(**kwargs)
-
-
-def _coerce(tp: Any, value: Any, where: str, path: str) -> Any:
-    def bad(msg: str) -> ArchlabError:
-        return ArchlabError(f"{_join(where, path)}: {msg}")
-
-    origin = get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, where, path)
-    if origin is tuple:  # tuple[StageConfig, ...]
-        if not isinstance(value, (list, tuple)):
-            raise bad(f"must be a list, got {value!r}")
-        return tuple(_coerce(get_args(tp)[0], v, where, f"{path}[{i}]") for i, v in enumerate(value))
-    if origin is Literal:
-        if isinstance(value, bool) or value not in get_args(tp):
-            raise bad(f"{value!r} is not one of {', '.join(map(str, get_args(tp)))}")
-        return value
-    if origin in (Union, types.UnionType):
-        options = get_args(tp)
-        if value is None and type(None) in options:
-            return None
-        for opt in options:
-            if opt is not type(None):
-                try:
-                    return _coerce(opt, value, where, path)
-                except ArchlabError:
-                    pass
-        raise bad(f"{value!r} is not {' or '.join(_type_name(o) for o in options)}")
-    checks = {
-        bool: (lambda v: isinstance(v, bool), "true or false"),
-        int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
-        float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v), "a number"),
-        str: (lambda v: isinstance(v, str), "a string"),
-    }
-    ok, name = checks[tp]
-    if not ok(value):
-        raise bad(f"must be {name}, got {value!r}")
-    return value
-
-
-def _type_name(tp: Any) -> str:
-    if get_origin(tp) is Literal:
-        return " or ".join(repr(a) for a in get_args(tp))
-    return {int: "an integer", float: "a number", type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))
-
-
-def _require_mapping(value: Any, path: str) -> dict:
-    if not isinstance(value, dict):
-        raise ArchlabError(f"{path}: must be a mapping, got {type(value).__name__} {value!r}")
-    return value
-
-
-def _join(where: str, path: str) -> str:
-    return f"{where}: {path}" if where else path
-
-
-def _dot(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
 
 
 def _is_int(x: float) -> bool:

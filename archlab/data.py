@@ -24,6 +24,7 @@ import torch
 
 from archlab.errors import ArchlabError
 from archlab.io import cache_dir, save_atomic
+from archlab.schema import at_least, check, flag, setting
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 SHAPES = ("disk", "square", "triangle", "ring", "cross")
@@ -33,10 +34,12 @@ SHAPES = ("disk", "square", "triangle", "ring", "cross")
 class DataConfig:
     """What to load. `spec`: `synthetic` or a folder path."""
     spec: str = "synthetic"
-    resolution: int = 32
-    classes: int | None = None  # first N classes (sorted); synthetic: 10 by default
-    per_class: int | None = None  # train images per class (folder: all by default; synthetic: 200)
-    val_per_class: int | None = None  # folder: all of val/ (or 10% of train); synthetic: 50
+    resolution: int = setting(32, valid=lambda v: v >= 8 and not v & (v - 1), rule="a power of two >= 8")
+    classes: int | None = setting(None, valid=at_least(1), rule=">= 1")  # first N classes (sorted); synthetic: 10
+    per_class: int | None = setting(None, valid=at_least(1), rule=">= 1")  # train images per class (folder: all;
+    # synthetic: 200)
+    val_per_class: int | None = setting(None, valid=at_least(1), rule=">= 1")  # folder: all of val/ (or 10% of
+    # train); synthetic: 50
     seed: int = 0
 
     @property
@@ -71,12 +74,7 @@ class ImageSet:
 
 
 def load_dataset(cfg: DataConfig, progress: bool = False) -> ImageSet:
-    if cfg.resolution < 8 or cfg.resolution & (cfg.resolution - 1):
-        raise ArchlabError(f"--image-size: {cfg.resolution} must be a power of two >= 8")
-    for name in ("classes", "per_class", "val_per_class"):
-        v = getattr(cfg, name)
-        if v is not None and v < 1:
-            raise ArchlabError(f"{name}: must be >= 1, got {v}")
+    check(cfg, label=lambda name: "--image-size" if name == "resolution" else flag(name))
     if cfg.is_synthetic:
         return synthetic(cfg)
     if cfg.spec.endswith(".pt") and Path(cfg.spec).is_file():
@@ -103,12 +101,16 @@ def save_dataset(data: ImageSet, path: str | Path) -> Path:
                 "skipped": data.skipped}, path)
 
 
+PREPARED_KEYS = ("train", "train_labels", "val", "val_labels", "class_names", "source", "key", "skipped")
+
+
 def _prepared(cfg: DataConfig) -> ImageSet:
     try:
         d = torch.load(cfg.spec, weights_only=True)
-        assert d.get("format") == "archlab-imageset-1"
-    except Exception:
-        raise ArchlabError(f"--dataset: {cfg.spec} is not a prepared archlab dataset (archlab data ... --export)") from None
+    except Exception:  # not a torch file, or one holding more than tensors and plain data
+        d = None
+    if not isinstance(d, dict) or d.get("format") != "archlab-imageset-1" or any(k not in d for k in PREPARED_KEYS):
+        raise ArchlabError(f"--dataset: {cfg.spec} is not a prepared archlab dataset (archlab data ... --export)")
     res = int(d["train"].shape[-1])
     if res != cfg.resolution:
         raise ArchlabError(f"--image-size: {cfg.resolution}, but {cfg.spec} was prepared at {res}")

@@ -29,6 +29,7 @@ from pathlib import Path
 from archlab.cluster import TrialSettings
 from archlab.errors import ArchlabError
 from archlab.io import write_atomic
+from archlab.schema import at_least, setting
 from archlab.trials import Job, read
 
 SCORES = ("val_loss", "fid", "kid")
@@ -64,12 +65,12 @@ def panel(ladder: str, space: str, samples: int, seed: int = 0) -> list[Design]:
 class FidelitySettings(TrialSettings):
     ladder: str = "search_spaces/snapgen_ablation.yaml"
     space: str = "search_spaces/snapgen_unet.yaml"
-    space_samples: int = 8
+    space_samples: int = setting(8, valid=at_least(0), rule=">= 0")
     panel_seed: int = 0
     presets: list[str] = field(default_factory=lambda: ["smoke", "cpu"])  # names or FILE.yaml:NAME
     reference: str = "reference"
-    seeds: int = 3
-    reference_seeds: int = 1
+    seeds: int = setting(3, valid=at_least(2), rule=">= 2")
+    reference_seeds: int = setting(1, valid=at_least(1), rule=">= 1")
     default_preset: str = "cpu"
 
     def proxies(self) -> list:
@@ -79,10 +80,7 @@ class FidelitySettings(TrialSettings):
         return [presets.get(p) for p in self.presets] + [presets.get(self.reference)]
 
     def validate(self) -> None:
-        for name, ok in (("seeds", self.seeds >= 2), ("reference_seeds", self.reference_seeds >= 1),
-                         ("space_samples", self.space_samples >= 0)):
-            if not ok:
-                raise ArchlabError(f"--{name.replace('_', '-')}: {getattr(self, name)!r} is out of range")
+        self.validate_trials()
         *compared, ref = self.proxies()
         names = [p.name for p in compared]
         if len(set(names + [ref.name])) != len(names) + 1:
@@ -93,7 +91,6 @@ class FidelitySettings(TrialSettings):
         if ref.compute < 8 * default.compute:
             raise ArchlabError(f"--reference: {ref.name} trains on {ref.compute:,} images, under 8x the "
                                f"{default.name} preset's {default.compute:,}")
-        self.validate_trials()
 
 
 def _data(settings: FidelitySettings, preset) -> dict:

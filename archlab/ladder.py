@@ -22,14 +22,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from archlab.config import ArchConfig, read_yaml
 from archlab.errors import ArchlabError
+from archlab.schema import build, setting
 
 PAPER_KEYS = ("fid", "params_m", "flops_g", "latency_ms")
-ROW_KEYS = ("name", "change", "set", "paper", "why_differs", "note")
-LADDER_KEYS = ("name", "source", "setting", "choices", "base", "rows")
 METRICS = ("params", "macs", "latency", "fid")  # what why_differs may explain (paper flops compare with our MACs;
 # `fid` explains a disagreement of any quality score: FID, KID or validation loss)
 
@@ -68,6 +67,28 @@ class Ladder:
         raise ArchlabError(f"--row: {name_or_index!r} is not a row of {self.path or self.name} (rows: {names})")
 
 
+@dataclass(frozen=True)
+class _RowSpec:
+    """A ladder row as written in the YAML."""
+    name: str = setting(valid=bool, rule="a non-empty string")
+    change: str = ""
+    set: dict[str, Any] | None = None  # dotted path -> value, applied to the row above
+    paper: dict[Literal[PAPER_KEYS], float] = field(default_factory=dict)
+    why_differs: dict[Literal[METRICS], str] = field(default_factory=dict)
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class _LadderSpec:
+    """A ladder file as written."""
+    base: dict  # the full config of the first row
+    rows: list[_RowSpec] = setting(valid=bool, rule="a non-empty list of rows")
+    name: str | None = None
+    source: str = ""
+    setting: str = ""
+    choices: Any = None  # notes on the choices the paper leaves open
+
+
 def load_ladder(path: str | Path) -> Ladder:
     """Load a ladder file, or a single ArchConfig file as a one-row ladder."""
     where = str(path)
@@ -77,62 +98,14 @@ def load_ladder(path: str | Path) -> Ladder:
     if "rows" not in data:  # a single config; from_dict names any unknown key
         cfg = ArchConfig.from_dict(data, where)
         return Ladder(cfg.name, (LadderRow(0, cfg.name, cfg),), path=where)
-    for key in data:
-        if key not in LADDER_KEYS:
-            raise ArchlabError(f"{where}: {key}: unknown key (allowed: {', '.join(LADDER_KEYS)})")
-    if "base" not in data:
-        raise ArchlabError(f"{where}: base: missing required key (the full config of the first row)")
-    rows_data = data["rows"]
-    if not isinstance(rows_data, list) or not rows_data:
-        raise ArchlabError(f"{where}: rows: must be a non-empty list, got {rows_data!r}")
-
-    current = ArchConfig.from_dict(data["base"], f"{where}: base")
+    spec = build(_LadderSpec, data, where)
+    current = ArchConfig.from_dict(spec.base, f"{where}: base")
     rows: list[LadderRow] = []
-    for i, raw in enumerate(rows_data):
+    for i, raw in enumerate(spec.rows):
         at = f"{where}: rows[{i}]"
-        if not isinstance(raw, dict):
-            raise ArchlabError(f"{at}: must be a mapping, got {raw!r}")
-        for key in raw:
-            if key not in ROW_KEYS:
-                raise ArchlabError(f"{at}.{key}: unknown key (allowed: {', '.join(ROW_KEYS)})")
-        name = raw.get("name")
-        if not isinstance(name, str) or not name:
-            raise ArchlabError(f"{at}.name: must be a non-empty string, got {name!r}")
-        if any(r.name == name for r in rows):
-            raise ArchlabError(f"{at}.name: {name!r} is used by an earlier row")
-        changes = raw.get("set")
-        changes = {} if changes is None else changes
-        if not isinstance(changes, dict):
-            raise ArchlabError(f"{at}.set: must be a mapping of dotted paths to values, got {changes!r}")
-        current = current.with_values({"name": name, **changes}, f"{at}.set")
-        rows.append(LadderRow(i, name, current, str(raw.get("change", "")),
-                              _paper(raw.get("paper"), f"{at}.paper"),
-                              _why(raw.get("why_differs"), f"{at}.why_differs"), str(raw.get("note", "")).strip()))
-    return Ladder(str(data.get("name", Path(path).stem)), tuple(rows), str(data.get("source", "")),
-                  str(data.get("setting", "")), where)
-
-
-def _paper(value: Any, at: str) -> dict[str, float]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise ArchlabError(f"{at}: must be a mapping, got {value!r}")
-    for k, v in value.items():
-        if k not in PAPER_KEYS:
-            raise ArchlabError(f"{at}.{k}: unknown key (allowed: {', '.join(PAPER_KEYS)})")
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise ArchlabError(f"{at}.{k}: must be a number, got {v!r}")
-    return dict(value)
-
-
-def _why(value: Any, at: str) -> dict[str, str]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise ArchlabError(f"{at}: must be a mapping of metric to reason, got {value!r}")
-    for k, v in value.items():
-        if k not in METRICS:
-            raise ArchlabError(f"{at}.{k}: unknown metric (allowed: {', '.join(METRICS)})")
-        if not isinstance(v, str):
-            raise ArchlabError(f"{at}.{k}: must be a string, got {v!r}")
-    return {k: " ".join(v.split()) for k, v in value.items()}
+        if any(r.name == raw.name for r in rows):
+            raise ArchlabError(f"{at}.name: {raw.name!r} is used by an earlier row")
+        current = current.with_values({"name": raw.name, **(raw.set or {})}, f"{at}.set")
+        rows.append(LadderRow(i, raw.name, current, raw.change, dict(raw.paper),
+                              {k: " ".join(v.split()) for k, v in raw.why_differs.items()}, raw.note.strip()))
+    return Ladder(spec.name or Path(path).stem, tuple(rows), spec.source, spec.setting, where)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from archlab.errors import ArchlabError
+from archlab.schema import build
 from archlab.train_config import TrainConfig, preset_settings
 
 BUILTIN = Path(__file__).with_name("presets.yaml")
@@ -52,16 +53,6 @@ class Preset:
         return {"name": self.name, "description": self.description, "image_size": self.image_size, **self.train}
 
 
-def _check_value(where: str, name: str, value, kind) -> None:
-    ok = {int: isinstance(value, int) and not isinstance(value, bool),
-          float: isinstance(value, (int, float)) and not isinstance(value, bool),
-          str: isinstance(value, str), bool: isinstance(value, bool)}.get(kind)
-    if ok is None:
-        raise ArchlabError(f"{where}: {name}: cannot be set by a preset")
-    if not ok:
-        raise ArchlabError(f"{where}: {name}: expected {kind.__name__}, got {value!r}")
-
-
 def parse(name: str, raw, where: str) -> Preset:
     """One preset from its YAML mapping; every field is checked (type, range), one line per error."""
     where = f"{where}: {name}"
@@ -70,22 +61,18 @@ def parse(name: str, raw, where: str) -> Preset:
     raw = dict(raw)
     description = raw.pop("description", "")
     if not isinstance(description, str):
-        raise ArchlabError(f"{where}: description: expected a string, got {description!r}")
+        raise ArchlabError(f"{where}: description: must be a string, got {description!r}")
     allowed = preset_fields()
-    for key, value in raw.items():
+    for key in raw:
         if key not in allowed:
             raise ArchlabError(f"{where}: {key}: not a preset setting (one of {', '.join(sorted(allowed))})")
-        _check_value(where, key, value, allowed[key])
     if "image_size" not in raw:
         raise ArchlabError(f"{where}: image_size: required (the proxy's resolution in pixels)")
     size = raw.pop("image_size")
-    if size < 8 or size & (size - 1):
-        raise ArchlabError(f"{where}: image_size: {size} must be a power of two >= 8")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 8 or size & (size - 1):
+        raise ArchlabError(f"{where}: image_size: {size!r} must be a power of two >= 8")
+    build(TrainConfig, raw, where)  # types and ranges
     train = {k: float(v) if allowed[k] is float else v for k, v in raw.items()}
-    try:
-        TrainConfig(**train).validate()
-    except ArchlabError as e:
-        raise ArchlabError(f"{where}: {str(e).removeprefix('train: ')}") from None
     return Preset(name, description.strip(), size, train)
 
 

@@ -35,6 +35,7 @@ from optuna.trial import TrialState
 from archlab.cluster import TrialSettings
 from archlab.errors import ArchlabError
 from archlab.io import atomic_path, write_atomic
+from archlab.schema import at_least, build, positive, setting
 from archlab.space import SearchSpace, load_space
 
 log = logging.getLogger(__name__)
@@ -311,28 +312,21 @@ class SearchSettings(TrialSettings):
     """Everything a search needs; saved as `search.json` in its run folder, so `--resume` needs nothing else."""
     space: str
     table: str
-    budget_ms: float
-    trials: int = 6
-    objective: str = "val_loss"
+    budget_ms: float = setting(valid=positive, rule="> 0")
+    trials: int = setting(6, valid=at_least(1), rule=">= 1")
+    objective: str = setting("val_loss", choices=OBJECTIVES)
     multi: bool = False  # objectives (quality, predicted latency) instead of quality under the budget
-    sampler: str = "tpe"
+    sampler: str = setting("tpe", choices=SAMPLERS)
     seed: int = 0
     storage: str | None = None  # Optuna storage URL; default: a journal file in the run folder
     asha: bool = True
-    max_rejections: int = 2000
-    max_failed_share: float = 0.5
+    max_rejections: int = setting(2000, valid=at_least(1), rule=">= 1")
+    max_failed_share: float = setting(0.5, valid=lambda v: 0 < v <= 1, rule="in (0, 1]")
 
     def validate(self) -> None:
-        if self.objective not in OBJECTIVES:
-            raise ArchlabError(f"--objective: {self.objective!r} is not one of {', '.join(OBJECTIVES)}")
-        make_sampler(self.sampler, self.seed)
-        for name, ok in (("trials", self.trials >= 1), ("budget_ms", self.budget_ms > 0),
-                         ("max_failed_share", 0 < self.max_failed_share <= 1)):
-            if not ok:
-                raise ArchlabError(f"--{name.replace('_', '-')}: {getattr(self, name)!r} is out of range")
+        self.validate_trials()
         if self.objective != "val_loss" and not self.train_config.samples:
             raise ArchlabError(f"--objective {self.objective} needs generated images: --samples must be > 0")
-        self.validate_trials()
 
     @property
     def metrics(self) -> list[str]:
@@ -343,12 +337,12 @@ def read_settings(path: Path) -> SearchSettings:
     """The settings a search saved in its run folder, checked; a damaged file is a one-line error
     naming it, and nothing in the folder changes."""
     try:
-        raw = json.loads(path.read_text())
-        if not isinstance(raw, dict):
-            raise TypeError(f"a JSON {type(raw).__name__}, not an object")
-        settings = SearchSettings(**raw)
+        settings = build(SearchSettings, json.loads(path.read_text()), str(path))
         settings.validate()
-    except (ValueError, TypeError, AttributeError, KeyError) as e:
+    except ArchlabError as e:
+        raise ArchlabError(f"{path}: not a usable search settings file ({str(e).removeprefix(f'{path}: ')}); "
+                           "start a new search in another folder") from None
+    except ValueError as e:  # not JSON
         raise ArchlabError(f"{path}: not a readable search settings file ({str(e).splitlines()[0][:160]}); "
                            "start a new search in another folder") from None
     return settings

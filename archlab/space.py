@@ -26,8 +26,8 @@ from typing import Any
 from archlab.config import ArchConfig, read_yaml
 from archlab.decompose import BlockSpec, decompose
 from archlab.errors import ArchlabError
+from archlab.schema import at_least, build, setting
 
-SPACE_KEYS = ("name", "description", "base", "params")
 MAX_ENUMERATION = 2_000_000  # configs decomposed by block_signatures(); beyond this, refuse
 
 
@@ -138,32 +138,39 @@ class SearchSpace:
         return sorted(found.values(), key=lambda s: s.key)
 
 
+@dataclass(frozen=True)
+class _SpaceSpec:
+    """A search-space file as written."""
+    base: dict  # the full config every sample starts from
+    params: dict[str, Any] = setting(valid=bool, rule="a non-empty mapping of dotted path to choices")
+    name: str | None = None
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class _Range:
+    low: int
+    high: int
+    step: int = setting(1, valid=at_least(1), rule=">= 1")
+
+
 def load_space(path: str | Path) -> SearchSpace:
     where = str(path)
     data = read_yaml(path)
     if not isinstance(data, dict):
         raise ArchlabError(f"{where}: a search space must be a mapping with `base` and `params`")
-    for key in data:
-        if key not in SPACE_KEYS:
-            raise ArchlabError(f"{where}: {key}: unknown key (allowed: {', '.join(SPACE_KEYS)})")
-    for key in ("base", "params"):
-        if key not in data:
-            raise ArchlabError(f"{where}: {key}: missing required key")
-    base = ArchConfig.from_dict(data["base"], f"{where}: base")
-    raw = data["params"]
-    if not isinstance(raw, dict) or not raw:
-        raise ArchlabError(f"{where}: params: must be a non-empty mapping of dotted path to choices")
-    params = tuple(_param(path, spec, f"{where}: params.{path}") for path, spec in raw.items())
-    space = SearchSpace(str(data.get("name", Path(path).stem)), base, params,
-                        str(data.get("description", "")).strip(), where)
+    spec = build(_SpaceSpec, data, where)
+    base = ArchConfig.from_dict(spec.base, f"{where}: base")
+    params = tuple(_param(path, choices, f"{where}: params.{path}") for path, choices in spec.params.items())
+    space = SearchSpace(spec.name or Path(path).stem, base, params, spec.description.strip(), where)
     for p in params:  # every path exists and every single choice is valid on the base
         for choice in p.choices:
             base.with_values({p.path: choice}, where=f"{where}: params.{p.path} = {choice!r}")
     return space
 
 
-def _param(path: Any, spec: Any, at: str) -> Param:
-    if not isinstance(path, str) or not path:
+def _param(path: str, spec: Any, at: str) -> Param:
+    if not path:
         raise ArchlabError(f"{at}: a parameter path must be a dotted string")
     if isinstance(spec, list):
         if not spec:
@@ -171,9 +178,9 @@ def _param(path: Any, spec: Any, at: str) -> Param:
         if len({repr(c) for c in spec}) != len(spec):
             raise ArchlabError(f"{at}: repeated choice in {spec!r}")
         return Param(path, tuple(spec))
-    if isinstance(spec, dict) and {"low", "high"} <= set(spec) <= {"low", "high", "step"}:
-        low, high, step = spec["low"], spec["high"], spec.get("step", 1)
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (low, high, step)) or step < 1 or high < low:
-            raise ArchlabError(f"{at}: a range needs integers low <= high and step >= 1, got {spec!r}")
-        return Param(path, tuple(range(low, high + 1, step)), (low, high, step))
+    if isinstance(spec, dict):
+        r = build(_Range, spec, at)
+        if r.high < r.low:
+            raise ArchlabError(f"{at}: a range needs low <= high, got {spec!r}")
+        return Param(path, tuple(range(r.low, r.high + 1, r.step)), (r.low, r.high, r.step))
     raise ArchlabError(f"{at}: must be a list of choices or {{low, high[, step]}}, got {spec!r}")

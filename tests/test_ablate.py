@@ -77,7 +77,7 @@ def test_ablate_measures_trains_and_reports_then_resumes_without_redoing(tiny_la
     assert len(pd.read_csv(measured)) == len(pd.read_csv(measured).drop_duplicates("key"))
     before = (out / "ablation.csv").read_bytes()
     rep = _run(["report", str(run), "--out", str(out), "--json"])
-    assert rep.returncode == 0 and json.loads(rep.stdout)["rows"] == ["base", "separable"]
+    assert rep.returncode == 0 and [r["name"] for r in json.loads(rep.stdout)["rows"]] == ["base", "separable"]
     assert (out / "ablation.csv").read_bytes() == before  # the same folder gives the same tables
 
 

@@ -60,9 +60,9 @@ CASES = {  # kind: what the one line must say
     "out-is-a-file-report": "is a file, not a folder",
     "export-is-a-folder": "is a folder, not a file",
     "resume-corrupt": "search.json: not a readable search settings file",
-    "resume-list": "a JSON list",
+    "resume-list": "search.json: not a usable search settings file (must be a mapping, got list",
     "resume-unknown-key": "bogus",
-    "resume-bad-value": "search.json",
+    "resume-bad-value": "search.json: not a usable search settings file (trials: must be an integer, got 'many')",
 }
 
 
