@@ -274,3 +274,64 @@ def test_a_candidate_the_table_does_not_cover_is_flagged_in_the_trials(setup, tm
         point = space.point_from({p.path: row[f"param.{p.path}"] for p in space.params})
         assert bool(row["latency_flag"]) == cands.predictor.predict(space.config(point)).extrapolated
     assert set(df["latency_flag"]) == {"", "outside calibration"}  # both occur in this sample
+
+
+def test_the_study_reads_well_in_optuna_dashboard(setup, tmp_path):
+    """Served by optuna-dashboard over HTTP: the named objective, rejected candidates marked as such
+    (PRUNED, with the reason), every candidate's predicted latency and the budget (the constraint), and
+    the training loss as learning curves."""
+    pytest.importorskip("optuna_dashboard")
+    import socket
+    import time
+    import urllib.request
+
+    from archlab.search import SearchSettings, _study
+
+    space_path, _, table, every = setup
+    budget = every[len(every) // 4]  # most of the space is over the budget
+    run = tmp_path / "run"
+    run.mkdir()
+    settings = SearchSettings(space=str(space_path), table=str(table), budget_ms=budget, sampler="random")
+    proposer = _proposer(space_path, table, budget, run, study=_study(settings, run, create=True))
+    for i in range(6):
+        config = proposer.suggest(f"t{i}")
+        for step, loss in ((10, 0.9), (20, 0.7)):
+            proposer.on_trial_result(f"t{i}", {"train_loss": loss - 0.1 * i, "step": step})
+        _finish(proposer, f"t{i}", config, {"status": "ok", "val_loss": 0.6 - 0.1 * i})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dashboard = shutil.which("optuna-dashboard", path=str(Path(sys.executable).parent)) or shutil.which("optuna-dashboard")
+    if dashboard is None:
+        pytest.skip("the optuna-dashboard command is not installed")
+    server = subprocess.Popen([dashboard, str(run / "optuna.journal"),
+                               "--host", "127.0.0.1", "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def get(path):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
+                return json.loads(r.read())
+
+        for _ in range(100):
+            try:
+                studies = get("/api/studies")["study_summaries"]
+                break
+            except OSError:
+                time.sleep(0.2)
+        else:
+            pytest.fail("optuna-dashboard did not answer")
+        (summary,) = studies
+        study = get(f"/api/studies/{summary['study_id']}")
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    assert study["objective_names"] == ["val_loss"] and study["has_intermediate_values"]
+    trials = study["trials"]
+    rejected = [t for t in trials if any(a["key"] == "rejected" for a in t["user_attrs"])]
+    trained = [t for t in trials if t not in rejected]
+    assert len(trained) == 6 and rejected, "some candidates are rejected"
+    assert all(t["state"] == "Pruned" and not t.get("values") for t in rejected)
+    assert all(t["state"] == "Complete" and len(t["intermediate_values"]) == 2 for t in trained)
+    for t in trials:
+        attrs = {a["key"]: a["value"] for a in t["user_attrs"]}
+        assert float(attrs["budget_ms"]) == pytest.approx(budget) and float(attrs["predicted_ms"]) > 0
