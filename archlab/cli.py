@@ -197,7 +197,7 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="a block key (kind(name=value,...)@HxW, see `archlab show X --blocks`), a block YAML "
                         "(kind, resolution and hyper-parameters), an ArchConfig YAML or a ladder YAML")
     q.add_argument("--table", required=True, help="the measured table whose fitted predictor to use")
-    q.add_argument("--device", help="refuse a table measured on another device")
+    q.add_argument("--device-name", dest="device", help="refuse a table measured on another device (its name)")
     q.add_argument("--row", help="only this ladder row (name or 0-based index)")
     q.add_argument("--resolution", type=int, help="set the networks' latent resolution (must be the table's)")
     q.add_argument("--blocks", action="store_true", help="print every block's latency for ladders too")
@@ -275,7 +275,8 @@ def _selection_args(p: argparse.ArgumentParser) -> None:
 
 
 def _timing_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", required=True, help="a name for this device, recorded in the table")
+    p.add_argument("--device-name", dest="device", required=True,
+                   help="a name for this device, recorded in the table (--device is a torch device elsewhere)")
     p.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (default 2)")
     p.add_argument("--opt", default="all", help="graph optimisation level: disabled, basic, extended, all")
     p.add_argument("--warmup", type=int, default=5)

@@ -94,7 +94,7 @@ def test_bad_input_one_line_exit_2(tmp_path, content, expect):
     (["cost", str(LADDER), "--colour"], "unrecognized arguments: --colour"),
     (["frobnicate"], "invalid choice"),
     (["latency", "export", "--out", "x"], "give --space, --ladder or both"),
-    (["latency", "run", "nowhere", "--out", "t.csv", "--device", "d"], "cannot read the bundle manifest"),
+    (["latency", "run", "nowhere", "--out", "t.csv", "--device-name", "d"], "cannot read the bundle manifest"),
 ])
 def test_bad_flags_one_line_exit_2(args, expect):
     r = _cli(*args)

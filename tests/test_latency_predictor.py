@@ -173,7 +173,7 @@ def measured(tmp_path_factory):
     space.write_text(yaml.safe_dump({"name": "tiny-space", "base": base,
                                      "params": {"stages.1.ffn_ratio": [2, 3, 4], "stages.*.conv": ["standard", "separable"]}}))
     table = d / "cpu.csv"
-    timing = ["--device", "test-cpu", "--threads", "1", "--warmup", "0", "--runs", "3", "--rounds", "1"]
+    timing = ["--device-name", "test-cpu", "--threads", "1", "--warmup", "0", "--runs", "3", "--rounds", "1"]
     argv = ["latency", "measure", "--space", str(space), "--networks", "2", "--seed", "1", "--resolution", str(RES),
             "--out", str(table), "--bundle", str(d / "bundle"), *timing]
     assert cli.main(argv) == 0
@@ -210,7 +210,7 @@ def test_query_cli_on_a_network_and_a_block(measured, tmp_path, capsys):
     assert cli.main(["latency", "query", key, "--table", str(table), "--json"]) == 0
     block = json.loads(capsys.readouterr().out)["rows"][0]
     assert block["name"] == key and block["latency_ms"] == row["blocks"][2]["latency_ms"]
-    assert cli.main(["latency", "query", str(cfg), "--table", str(table), "--device", "other"]) == 2
+    assert cli.main(["latency", "query", str(cfg), "--table", str(table), "--device-name", "other"]) == 2
     assert "not 'other'" in capsys.readouterr().err
     assert cli.main(["latency", "query", "nonsense", "--table", str(table)]) == 2
 

@@ -79,7 +79,7 @@ def test_runner_works_with_onnxruntime_and_numpy_alone(bundle, tmp_path):
     """The copied runner.py runs where torch (and archlab) cannot be imported."""
     out, _ = bundle
     code = ("import sys; sys.modules['torch'] = None; sys.modules['archlab'] = None; import runpy; "
-            f"sys.argv = ['runner.py', {str(out)!r}, '--out', {str(tmp_path / 't.csv')!r}, '--device', 'edge', "
+            f"sys.argv = ['runner.py', {str(out)!r}, '--out', {str(tmp_path / 't.csv')!r}, '--device-name', 'edge', "
             "'--threads', '1', '--runs', '2', '--rounds', '1', '--warmup', '0']; "
             f"runpy.run_path({str(out / 'runner.py')!r}, run_name='__main__')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -3,7 +3,7 @@
 Copy a bundle made by `archlab.latency.export.export_bundle` (its `manifest.json`, its `onnx/`
 folder and this file) to the target device, then::
 
-    python runner.py BUNDLE --out table.csv --device my-phone-board [--threads 2] [--runs 30]
+    python runner.py BUNDLE --out table.csv --device-name my-phone-board [--threads 2] [--runs 30]
 
 Protocol, for a noisy machine: fixed intra-op threads, one inter-op thread, sequential execution,
 the same session options for blocks and whole networks; an untimed first run, then up to `warmup`
@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="runner.py", description="Time an archlab ONNX bundle with onnxruntime.")
     p.add_argument("bundle")
     p.add_argument("--out", required=True, help="table CSV to write (resumes if it exists)")
-    p.add_argument("--device", required=True, help="a name for this device, recorded in the table")
+    p.add_argument("--device-name", dest="device", required=True, help="a name for this device, recorded in the table")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--opt", default="all", choices=sorted(OPT_LEVELS))
     p.add_argument("--warmup", type=int, default=5)
