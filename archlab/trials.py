@@ -155,8 +155,11 @@ def _ray_trial(config: dict) -> None:
     from ray import tune
 
     job = Job(**config["job"])
-    result = run_job(job, on_report=lambda step, m: tune.report({"train_loss": m["train_loss"], "step": step}))
-    tune.report({k: v for k, v in result.items() if isinstance(v, (int, float, str)) and v is not None})
+    # timesteps_total: TensorBoard's x-axis is the training step, not Ray's report count
+    result = run_job(job, on_report=lambda step, m: tune.report({"train_loss": m["train_loss"], "step": step,
+                                                                 "timesteps_total": step}))
+    tune.report({**{k: v for k, v in result.items() if isinstance(v, (int, float, str)) and v is not None},
+                 "timesteps_total": result.get("steps") or 0})
 
 
 Event = Callable[[str, Job, dict | None], None]  # (kind, job, info): start (meta), done (its result), stopped, error
