@@ -226,3 +226,14 @@ class ConvOut(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.silu(self.norm(x)))
+
+
+class Bound(nn.Module):
+    """A block with its non-tensor arguments bound, so it can be traced or exported."""
+
+    def __init__(self, block: nn.Module, kwargs: dict):
+        super().__init__()
+        self.block, self.kwargs = block, kwargs
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        return self.block(*tensors, **self.kwargs)

@@ -672,7 +672,7 @@ def cmd_latency_export(args: argparse.Namespace) -> int:
 
 
 def _timing(args: argparse.Namespace) -> dict:
-    from archlab.latency.runner import MAX_CV, RETRIES
+    from archlab.latency.table import MAX_CV, RETRIES
 
     return dict(device=args.device, threads=args.threads, opt_level=args.opt, warmup=args.warmup, runs=args.runs,
                 rounds=args.rounds, budget_s=args.budget_s, max_cv=MAX_CV if args.max_cv is None else args.max_cv,
@@ -714,7 +714,7 @@ def cmd_latency_measure(args: argparse.Namespace) -> int:
 
 def cmd_latency_fit(args: argparse.Namespace) -> int:
     from archlab.latency.predictor import fit, predictor_path, read_checked_table
-    from archlab.latency.runner import MAX_CV, noisy_keys
+    from archlab.latency.table import MAX_CV, noisy_keys
 
     pred = fit(args.table, progress=progress_bar("fitting kinds", "kind"))
     path = pred.save(predictor_path(args.table))

@@ -22,16 +22,17 @@ YAML shape (every key optional except `stages`; see search_spaces/snapgen_ablati
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Union, get_origin
 
 import yaml
 
 from archlab.errors import ArchlabError
-from archlab.schema import at_least, build, check, located, positive, require_mapping, setting
+from archlab.schema import at_least, build, check, coerce, located, positive, require_mapping, schema_fields, setting
 
 Number = Union[int, float]
 KVHeads = Union[int, Literal["mhsa", "mqa"]]
@@ -127,6 +128,12 @@ class ArchConfig:
 
     def with_values(self, values: dict[str, Any], where: str = "") -> "ArchConfig":
         """A copy with dotted-path values set (``stages.1.conv``, ``attention.rope``), validated."""
+        try:  # the fast path (a search builds thousands of configs): replace the fields, check, validate
+            cfg = _apply(self, values)
+            cfg.validate(where)
+            return cfg
+        except (_Slow, ArchlabError, AttributeError, TypeError):
+            pass  # the general path below gives the error message (or sets a whole section)
         data = self.to_dict()
         for path, value in values.items():
             set_path(data, path, value, where)
@@ -264,6 +271,83 @@ def _set(node: Any, parts: list[str], depth: int, value: Any, where: str, path: 
             node[key] = value
         else:
             _set(node[key], parts, depth + 1, value, where, path)
+
+
+class _Slow(Exception):
+    """A path the fast `with_values` does not take (a whole section, a bad index or key)."""
+
+
+def _apply(node: Any, values: dict[str, Any]) -> Any:
+    """`node` with the scalar fields at dotted paths set (``*`` = every stage), each value's type
+    checked: one `replace` per changed node, by a plan made once per set of paths."""
+    n = len(node.stages) if isinstance(node, ArchConfig) else 0
+    return _run(node, _plan(type(node), tuple(values), n), tuple(values.values()))
+
+
+def _run(node: Any, plan: tuple, values: tuple) -> Any:
+    leaves, sections, items = plan
+    if items:
+        out = list(node)
+        for i, sub in items:
+            out[i] = _run(out[i], sub, values)
+        return tuple(out)
+    cls = type(node)
+    changes = {}
+    for name, j in leaves:
+        v = values[j]
+        try:
+            changes[name] = _coerced(cls, name, v, type(v))  # type(v): True and 1 are equal keys, not values
+        except TypeError:  # unhashable: a list or mapping where a scalar belongs
+            raise _Slow from None
+    for name, sub in sections:
+        changes[name] = _run(getattr(node, name), sub, values)
+    return replace(node, **changes) if changes else node
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(cls: type, paths: tuple[str, ...], n_stages: int) -> tuple:
+    """(leaves: (field, value index), sections: (field, plan), items: (stage index, plan)) for `cls`."""
+    return _plan_for(cls, [(p.split("."), j) for j, p in enumerate(paths)], n_stages)
+
+
+def _plan_for(cls: type | None, updates: list, n_stages: int) -> tuple:
+    if cls is None:  # the stages tuple
+        per_item: dict[int, list] = {}
+        for parts, j in updates:
+            part = parts[0]
+            index = range(n_stages) if part == "*" else [int(part)] if part.isdigit() and int(part) < n_stages else None
+            if index is None or len(parts) == 1:
+                raise _Slow  # a bad index, or a whole stage
+            for i in index:
+                per_item.setdefault(i, []).append((parts[1:], j))
+        return (), (), tuple((i, _plan_for(StageConfig, ups, n_stages)) for i, ups in sorted(per_item.items()))
+    hints, _ = schema_fields(cls)
+    leaves_ok, sections_ok = _fields(cls)
+    leaves, nested = [], {}
+    for parts, j in updates:
+        part = parts[0]
+        if len(parts) == 1 and part in leaves_ok:
+            leaves.append((part, j))
+        elif len(parts) > 1 and part in sections_ok:
+            nested.setdefault(part, []).append((parts[1:], j))
+        else:
+            raise _Slow
+    sections = tuple((name, _plan_for(None if get_origin(hints[name]) is tuple else hints[name], ups, n_stages))
+                     for name, ups in nested.items())
+    return tuple(leaves), sections, ()
+
+
+@functools.lru_cache(maxsize=None)
+def _fields(cls: type) -> tuple[frozenset, frozenset]:
+    """(scalar fields, sections: fields holding a dataclass or a tuple of them) of a config class."""
+    hints, known = schema_fields(cls)
+    sections = frozenset(n for n in known if dataclasses.is_dataclass(hints[n]) or get_origin(hints[n]) is tuple)
+    return frozenset(known) - sections, sections
+
+
+@functools.lru_cache(maxsize=4096)
+def _coerced(cls: type, name: str, value: Any, kind: type) -> Any:
+    return coerce(schema_fields(cls)[0][name], value, "", name)
 
 
 def _is_int(x: float) -> bool:

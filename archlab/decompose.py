@@ -17,14 +17,11 @@ concatenate one skip onto their input first.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
-import torch
-from torch import nn
-
-from archlab import blocks as B
 from archlab.config import ArchConfig
 
 @dataclass(frozen=True)
@@ -65,14 +62,19 @@ class BlockSpec:
     def params(self) -> dict[str, Any]:
         return dict(self.hp)
 
-    def build(self) -> nn.Module:
-        return _BUILDERS[self.kind](**self.params())
+    def build(self):
+        """The block as a torch module (torch is imported here: decomposing and keys do not need it)."""
+        return _builders()[self.kind](**self.params())
 
-    def runnable(self, batch: int = 1, device: str | torch.device = "cpu") -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    def runnable(self, batch: int = 1, device="cpu"):
         """The built block wrapped to take tensors only, and example inputs for it (seeded).
 
         This is what cost accounting traces and what the latency lab exports to ONNX.
         """
+        import torch
+
+        from archlab.blocks import Bound
+
         p, (h, w) = self.params(), self.hw
         g = torch.Generator().manual_seed(0)
 
@@ -95,18 +97,7 @@ class BlockSpec:
             inputs = (randn(h * w, p["dim"]), randn(p["dim"], h, w))
         else:
             inputs = (randn(p.get("cin", p.get("dim", p.get("channels"))), h, w),)
-        return _Bound(self.build().to(device), kwargs), inputs
-
-
-class _Bound(nn.Module):
-    """A block with its non-tensor arguments bound, so it can be traced or exported."""
-
-    def __init__(self, block: nn.Module, kwargs: dict[str, Any]):
-        super().__init__()
-        self.block, self.kwargs = block, kwargs
-
-    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
-        return self.block(*tensors, **self.kwargs)
+        return Bound(self.build().to(device), kwargs), inputs
 
 
 _KEY = re.compile(r"(\w+)\((.*)\)@(\d+)x(\d+)")
@@ -134,90 +125,178 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-_BUILDERS: dict[str, Callable[..., nn.Module]] = {
-    "time_embed": B.TimestepEmbedding,
-    "conv_in": lambda cin, cout: nn.Conv2d(cin, cout, 3, padding=1),
-    "res": B.ResBlock,
-    "attn_in": B.AttnIn,
-    "transformer": lambda context_len, **hp: B.TransformerBlock(**hp),  # context_len only shapes inputs
-    "attn_out": B.AttnOut,
-    "down": B.Downsample,
-    "up": B.Upsample,
-    "conv_out": B.ConvOut,
-}
+@functools.lru_cache(maxsize=None)
+def _builders() -> dict[str, Callable]:
+    from torch import nn
+
+    from archlab import blocks as B
+
+    return {
+        "time_embed": B.TimestepEmbedding,
+        "conv_in": lambda cin, cout: nn.Conv2d(cin, cout, 3, padding=1),
+        "res": B.ResBlock,
+        "attn_in": B.AttnIn,
+        "transformer": lambda context_len, **hp: B.TransformerBlock(**hp),  # context_len only shapes inputs
+        "attn_out": B.AttnOut,
+        "down": B.Downsample,
+        "up": B.Upsample,
+        "conv_out": B.ConvOut,
+    }
 
 
 def decompose(cfg: ArchConfig) -> list[BlockSpec]:
     """The ordered blocks of the network that `cfg` describes."""
-    out: list[BlockSpec] = []
-    groups = cfg.norm_groups
-    temb = cfg.time_embed_dim
-    cond = cfg.conditioning
+    return [b for seg in segments(cfg) for b in seg]
 
-    def add(kind: str, hw: tuple[int, int], name: str, stage: int = -1, skip=None, **hp: Any) -> int:
-        out.append(BlockSpec(kind, tuple(hp.items()), hw, name, stage, skip))
+
+@dataclass(frozen=True)
+class _Net:
+    """The network-level values that shape blocks (a segment's cache key, with its stage)."""
+    res: int  # latent resolution
+    latent_channels: int
+    width_mult: float
+    head_dim: int  # width-scaled
+    groups: int
+    temb: int
+    cond: Any  # ConditioningConfig
+    qk_norm: bool
+    rope: bool
+    n_stages: int
+
+    @staticmethod
+    def of(cfg: ArchConfig) -> "_Net":
+        return _Net(cfg.latent.resolution, cfg.latent.channels, cfg.width_mult, cfg.head_dim, cfg.norm_groups,
+                    cfg.time_embed_dim, cfg.conditioning, cfg.attention.qk_norm, cfg.attention.rope, cfg.n_stages)
+
+    def channels(self, s) -> int:
+        return int(round(s.channels * self.width_mult))
+
+
+def segments(cfg: ArchConfig) -> list[tuple[BlockSpec, ...]]:
+    """The network's blocks in forward order, in segments (the head, each stage's down and up path,
+    the mid block, the tail). A segment is cached by everything that shapes it, so equal inputs give
+    the very same tuple: a search that decomposes thousands of networks builds each stage's blocks
+    once, and the latency predictor memoises a segment's latencies by it."""
+    net = _Net.of(cfg)
+    c0 = net.channels(cfg.stages[0])
+    out = [_head(net, c0)]
+    ch, skips = c0, [c0]
+    for i, s in enumerate(cfg.stages):
+        seg, ch, pushed = _down(net, i, s, ch)
+        out.append(seg)
+        skips.extend(pushed)
+    last = net.n_stages - 1
+    seg, ch = _mid(net, last, cfg.stages[last], ch, cfg.effective_mid_depth)
+    out.append(seg)
+    for i in reversed(range(net.n_stages)):
+        s = cfg.stages[i]
+        n = s.res_blocks + 1
+        popped = tuple(reversed(skips[-n:]))
+        del skips[-n:]
+        seg, ch = _up(net, i, s, ch, popped)
+        out.append(seg)
+    assert not skips, "skip stack must be empty: up path pops what the down path pushed"
+    out.append(_tail(net, ch))
+    return out
+
+
+class _Segment:
+    """Appends the blocks of one segment; `transformers`/`res` as the UNet's layers use them."""
+
+    def __init__(self, net: _Net, i: int = -1, s=None):
+        self.net, self.i, self.s, self.blocks = net, i, s, []
+
+    def add(self, kind: str, hw: tuple[int, int], name: str, stage: int = -1, skip=None, **hp: Any) -> int:
+        self.blocks.append(BlockSpec(kind, tuple(hp.items()), hw, name, stage, skip))
         return hp.get("cout", hp.get("dim", hp.get("channels", 0)))
 
-    def transformers(i: int, hw, name: str, depth: int, self_attention: bool) -> None:
-        s, c = cfg.stages[i], cfg.channels(i)
-        add("attn_in", hw, f"{name}.attn_in", i, dim=c, groups=groups)
+    def transformers(self, hw, name: str, depth: int, self_attention: bool) -> None:
+        net, i, s = self.net, self.i, self.s
+        c = net.channels(s)
+        heads = c // net.head_dim
+        kv = {"mhsa": heads, "mqa": 1}.get(s.kv_heads, s.kv_heads)
+        self.add("attn_in", hw, f"{name}.attn_in", i, dim=c, groups=net.groups)
         for d in range(depth):
-            add("transformer", hw, f"{name}.transformer{d}", i, dim=c, heads=cfg.heads(i), kv_heads=cfg.kv_heads(i),
-                self_attention=self_attention, cross_attention=i >= cond.first_stage,
-                context_dim=cond.context_dim, context_len=cond.context_len, ffn_ratio=s.ffn_ratio,
-                ffn_activation=s.ffn_activation, qk_norm=cfg.attention.qk_norm,
-                rope=cfg.attention.rope and self_attention)
-        add("attn_out", hw, f"{name}.attn_out", i, dim=c)
+            self.add("transformer", hw, f"{name}.transformer{d}", i, dim=c, heads=heads, kv_heads=kv,
+                     self_attention=self_attention, cross_attention=i >= net.cond.first_stage,
+                     context_dim=net.cond.context_dim, context_len=net.cond.context_len, ffn_ratio=s.ffn_ratio,
+                     ffn_activation=s.ffn_activation, qk_norm=net.qk_norm, rope=net.rope and self_attention)
+        self.add("attn_out", hw, f"{name}.attn_out", i, dim=c)
 
-    def layer_transformers(i: int, hw, name: str) -> None:
-        depth, self_attention = cfg.layer_transformers(i)
-        if depth:
-            transformers(i, hw, name, depth, self_attention)
+    def layer_transformers(self, hw, name: str) -> None:
+        s = self.s
+        if s.transformer_depth > 0:
+            self.transformers(hw, name, s.transformer_depth, s.self_attention)
+        elif self.i >= self.net.cond.first_stage:  # early conditioning: one CA+FFN block per layer
+            self.transformers(hw, name, 1, False)
 
-    def res(i: int, hw, name: str, cin: int, skip=None) -> int:
-        s = cfg.stages[i]
-        return add("res", hw, f"{name}.res", i, skip, cin=cin, cout=cfg.channels(i), temb_dim=temb,
-                   conv=s.conv, expansion=s.expansion, groups=groups)
+    def res(self, hw, name: str, cin: int, skip=None) -> int:
+        s, net = self.s, self.net
+        return self.add("res", hw, f"{name}.res", self.i, skip, cin=cin, cout=net.channels(s), temb_dim=net.temb,
+                        conv=s.conv, expansion=s.expansion, groups=net.groups)
 
-    res_hw = cfg.latent.resolution
-    add("time_embed", (0, 0), "time_embed", freq_dim=cfg.channels(0), dim=temb)
-    ch = add("conv_in", (res_hw, res_hw), "conv_in", skip="push", cin=cfg.latent.channels, cout=cfg.channels(0))
-    skips = [ch]
 
-    for i, s in enumerate(cfg.stages):  # down path
-        hw = (res_hw >> i, res_hw >> i)
-        for j in range(s.res_blocks):
-            name = f"down.{i}.{j}"
-            replaced = (cond.inject == "replace" and s.transformer_depth == 0 and i >= cond.first_stage
-                        and ch == cfg.channels(i))
-            if not replaced:
-                ch = res(i, hw, name, ch)
-            layer_transformers(i, hw, name)
-            out[-1] = _with_skip(out[-1], "push")
-            skips.append(ch)
-        if i < cfg.n_stages - 1:
-            ch = add("down", hw, f"down.{i}.down", i, "push", channels=ch)
-            skips.append(ch)
+_cache = functools.lru_cache(maxsize=1 << 16)
 
-    last = cfg.n_stages - 1
-    hw = (res_hw >> last, res_hw >> last)
-    ch = res(last, hw, "mid.0", ch)
-    if cfg.effective_mid_depth > 0:
-        transformers(last, hw, "mid", cfg.effective_mid_depth, cfg.stages[last].self_attention)
-    ch = res(last, hw, "mid.1", ch)
 
-    for i in reversed(range(cfg.n_stages)):  # up path
-        s = cfg.stages[i]
-        hw = (res_hw >> i, res_hw >> i)
-        for j in range(s.res_blocks + 1):
-            name = f"up.{i}.{j}"
-            ch = res(i, hw, name, ch + skips.pop(), skip="pop")
-            layer_transformers(i, hw, name)
-        if i > 0:
-            ch = add("up", hw, f"up.{i}.up", i, channels=ch)
-    assert not skips, "skip stack must be empty: up path pops what the down path pushed"
-    add("conv_out", (res_hw, res_hw), "conv_out", cin=ch, cout=cfg.latent.channels, groups=groups)
-    return out
+@_cache
+def _head(net: _Net, c0: int) -> tuple[BlockSpec, ...]:
+    seg = _Segment(net)
+    seg.add("time_embed", (0, 0), "time_embed", freq_dim=c0, dim=net.temb)
+    seg.add("conv_in", (net.res, net.res), "conv_in", skip="push", cin=net.latent_channels, cout=c0)
+    return tuple(seg.blocks)
+
+
+@_cache
+def _down(net: _Net, i: int, s, ch: int) -> tuple[tuple[BlockSpec, ...], int, tuple[int, ...]]:
+    """Stage i's down path from `ch` input channels: (blocks, output channels, channels pushed as skips)."""
+    seg, pushed = _Segment(net, i, s), []
+    hw = (net.res >> i, net.res >> i)
+    for j in range(s.res_blocks):
+        name = f"down.{i}.{j}"
+        replaced = (net.cond.inject == "replace" and s.transformer_depth == 0 and i >= net.cond.first_stage
+                    and ch == net.channels(s))
+        if not replaced:
+            ch = seg.res(hw, name, ch)
+        seg.layer_transformers(hw, name)
+        seg.blocks[-1] = _with_skip(seg.blocks[-1], "push")
+        pushed.append(ch)
+    if i < net.n_stages - 1:
+        ch = seg.add("down", hw, f"down.{i}.down", i, "push", channels=ch)
+        pushed.append(ch)
+    return tuple(seg.blocks), ch, tuple(pushed)
+
+
+@_cache
+def _mid(net: _Net, last: int, s, ch: int, depth: int) -> tuple[tuple[BlockSpec, ...], int]:
+    seg = _Segment(net, last, s)
+    hw = (net.res >> last, net.res >> last)
+    ch = seg.res(hw, "mid.0", ch)
+    if depth > 0:
+        seg.transformers(hw, "mid", depth, s.self_attention)
+    ch = seg.res(hw, "mid.1", ch)
+    return tuple(seg.blocks), ch
+
+
+@_cache
+def _up(net: _Net, i: int, s, ch: int, skips: tuple[int, ...]) -> tuple[tuple[BlockSpec, ...], int]:
+    """Stage i's up path: each residual block concatenates the next skip (`skips`, in pop order)."""
+    seg = _Segment(net, i, s)
+    hw = (net.res >> i, net.res >> i)
+    for j, skip in enumerate(skips):
+        name = f"up.{i}.{j}"
+        ch = seg.res(hw, name, ch + skip, skip="pop")
+        seg.layer_transformers(hw, name)
+    if i > 0:
+        ch = seg.add("up", hw, f"up.{i}.up", i, channels=ch)
+    return tuple(seg.blocks), ch
+
+
+@_cache
+def _tail(net: _Net, ch: int) -> tuple[BlockSpec, ...]:
+    seg = _Segment(net)
+    seg.add("conv_out", (net.res, net.res), "conv_out", cin=ch, cout=net.latent_channels, groups=net.groups)
+    return tuple(seg.blocks)
 
 
 def _with_skip(spec: BlockSpec, skip: str) -> BlockSpec:

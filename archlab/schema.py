@@ -41,26 +41,40 @@ def at_least(n: float) -> Callable[[Any], bool]:
 def check(obj: Any, where: str = "", label: Callable[[str], str] | None = None, prefix: str = "") -> None:
     """Every field of a dataclass instance (and of the dataclasses in it) against its rules.
     `label` turns a field name into what the user typed (e.g. a flag: budget_ms -> --budget-ms)."""
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        path = _dot(prefix, f.name)
-        if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            check(value, where, label, path)
+    for name, nested, choices, valid, rule in _rules(type(obj)):
+        value = getattr(obj, name)
+        if nested:
+            if dataclasses.is_dataclass(value):
+                check(value, where, label, _dot(prefix, name))
             continue
+        if value is None:
+            continue
+        if choices and value not in choices:
+            path = _dot(prefix, name)
+            raise ArchlabError(f"{located(where, label(path) if label else path)}: {value!r} is not one of "
+                               f"{', '.join(map(str, choices))}")
+        if valid is not None and not valid(value):
+            path = _dot(prefix, name)
+            raise ArchlabError(f"{located(where, label(path) if label else path)}: must be {rule}, got {value!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def _rules(cls: type) -> tuple:
+    """(name, nested dataclass?, choices, valid, rule) of each field that has rules or holds a dataclass."""
+    hints, known = schema_fields(cls)
+    out = []
+    for name, f in known.items():
+        nested = dataclasses.is_dataclass(hints[name])
         meta = f.metadata
-        if not meta or value is None:
-            continue
-        name = label(path) if label else path
-        if meta["choices"] and value not in meta["choices"]:
-            raise ArchlabError(f"{located(where, name)}: {value!r} is not one of {', '.join(map(str, meta['choices']))}")
-        if meta["valid"] is not None and not meta["valid"](value):
-            raise ArchlabError(f"{located(where, name)}: must be {meta['rule']}, got {value!r}")
+        if nested or meta.get("choices") or meta.get("valid") is not None:
+            out.append((name, nested, meta.get("choices", ()), meta.get("valid"), meta.get("rule", "")))
+    return tuple(out)
 
 
 def describe(cls: type) -> dict[str, dict]:
     """Every field of a dataclass: {name: {type, default, help, choices}} (flags are made from it);
     `type` is int, float, str or bool where the field is one (or one or None)."""
-    hints, known = _schema(cls)
+    hints, known = schema_fields(cls)
     out = {}
     for name, f in known.items():
         kind = hints[name]
@@ -82,7 +96,7 @@ def build(cls: type, data: Any, where: str = "", prefix: str = "") -> Any:
     """A `cls` from a mapping: unknown keys, missing required keys, types and ranges checked, one
     line naming `where`, the dotted path of the field and the value."""
     data = require_mapping(data, located(where, prefix) if prefix else (where or cls.__name__))
-    hints, known = _schema(cls)
+    hints, known = schema_fields(cls)
     for key in data:
         if key not in known:
             raise ArchlabError(f"{located(where, _dot(prefix, str(key)))}: unknown key (allowed: {', '.join(known)})")
@@ -92,19 +106,20 @@ def build(cls: type, data: Any, where: str = "", prefix: str = "") -> Any:
             if f.default is MISSING and f.default_factory is MISSING:
                 raise ArchlabError(f"{located(where, _dot(prefix, name))}: missing required key")
             continue
-        kwargs[name] = _coerce(hints[name], data[name], where, _dot(prefix, name))
+        kwargs[name] = coerce(hints[name], data[name], where, _dot(prefix, name))
     obj = cls(**kwargs)
     check(obj, where, prefix=prefix)
     return obj
 
 
 @functools.lru_cache(maxsize=None)
-def _schema(cls: type) -> tuple[dict, dict]:
+def schema_fields(cls: type) -> tuple[dict, dict]:
     """(type hints, fields by name) of a settings dataclass; cached, resolving hints is slow."""
     return get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls)}
 
 
-def _coerce(tp: Any, value: Any, where: str, path: str) -> Any:
+def coerce(tp: Any, value: Any, where: str, path: str) -> Any:
+    """`value` as type `tp` (a hint: int, float, str, bool, Literal, unions, lists, dicts, dataclasses)."""
     def bad(msg: str) -> ArchlabError:
         return ArchlabError(f"{located(where, path)}: {msg}")
 
@@ -116,7 +131,7 @@ def _coerce(tp: Any, value: Any, where: str, path: str) -> Any:
     if origin in (tuple, list):  # tuple[X, ...] / list[X]
         if not isinstance(value, (list, tuple)):
             raise bad(f"must be a list, got {value!r}")
-        items = [_coerce(get_args(tp)[0], v, where, f"{path}[{i}]") for i, v in enumerate(value)]
+        items = [coerce(get_args(tp)[0], v, where, f"{path}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if tp is dict or origin is dict:  # dict / dict[K, V]
         value = require_mapping(value, located(where, path))
@@ -128,7 +143,7 @@ def _coerce(tp: Any, value: Any, where: str, path: str) -> Any:
                 if k not in get_args(key_tp):
                     raise ArchlabError(f"{located(where, _dot(path, str(k)))}: unknown key (allowed: "
                                        f"{', '.join(map(str, get_args(key_tp)))})")
-        return {k: _coerce(value_tp, v, where, _dot(path, str(k))) for k, v in value.items()}
+        return {k: coerce(value_tp, v, where, _dot(path, str(k))) for k, v in value.items()}
     if origin is Literal:
         if isinstance(value, bool) or value not in get_args(tp):
             raise bad(f"{value!r} is not one of {', '.join(map(str, get_args(tp)))}")
@@ -140,7 +155,7 @@ def _coerce(tp: Any, value: Any, where: str, path: str) -> Any:
         for opt in options:
             if opt is not type(None):
                 try:
-                    return _coerce(opt, value, where, path)
+                    return coerce(opt, value, where, path)
                 except ArchlabError:
                     pass
         raise bad(f"{value!r} is not {' or '.join(_type_name(o) for o in options)}")

@@ -16,6 +16,7 @@ Each path must exist in the base config, and every single choice must give a val
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 import random
@@ -52,17 +53,24 @@ class SearchSpace:
     description: str = ""
     path: str = ""
 
+    @functools.cached_property
+    def _paths(self) -> frozenset[str]:
+        return frozenset(p.path for p in self.params)
+
     @property
     def size(self) -> int:
         return math.prod(len(p.choices) for p in self.params)
 
     def config(self, point: dict[str, Any], name: str | None = None) -> ArchConfig:
         """The ArchConfig of a point; raises ArchlabError if the combination is invalid."""
-        unknown = set(point) - {p.path for p in self.params}
-        if unknown:
-            raise ArchlabError(f"{self.path or self.name}: {sorted(unknown)[0]}: not a parameter of this space")
+        if not self._paths.issuperset(point):
+            unknown = sorted(set(point) - self._paths)
+            raise ArchlabError(f"{self.path or self.name}: {unknown[0]}: not a parameter of this space")
         values = {"name": name or self.base.name, **point}
-        return self.base.with_values(values, where=f"{self.path or self.name}: point {point}")
+        try:
+            return self.base.with_values(values)
+        except ArchlabError:  # again, to name the point in the message (a search builds thousands of configs)
+            return self.base.with_values(values, where=f"{self.path or self.name}: point {point}")
 
     def point_from(self, values: dict[str, Any]) -> dict[str, Any]:
         """A point read back from a table (CSV, a pandas column upcast to float by a missing cell,

@@ -2,6 +2,8 @@
 evaluate path end to end on a tiny space (real ONNX Runtime timings, few runs)."""
 
 import json
+import subprocess
+import sys
 import math
 
 import pytest
@@ -14,8 +16,8 @@ from archlab.decompose import BlockSpec, decompose
 from archlab.errors import ArchlabError
 from archlab.latency.export import network_key
 from archlab.latency.predictor import Predictor, fit, load_for_table, predictor_path
-from archlab.latency.runner import FIELDS, write_table
-from conftest import tiny_dict
+from archlab.latency.table import FIELDS, write_table
+from conftest import ROOT, tiny_dict
 
 RES = 8
 
@@ -289,3 +291,33 @@ def test_fit_warns_about_rows_above_the_noise_gate(tmp_path, capsys):
     assert cli.main(["latency", "fit", str(table)]) == 0
     err = capsys.readouterr().err
     assert "1 of" in err and "--redo-noisy" in err
+
+
+def test_the_fast_batch_path_gives_the_same_predictions_to_the_last_bit():
+    """`predict_many` (segments memoised, configs built by replacing fields) gives exactly what the
+    block-by-block `predict` gives, and exactly what archlab gave before the fast path: digests of 300
+    space samples' predictions and blocks recorded with the code of commit bad63d5 on the committed
+    table (refitting the table changes the first digest)."""
+    import hashlib
+
+    from archlab.space import load_space
+
+    pred = load_for_table(ROOT / "latency_tables" / "amd-epyc-2c.csv")
+    space = load_space(ROOT / "search_spaces" / "snapgen_unet.yaml").at_resolution(pred.resolution)
+    cfgs = [c for _, c in space.sample(300, seed=5)]
+    ms = pred.predict_many(cfgs)
+    assert hashlib.sha256(",".join(repr(float(x)) for x in ms).encode()).hexdigest()[:16] == "7a53a3dba417f996"
+    assert all(pred.predict(c).latency_ms == m for c, m in zip(cfgs, ms))
+    blocks = "\n".join(f"{b.key}|{b.name}|{b.stage}|{b.skip}" for c in cfgs for b in decompose(c))
+    assert hashlib.sha256(blocks.encode()).hexdigest()[:16] == "68ab03e6ffea6474"
+    assert list(pred.predict_many(cfgs[:5])) == list(ms[:5])  # memoised segments: the same numbers again
+
+
+def test_reading_a_table_and_predicting_imports_neither_torch_nor_onnxruntime():
+    code = ("import sys; from archlab.latency.predictor import load_for_table; from archlab.space import load_space; "
+            f"p = load_for_table({str(ROOT / 'latency_tables' / 'amd-epyc-2c.csv')!r}); "
+            f"s = load_space({str(ROOT / 'search_spaces' / 'snapgen_unet.yaml')!r}).at_resolution(p.resolution); "
+            "p.predict_many([c for _, c in s.sample(50, seed=1)]); "
+            "print(sorted(m for m in ('torch', 'onnxruntime') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", (r.stdout, r.stderr[-2000:])

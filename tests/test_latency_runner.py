@@ -10,7 +10,8 @@ import pytest
 from archlab.config import ArchConfig
 from archlab.decompose import decompose
 from archlab.latency.export import export_bundle, network_key
-from archlab.latency.runner import FIELDS, RunnerError, read_table, run_bundle
+from archlab.latency.runner import run_bundle
+from archlab.latency.table import FIELDS, RunnerError, read_table
 from conftest import tiny_dict
 
 RES = 8
@@ -76,7 +77,7 @@ def test_malformed_table_is_an_error(tmp_path):
 
 
 def test_runner_works_with_onnxruntime_and_numpy_alone(bundle, tmp_path):
-    """The copied runner.py runs where torch (and archlab) cannot be imported."""
+    """The copied runner.py (with the table module beside it) runs where torch (and archlab) cannot be imported."""
     out, _ = bundle
     code = ("import sys; sys.modules['torch'] = None; sys.modules['archlab'] = None; import runpy; "
             f"sys.argv = ['runner.py', {str(out)!r}, '--out', {str(tmp_path / 't.csv')!r}, '--device-name', 'edge', "
@@ -143,7 +144,7 @@ def test_rows_left_above_the_gate_are_kept_counted_and_redone_in_place(bundle, t
 
 
 def test_timer_jitter_on_a_tiny_item_is_not_noise(bundle, tmp_path, monkeypatch):
-    from archlab.latency.runner import MIN_SPREAD_MS, is_noisy
+    from archlab.latency.table import MIN_SPREAD_MS, is_noisy
 
     out, _ = bundle
     _Machine(monkeypatch, quiet_after_pause=False, scale_ms=MIN_SPREAD_MS / 2)

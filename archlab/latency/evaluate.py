@@ -25,7 +25,7 @@ from archlab.io import write_atomic
 from archlab.latency.export import network_key
 from archlab.latency.measure import measure
 from archlab.latency.predictor import TARGET, Predictor, load_for_table, predictor_path, read_checked_table
-from archlab.latency.runner import MAX_CV, noisy_keys
+from archlab.latency.table import MAX_CV, noisy_keys
 from archlab.ladder import Ladder
 from archlab.space import SearchSpace
 

@@ -24,7 +24,7 @@ import torch
 from archlab.config import ArchConfig
 from archlab.decompose import BlockSpec
 from archlab.errors import ArchlabError
-from archlab.latency import runner
+from archlab.latency import runner, table
 from archlab.unet import UNet
 
 FORMAT = 1
@@ -128,8 +128,9 @@ def export_bundle(out_dir: str | Path, blocks: list[BlockSpec], networks: list[A
         if role == "network":
             item["config"] = obj.to_dict()
         manifest["items"].append(item)
-        runner.write_atomic(path, json.dumps(manifest, indent=1) + "\n")
-    runner.write_atomic(out / "runner.py", Path(runner.__file__).read_text())
+        table.write_atomic(path, json.dumps(manifest, indent=1) + "\n")
+    for code in (runner.__file__, table.__file__):  # the device-side runner and the table module it reads with
+        table.write_atomic(out / Path(code).name, Path(code).read_text())
     if not path.exists():
-        runner.write_atomic(path, json.dumps(manifest, indent=1) + "\n")
+        table.write_atomic(path, json.dumps(manifest, indent=1) + "\n")
     return manifest

@@ -17,7 +17,8 @@ from archlab.decompose import BlockSpec
 from archlab.errors import ArchlabError
 from archlab.latency import runner
 from archlab.latency.export import export_bundle, network_key
-from archlab.latency.runner import RunnerError
+from archlab.io import write_atomic
+from archlab.latency.table import RunnerError
 
 BLOCK_CHUNK = 64
 NETWORK_CHUNK = 4
@@ -75,6 +76,6 @@ def prune_bundle(bundle: Path, keys: set[str]) -> None:
         else:
             keep.append(it)
     manifest["items"] = keep
-    runner.write_atomic(bundle / "manifest.json", json.dumps(manifest, indent=1) + "\n")
+    write_atomic(bundle / "manifest.json", json.dumps(manifest, indent=1) + "\n")
 
 

@@ -19,6 +19,7 @@ readable, tied to the table by its SHA-256.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 from dataclasses import dataclass, field
@@ -28,10 +29,10 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from archlab.config import ArchConfig
-from archlab.decompose import BlockSpec, decompose
+from archlab.decompose import BlockSpec, decompose, segments
 from archlab.errors import ArchlabError
 from archlab.io import write_atomic
-from archlab.latency import runner
+from archlab.latency import table as tables
 
 FORMAT = 1
 TARGET = "norm_ms"  # the table column predicted: drift-normalised median
@@ -205,6 +206,7 @@ class Predictor:
     table: str = ""
     table_sha256: str = ""
     _memo: dict = field(default_factory=dict, repr=False, compare=False)
+    _segments: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def resolution(self) -> int:
@@ -260,12 +262,22 @@ class Predictor:
                           self.calibration is not None and not self.calibration.covers(raw))
 
     def predict_many(self, cfgs: Iterable[ArchConfig]) -> np.ndarray:
-        """Calibrated ms for many networks (the search's fast path: memoised block look-ups)."""
+        """Calibrated ms for many networks: the search's fast path. The blocks' latencies are memoised
+        per decomposition segment (a stage's down path, ...), which `segments` returns as the same object
+        for the same inputs; the sum runs over the blocks in forward order, as `predict` does, so both
+        give the same number to the last bit."""
         out = []
         for cfg in cfgs:
             self._check(cfg)
-            out.append(self.calibrate(sum(self.block(s)[0] for s in decompose(cfg)), cfg.name))
+            raw = sum(itertools.chain.from_iterable(self._segment_ms(seg) for seg in segments(cfg)))
+            out.append(self.calibrate(raw, cfg.name))
         return np.asarray(out, dtype=float)
+
+    def _segment_ms(self, seg: tuple[BlockSpec, ...]) -> tuple[float, ...]:
+        hit = self._segments.get(id(seg))
+        if hit is None:  # keeps `seg` alive with its latencies, so its id is never another segment's
+            hit = self._segments[id(seg)] = (seg, tuple(self.block(s)[0] for s in seg))
+        return hit[1]
 
     def calibrate(self, raw_ms: float, name: str = "") -> float:
         if self.calibration is None:
@@ -333,10 +345,10 @@ def read_checked_table(table: str | Path, device: str | None = None, resolution:
     if not table.is_file():
         raise ArchlabError(f"{table}: no such latency table")
     try:
-        meta, rows = runner.read_table(table)
-    except runner.RunnerError as e:
+        meta, rows = tables.read_table(table)
+    except tables.RunnerError as e:
         raise ArchlabError(str(e)) from None
-    for key in (*runner.SETTINGS, "reference_ms"):
+    for key in (*tables.SETTINGS, "reference_ms"):
         if key not in meta:
             raise ArchlabError(f"{table.with_suffix('.meta.json')}: metadata has no {key!r}")
     if not isinstance(meta["resolution"], int) or not isinstance(meta["threads"], int):

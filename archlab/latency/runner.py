@@ -30,10 +30,8 @@ optimisation level, onnxruntime version, device) is refused, not mixed.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as _dt
 import json
-import os
 import platform
 import statistics
 import sys
@@ -44,22 +42,20 @@ from typing import Collection
 import numpy as np
 import onnxruntime as ort
 
-FIELDS = ("key", "kind", "role", "median_ms", "min_ms", "mean_ms", "cv", "runs", "ref_ms", "norm_ms")
+try:  # in the lab
+    from archlab.latency.table import (MAX_CV, RETRIES, SETTINGS, RunnerError, is_noisy, noisy_keys, read_table,
+                                       write_table)
+except ImportError:  # in a bundle on a device: table.py beside this file
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from table import (MAX_CV, RETRIES, SETTINGS, RunnerError, is_noisy, noisy_keys, read_table,  # type: ignore
+                       write_table)
+
 OPT_LEVELS = {
     "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
-SETTINGS = ("device", "threads", "opt_level", "ort_version", "resolution", "opset")  # must match to extend a table
-MAX_CV, RETRIES = 0.10, 2  # the noise gate: re-time an item whose run-to-run CV is above MAX_CV, up to RETRIES times
-MIN_SPREAD_MS = 0.1  # ... unless its spread (std) is below this: timer jitter on a tiny item, not a busy machine
-
-
-class RunnerError(ValueError):
-    """Bad bundle, bad table or bad settings: one line, exit status 2."""
-
-
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -129,54 +125,6 @@ def _time(session: ort.InferenceSession, feeds: dict, n: int) -> list[float]:
         session.run(None, feeds)
         out.append((time.perf_counter() - t0) * 1e3)
     return out
-
-
-def read_table(path: Path) -> tuple[dict, list[dict]]:
-    """(settings, rows) of an existing table; ({}, []) if there is none."""
-    meta_path = path.with_suffix(".meta.json")
-    if not path.exists():
-        return {}, []
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError):
-        raise RunnerError(f"{path}: has no readable metadata file {meta_path.name}") from None
-    if not isinstance(meta, dict):
-        raise RunnerError(f"{meta_path}: is not a metadata object")
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        if tuple(reader.fieldnames or ()) != FIELDS:
-            raise RunnerError(f"{path}: columns {reader.fieldnames} are not {list(FIELDS)}")
-        rows = list(reader)
-    return meta, rows
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_table(path: Path, meta: dict, rows: list[dict]) -> None:
-    import io
-
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=FIELDS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path.with_suffix(".meta.json"), json.dumps(meta, indent=2) + "\n")
-    write_atomic(path, buf.getvalue())
-
-
-def is_noisy(row: dict, max_cv: float) -> bool:
-    """Above the noise gate: a run-to-run CV over `max_cv` and a spread that is more than timer jitter."""
-    cv = float(row["cv"])
-    return cv > max_cv and cv * float(row["mean_ms"]) > MIN_SPREAD_MS
-
-
-def noisy_keys(rows: list[dict], max_cv: float) -> set[str]:
-    """Keys of the rows above the noise gate."""
-    return {r["key"] for r in rows if is_noisy(r, max_cv)}
 
 
 def run_bundle(bundle: str | Path, out: str | Path, device: str, threads: int = 2, opt_level: str = "all",

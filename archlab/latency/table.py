@@ -1,0 +1,67 @@
+"""Latency tables: the CSV of timed items and its `.meta.json`, read and written the same way by the
+lab (host) and by a bundle's `runner.py` (device). Standard library only: reading a table imports
+neither onnxruntime nor torch, and a bundle carries this file beside its runner."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+FIELDS = ("key", "kind", "role", "median_ms", "min_ms", "mean_ms", "cv", "runs", "ref_ms", "norm_ms")
+SETTINGS = ("device", "threads", "opt_level", "ort_version", "resolution", "opset")  # must match to extend a table
+MAX_CV, RETRIES = 0.10, 2  # the noise gate: re-time an item whose run-to-run CV is above MAX_CV, up to RETRIES times
+MIN_SPREAD_MS = 0.1  # ... unless its spread (std) is below this: timer jitter on a tiny item, not a busy machine
+
+
+class RunnerError(ValueError):
+    """Bad bundle, bad table or bad settings: one line, exit status 2."""
+
+
+def read_table(path: Path) -> tuple[dict, list[dict]]:
+    """(settings, rows) of an existing table; ({}, []) if there is none."""
+    meta_path = path.with_suffix(".meta.json")
+    if not path.exists():
+        return {}, []
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        raise RunnerError(f"{path}: has no readable metadata file {meta_path.name}") from None
+    if not isinstance(meta, dict):
+        raise RunnerError(f"{meta_path}: is not a metadata object")
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        if tuple(reader.fieldnames or ()) != FIELDS:
+            raise RunnerError(f"{path}: columns {reader.fieldnames} are not {list(FIELDS)}")
+        rows = list(reader)
+    return meta, rows
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_table(path: Path, meta: dict, rows: list[dict]) -> None:
+    import io
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=FIELDS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path.with_suffix(".meta.json"), json.dumps(meta, indent=2) + "\n")
+    write_atomic(path, buf.getvalue())
+
+
+def is_noisy(row: dict, max_cv: float) -> bool:
+    """Above the noise gate: a run-to-run CV over `max_cv` and a spread that is more than timer jitter."""
+    cv = float(row["cv"])
+    return cv > max_cv and cv * float(row["mean_ms"]) > MIN_SPREAD_MS
+
+
+def noisy_keys(rows: list[dict], max_cv: float) -> set[str]:
+    """Keys of the rows above the noise gate."""
+    return {r["key"] for r in rows if is_noisy(r, max_cv)}
