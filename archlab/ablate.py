@@ -179,13 +179,13 @@ def cost_rows(ladder: Ladder, selected, run_dir: Path, progress: bool = False) -
 def measured_tables(folder: Path, device: str, resolution: int, threads: int) -> list[tuple[Path, dict, list[dict]]]:
     """Every table in `folder` made on `device` at `resolution` with `threads` (and full graph
     optimisation, as the predictor's), with its rows. Each table records its onnxruntime version."""
-    from archlab.latency import runner
+    from archlab.latency.table import RunnerError, read_table
 
     found = []
     for path in sorted(folder.glob(f"{device}*.csv")):
         try:
-            meta, rows = runner.read_table(path)
-        except runner.RunnerError:
+            meta, rows = read_table(path)
+        except RunnerError:
             continue  # not a latency table (the predictor's own table is read, checked, elsewhere)
         if (meta.get("device"), meta.get("resolution"), meta.get("threads"), meta.get("opt_level")) == \
                 (device, resolution, threads, "all"):
@@ -202,6 +202,7 @@ def latency_rows(selected, settings: AblateSettings, run_dir: Path, progress: bo
     from archlab.io import cache_dir, progress_bar
     from archlab.latency.export import network_key
     from archlab.latency.measure import measure
+    from archlab.latency.table import Protocol
     from archlab.latency.predictor import load_for_table
 
     pred = load_for_table(settings.table)
@@ -240,7 +241,7 @@ def latency_rows(selected, settings: AblateSettings, run_dir: Path, progress: bo
             # whole paper-width networks take seconds (32x32) to tens of seconds (128x128) a run: the untimed
             # first run is the warm-up, then one run in each of two rounds, each next to the reference block
             measure(table, cache_dir() / "bundles" / f"ablate-{device}-{res}", networks=missing, resolution=res,
-                    device=device, threads=threads, warmup=0, runs=2, rounds=2, budget_s=10.0,
+                    device=device, protocol=Protocol(threads=threads, warmup=0, runs=2, rounds=2, budget_s=10.0),
                     reference_ms=pred.settings.get("reference_ms") if res == pred.resolution else None,
                     progress=progress_bar("exporting", "model") if progress else None)
             hits = lookup()

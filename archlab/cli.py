@@ -671,24 +671,24 @@ def cmd_latency_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _timing(args: argparse.Namespace) -> dict:
-    from archlab.latency.table import MAX_CV, RETRIES
+def _timing(args: argparse.Namespace):
+    """The timing protocol the flags give."""
+    from archlab.latency.table import MAX_CV, RETRIES, Protocol
 
-    return dict(device=args.device, threads=args.threads, opt_level=args.opt, warmup=args.warmup, runs=args.runs,
-                rounds=args.rounds, budget_s=args.budget_s, max_cv=MAX_CV if args.max_cv is None else args.max_cv,
-                retries=RETRIES if args.retries is None else args.retries)
+    return Protocol(args.threads, args.opt, args.warmup, args.runs, args.rounds, args.budget_s,
+                    MAX_CV if args.max_cv is None else args.max_cv, RETRIES if args.retries is None else args.retries)
 
 
 def cmd_latency_run(args: argparse.Namespace) -> int:
     from archlab.latency.runner import RunnerError, noisy_keys, read_table, run_bundle
 
-    timing = _timing(args)
+    protocol = _timing(args)
     try:
-        redo = noisy_keys(read_table(Path(args.out))[1], timing["max_cv"]) if args.redo_noisy else ()
-        rows = run_bundle(args.bundle, args.out, progress=sys.stderr.isatty(), redo=redo, **timing)
+        redo = noisy_keys(read_table(Path(args.out))[1], protocol.max_cv) if args.redo_noisy else ()
+        rows = run_bundle(args.bundle, args.out, args.device, protocol, progress=sys.stderr.isatty(), redo=redo)
     except RunnerError as e:
         raise ArchlabError(str(e)) from None
-    _print_rows(args, rows, timing["max_cv"])
+    _print_rows(args, rows, protocol.max_cv)
     return 0
 
 
@@ -704,11 +704,11 @@ def cmd_latency_measure(args: argparse.Namespace) -> int:
 
     blocks, networks = _selection(args)
     bundle = args.bundle or str(Path("runs") / "bundles" / Path(args.out).stem)
-    timing = _timing(args)
-    rows = measure(args.out, bundle, blocks=blocks, networks=networks, resolution=args.resolution,
-                   opset=args.opset, keep_onnx=args.keep_onnx, redo_noisy=args.redo_noisy,
-                   progress=progress_bar("exporting", "model"), **timing)
-    _print_rows(args, rows, timing["max_cv"])
+    protocol = _timing(args)
+    rows = measure(args.out, bundle, blocks=blocks, networks=networks, resolution=args.resolution, device=args.device,
+                   protocol=protocol, opset=args.opset, keep_onnx=args.keep_onnx, redo_noisy=args.redo_noisy,
+                   progress=progress_bar("exporting", "model"))
+    _print_rows(args, rows, protocol.max_cv)
     return 0
 
 

@@ -11,7 +11,7 @@ from archlab.config import ArchConfig
 from archlab.decompose import decompose
 from archlab.latency.export import export_bundle, network_key
 from archlab.latency.runner import run_bundle
-from archlab.latency.table import FIELDS, RunnerError, read_table
+from archlab.latency.table import FIELDS, Protocol, RunnerError, read_table
 from conftest import tiny_dict
 
 RES = 8
@@ -46,11 +46,11 @@ def test_export_resumes_without_redoing(bundle):
 def test_run_resumes_and_keeps_finished_rows(bundle, tmp_path):
     out, _ = bundle
     table = tmp_path / "dev.csv"
-    rows = run_bundle(out, table, "test-cpu", threads=1, warmup=1, runs=4, rounds=2, progress=False, limit=2)
+    rows = run_bundle(out, table, "test-cpu", Protocol(threads=1, warmup=1, runs=4, rounds=2), progress=False, limit=2)
     assert len(rows) == 2
     meta, saved = read_table(table)
     assert meta["device"] == "test-cpu" and meta["threads"] == 1 and len(saved) == 2
-    rows = run_bundle(out, table, "test-cpu", threads=1, warmup=1, runs=4, rounds=2, progress=False)
+    rows = run_bundle(out, table, "test-cpu", Protocol(threads=1, warmup=1, runs=4, rounds=2), progress=False)
     keys = [r["key"] for r in rows]
     assert len(keys) == 5 == len(set(keys))  # the rest was added, nothing timed twice
     assert [r["key"] for r in rows[:2]] == [r["key"] for r in saved]
@@ -63,9 +63,9 @@ def test_run_resumes_and_keeps_finished_rows(bundle, tmp_path):
 def test_run_refuses_a_table_made_with_other_settings(bundle, tmp_path):
     out, _ = bundle
     table = tmp_path / "dev.csv"
-    run_bundle(out, table, "test-cpu", threads=1, warmup=0, runs=1, rounds=1, progress=False, limit=1)
+    run_bundle(out, table, "test-cpu", Protocol(threads=1, warmup=0, runs=1, rounds=1), progress=False, limit=1)
     with pytest.raises(RunnerError, match="threads=1"):
-        run_bundle(out, table, "test-cpu", threads=2, warmup=0, runs=1, rounds=1, progress=False)
+        run_bundle(out, table, "test-cpu", Protocol(threads=2, warmup=0, runs=1, rounds=1), progress=False)
 
 
 def test_malformed_table_is_an_error(tmp_path):
@@ -111,8 +111,8 @@ def test_noise_gate_times_a_noisy_item_again_and_keeps_the_quiet_attempt(bundle,
     out, _ = bundle
     machine = _Machine(monkeypatch, quiet_after_pause=True)
     table = tmp_path / "dev.csv"
-    rows = run_bundle(out, table, "test-cpu", threads=1, warmup=0, runs=4, rounds=2, progress=False, limit=1,
-                      max_cv=0.1, retries=2)
+    rows = run_bundle(out, table, "test-cpu", Protocol(threads=1, warmup=0, runs=4, rounds=2, max_cv=0.1, retries=2),
+                      progress=False, limit=1)
     assert machine.quiet and float(rows[0]["cv"]) == 0 and float(rows[0]["median_ms"]) == 2.0
     meta, _ = read_table(table)
     assert meta["protocol"]["max_cv"] == 0.1 and meta["protocol"]["retries"] == 2
@@ -125,7 +125,8 @@ def test_rows_left_above_the_gate_are_kept_counted_and_redone_in_place(bundle, t
     out, _ = bundle
     machine = _Machine(monkeypatch, quiet_after_pause=False)
     table = tmp_path / "dev.csv"
-    rows = run_bundle(out, table, "test-cpu", threads=1, warmup=0, runs=4, rounds=2, progress=False, max_cv=0.1, retries=1)
+    rows = run_bundle(out, table, "test-cpu", Protocol(threads=1, warmup=0, runs=4, rounds=2, max_cv=0.1, retries=1),
+                      progress=False)
     keys = [r["key"] for r in rows]
     assert len(rows) == 5 and noisy_keys(rows, 0.1) == set(keys)  # nothing dropped
     meta, _ = read_table(table)
@@ -134,8 +135,8 @@ def test_rows_left_above_the_gate_are_kept_counted_and_redone_in_place(bundle, t
 
     machine.quiet = True
     redo = set(keys[1:3])
-    rows = run_bundle(out, table, "test-cpu", threads=1, warmup=0, runs=4, rounds=2, progress=False, max_cv=0.1,
-                      redo=redo)
+    rows = run_bundle(out, table, "test-cpu", Protocol(threads=1, warmup=0, runs=4, rounds=2, max_cv=0.1),
+                      progress=False, redo=redo)
     assert [r["key"] for r in rows] == keys  # replaced where they were, not appended
     assert noisy_keys(rows, 0.1) == set(keys) - redo
     meta, saved = read_table(table)
@@ -148,8 +149,8 @@ def test_timer_jitter_on_a_tiny_item_is_not_noise(bundle, tmp_path, monkeypatch)
 
     out, _ = bundle
     _Machine(monkeypatch, quiet_after_pause=False, scale_ms=MIN_SPREAD_MS / 2)
-    rows = run_bundle(out, tmp_path / "dev.csv", "test-cpu", threads=1, warmup=0, runs=4, rounds=2, progress=False,
-                      limit=2, max_cv=0.1)
+    rows = run_bundle(out, tmp_path / "dev.csv", "test-cpu", Protocol(threads=1, warmup=0, runs=4, rounds=2, max_cv=0.1),
+                      progress=False, limit=2)
     assert all(float(r["cv"]) > 0.1 and not is_noisy(r, 0.1) for r in rows)  # CV 50%, spread a quarter of the floor
     assert read_table(tmp_path / "dev.csv")[0]["sessions"][-1]["retries"] == 0
 
@@ -164,12 +165,14 @@ def test_a_missing_or_corrupt_model_is_one_line_naming_the_item(bundle, tmp_path
     item = manifest["items"][1]
     (broken / item["file"]).write_bytes(b"not an onnx model")  # e.g. a partial copy to the device
     with pytest.raises(RunnerError, match=r"cannot load or run") as e:
-        run_bundle(broken, tmp_path / "t.csv", "test-cpu", threads=1, warmup=0, runs=1, rounds=1, progress=False)
+        run_bundle(broken, tmp_path / "t.csv", "test-cpu", Protocol(threads=1, warmup=0, runs=1, rounds=1),
+                   progress=False)
     assert item["key"] in str(e.value) and "\n" not in str(e.value)
     assert len(read_table(tmp_path / "t.csv")[1]) == 1  # the reference row timed before it is kept
     (broken / "manifest.json").write_text("null")
     with pytest.raises(RunnerError, match="not a bundle manifest"):
-        run_bundle(broken, tmp_path / "t.csv", "test-cpu", threads=1, warmup=0, runs=1, rounds=1, progress=False)
+        run_bundle(broken, tmp_path / "t.csv", "test-cpu", Protocol(threads=1, warmup=0, runs=1, rounds=1),
+                   progress=False)
 
 
 def test_an_interrupted_run_keeps_its_rows_and_resumes(bundle, tmp_path, monkeypatch):
@@ -187,9 +190,9 @@ def test_an_interrupted_run_keeps_its_rows_and_resumes(bundle, tmp_path, monkeyp
 
     monkeypatch.setattr(runner, "_time", interrupted)
     with pytest.raises(KeyboardInterrupt):  # retries=0: a busy machine's noise gate must not move the interruption
-        run_bundle(out, table, "test-cpu", threads=1, warmup=0, runs=2, rounds=2, progress=False, retries=0)
+        run_bundle(out, table, "test-cpu", Protocol(threads=1, warmup=0, runs=2, rounds=2, retries=0), progress=False)
     kept = [r["key"] for r in read_table(table)[1]]
     assert 1 <= len(kept) < 5 and not list(tmp_path.glob(".*.tmp"))
     monkeypatch.setattr(runner, "_time", real)
-    rows = run_bundle(out, table, "test-cpu", threads=1, warmup=0, runs=2, rounds=2, progress=False)
+    rows = run_bundle(out, table, "test-cpu", Protocol(threads=1, warmup=0, runs=2, rounds=2), progress=False)
     assert [r["key"] for r in rows][:len(kept)] == kept and len({r["key"] for r in rows}) == 5

@@ -25,7 +25,7 @@ from archlab.io import write_atomic
 from archlab.latency.export import network_key
 from archlab.latency.measure import measure
 from archlab.latency.predictor import TARGET, Predictor, load_for_table, predictor_path, read_checked_table
-from archlab.latency.table import MAX_CV, noisy_keys
+from archlab.latency.table import Protocol, noisy_keys
 from archlab.ladder import Ladder
 from archlab.space import SearchSpace
 
@@ -76,12 +76,10 @@ def evaluate(space: SearchSpace, table: str | Path, heldout_table: str | Path, b
     if Path(heldout_table).is_file():  # and a held-out table from other settings too
         _check_same_settings(read_checked_table(heldout_table)[0], meta, heldout_table, table)
 
-    proto = meta.get("protocol", {})
-    gate = proto.get("max_cv", MAX_CV)
-    measure(heldout_table, bundle, networks=nets + ladder_cfgs, resolution=res, device=meta["device"],
-            threads=int(meta["threads"]), opt_level=meta["opt_level"], warmup=proto.get("warmup", 5),
-            runs=proto.get("runs", 30), rounds=proto.get("rounds", 5), budget_s=proto.get("budget_s", 10.0),
-            opset=int(meta["opset"]), reference_ms=float(meta["reference_ms"]), max_cv=gate, progress=progress)
+    protocol = Protocol.of_table(meta)  # held-out networks timed as the table's blocks were
+    gate = protocol.max_cv
+    measure(heldout_table, bundle, networks=nets + ladder_cfgs, resolution=res, device=meta["device"], protocol=protocol,
+            opset=int(meta["opset"]), reference_ms=float(meta["reference_ms"]), progress=progress)
     hmeta, hrows = read_checked_table(heldout_table, device=meta["device"], resolution=res)
     _check_same_settings(hmeta, meta, heldout_table, table)
     by_key = {r["key"]: r for r in hrows}

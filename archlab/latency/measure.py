@@ -18,35 +18,32 @@ from archlab.errors import ArchlabError
 from archlab.latency import runner
 from archlab.latency.export import export_bundle, network_key
 from archlab.io import write_atomic
-from archlab.latency.table import RunnerError
+from archlab.latency.table import Protocol, RunnerError
 
 BLOCK_CHUNK = 64
 NETWORK_CHUNK = 4
 
 
 def measure(table: str | Path, bundle: str | Path, *, blocks: list[BlockSpec] = (), networks: list[ArchConfig] = (),
-            resolution: int, device: str, threads: int = 2, opt_level: str = "all", warmup: int = 5, runs: int = 30,
-            rounds: int = 5, budget_s: float = 10.0, opset: int = 20, keep_onnx: bool = False,
-            reference_ms: float | None = None, max_cv: float = runner.MAX_CV, retries: int = runner.RETRIES,
-            redo_noisy: bool = False, progress=None) -> list[dict]:
-    """Time every block and network not yet in `table`; returns all rows of the table.
+            resolution: int, device: str, protocol: Protocol = Protocol(), opset: int = 20, keep_onnx: bool = False,
+            reference_ms: float | None = None, redo_noisy: bool = False, progress=None) -> list[dict]:
+    """Time every block and network not yet in `table` with `protocol`; returns all rows of the table.
 
     `progress(items)` wraps the export loop (e.g. tqdm); the runner prints its own progress when
-    `progress` is given. `reference_ms`, `max_cv`, `retries`, `redo_noisy` (re-time the listed
-    blocks and networks whose rows are above the noise gate): see `runner.run_bundle`.
+    `progress` is given. `reference_ms`, `redo_noisy` (re-time the listed blocks and networks whose
+    rows are above the noise gate): see `runner.run_bundle`.
     """
     try:
-        return _measure(Path(table), Path(bundle), blocks, networks, resolution, device, threads, opt_level, warmup,
-                        runs, rounds, budget_s, opset, keep_onnx, reference_ms, progress,
-                        max_cv, retries, redo_noisy)
+        return _measure(Path(table), Path(bundle), blocks, networks, resolution, device, protocol, opset, keep_onnx,
+                        reference_ms, progress, redo_noisy)
     except RunnerError as e:  # a bad table, bundle or settings: one line for every caller
         raise ArchlabError(str(e)) from None
 
 
-def _measure(table, bundle, blocks, networks, resolution, device, threads, opt_level, warmup, runs, rounds, budget_s,
-             opset, keep_onnx, reference_ms, progress, max_cv, retries, redo_noisy) -> list[dict]:
+def _measure(table, bundle, blocks, networks, resolution, device, protocol, opset, keep_onnx, reference_ms, progress,
+             redo_noisy) -> list[dict]:
     _, rows = runner.read_table(table)
-    redo = runner.noisy_keys(rows, max_cv) if redo_noisy else set()
+    redo = runner.noisy_keys(rows, protocol.max_cv) if redo_noisy else set()
     done = {r["key"] for r in rows} - redo
     todo_blocks = [b for b in blocks if b.key not in done]
     todo_nets = [c for c in networks if network_key(c) not in done]
@@ -58,9 +55,8 @@ def _measure(table, bundle, blocks, networks, resolution, device, threads, opt_l
         export_bundle(bundle, chunk_blocks, chunk_nets, resolution=resolution, opset=opset, name=table.stem,
                       progress=progress)
         keys = {b.key for b in chunk_blocks} | {network_key(c) for c in chunk_nets}
-        rows = runner.run_bundle(bundle, table, device, threads, opt_level, warmup, runs, rounds, budget_s,
-                                 progress=progress is not None, reference_ms=reference_ms, max_cv=max_cv,
-                                 retries=retries, redo=redo & keys)
+        rows = runner.run_bundle(bundle, table, device, protocol, progress=progress is not None,
+                                 reference_ms=reference_ms, redo=redo & keys)
         if not keep_onnx:
             prune_bundle(bundle, {r["key"] for r in rows})
     return rows if chunks else runner.read_table(table)[1]

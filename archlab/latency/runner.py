@@ -43,19 +43,21 @@ import numpy as np
 import onnxruntime as ort
 
 try:  # in the lab
-    from archlab.latency.table import (MAX_CV, RETRIES, SETTINGS, RunnerError, is_noisy, noisy_keys, read_table,
-                                       write_table)
+    from archlab.latency.table import (MAX_CV, RETRIES, SETTINGS, Protocol, RunnerError, is_noisy, noisy_keys,
+                                       read_table, write_table)
 except ImportError:  # in a bundle on a device: table.py beside this file
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from table import (MAX_CV, RETRIES, SETTINGS, RunnerError, is_noisy, noisy_keys, read_table,  # type: ignore
-                       write_table)
+    from table import (MAX_CV, RETRIES, SETTINGS, Protocol, RunnerError, is_noisy, noisy_keys,  # type: ignore
+                       read_table, write_table)
 
-OPT_LEVELS = {
+ORT_LEVELS = {  # Protocol.opt_level -> onnxruntime's setting
     "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -103,7 +105,7 @@ def make_session(model: Path, threads: int, opt_level: str) -> ort.InferenceSess
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = OPT_LEVELS[opt_level]
+    opts.graph_optimization_level = ORT_LEVELS[opt_level]
     opts.log_severity_level = 3
     return ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
 
@@ -127,26 +129,21 @@ def _time(session: ort.InferenceSession, feeds: dict, n: int) -> list[float]:
     return out
 
 
-def run_bundle(bundle: str | Path, out: str | Path, device: str, threads: int = 2, opt_level: str = "all",
-               warmup: int = 5, runs: int = 30, rounds: int = 5, budget_s: float = 10.0, progress: bool = True,
-               limit: int | None = None, reference_ms: float | None = None, max_cv: float = MAX_CV,
-               retries: int = RETRIES, redo: Collection[str] = (), retry_pause_s: float = 2.0) -> list[dict]:
+def run_bundle(bundle: str | Path, out: str | Path, device: str, protocol: Protocol = Protocol(), *,
+               progress: bool = True, limit: int | None = None, reference_ms: float | None = None,
+               redo: Collection[str] = (), retry_pause_s: float = 2.0) -> list[dict]:
     """Time every item of a bundle not yet in the table at `out`; returns all rows.
 
-    `reference_ms` (for a new table) fixes the reference speed that `norm_ms` is expressed in,
+    `protocol`: how items are timed. `reference_ms` (for a new table) fixes the reference speed that `norm_ms` is expressed in,
     e.g. another table's, so that two tables made at different times compare; by default the
     reference is timed at the start of the table's first session. `max_cv`, `retries`: the noise
     gate (see the module docstring); `redo`: keys of rows to time again, replaced in place (e.g.
     `noisy_keys(rows, max_cv)`).
     """
     bundle, out = Path(bundle), Path(out)
-    if opt_level not in OPT_LEVELS:
-        raise RunnerError(f"--opt: {opt_level!r} is not one of {', '.join(OPT_LEVELS)}")
-    if threads < 1 or rounds < 1 or warmup < 0 or runs < rounds or budget_s <= 0:
-        raise RunnerError(f"need threads >= 1, warmup >= 0, runs >= rounds >= 1 and budget_s > 0 "
-                          f"(got {threads}, {warmup}, {runs}, {rounds}, {budget_s})")
-    if not max_cv > 0 or retries < 0:
-        raise RunnerError(f"need max_cv > 0 and retries >= 0 (got {max_cv}, {retries})")
+    p = protocol.check()
+    threads, opt_level, warmup, runs, rounds, budget_s, max_cv, retries = (
+        p.threads, p.opt_level, p.warmup, p.runs, p.rounds, p.budget_s, p.max_cv, p.retries)
     manifest = load_manifest(bundle)
     settings = {"device": device, "threads": threads, "opt_level": opt_level, "ort_version": ort.__version__,
                 "resolution": manifest["resolution"], "opset": manifest["opset"], "bundle": manifest.get("name", bundle.name)}
@@ -239,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="table CSV to write (resumes if it exists)")
     p.add_argument("--device-name", dest="device", required=True, help="a name for this device, recorded in the table")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--opt", default="all", choices=sorted(OPT_LEVELS))
+    p.add_argument("--opt", default="all", choices=list(ORT_LEVELS))
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--runs", type=int, default=30)
     p.add_argument("--rounds", type=int, default=5)
@@ -250,9 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         redo = noisy_keys(read_table(Path(args.out))[1], args.max_cv) if args.redo_noisy else ()
-        rows = run_bundle(args.bundle, args.out, args.device, args.threads, args.opt, args.warmup, args.runs,
-                          args.rounds, args.budget_s, progress=sys.stderr.isatty(), max_cv=args.max_cv,
-                          retries=args.retries, redo=redo)
+        protocol = Protocol(args.threads, args.opt, args.warmup, args.runs, args.rounds, args.budget_s, args.max_cv,
+                            args.retries)
+        rows = run_bundle(args.bundle, args.out, args.device, protocol, progress=sys.stderr.isatty(), redo=redo)
     except RunnerError as e:
         print(f"runner: error: {e}", file=sys.stderr)
         return 2

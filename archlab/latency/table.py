@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 FIELDS = ("key", "kind", "role", "median_ms", "min_ms", "mean_ms", "cv", "runs", "ref_ms", "norm_ms")
@@ -17,6 +18,40 @@ MIN_SPREAD_MS = 0.1  # ... unless its spread (std) is below this: timer jitter o
 
 class RunnerError(ValueError):
     """Bad bundle, bad table or bad settings: one line, exit status 2."""
+
+
+OPT_LEVELS = ("disabled", "basic", "extended", "all")  # onnxruntime's graph optimisation levels
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How a runner times items (runner.py's docstring explains each): one record for the runner, the
+    CLI, the held-out evaluation and the ablation, and what a table's metadata keeps."""
+    threads: int = 2  # onnxruntime intra-op threads
+    opt_level: str = "all"
+    warmup: int = 5
+    runs: int = 30
+    rounds: int = 5
+    budget_s: float = 10.0  # about this many seconds per item
+    max_cv: float = MAX_CV  # the noise gate
+    retries: int = RETRIES
+
+    def check(self) -> "Protocol":
+        if self.opt_level not in OPT_LEVELS:
+            raise RunnerError(f"--opt: {self.opt_level!r} is not one of {', '.join(OPT_LEVELS)}")
+        if self.threads < 1 or self.rounds < 1 or self.warmup < 0 or self.runs < self.rounds or self.budget_s <= 0:
+            raise RunnerError(f"need threads >= 1, warmup >= 0, runs >= rounds >= 1 and budget_s > 0 (got "
+                              f"{self.threads}, {self.warmup}, {self.runs}, {self.rounds}, {self.budget_s})")
+        if not self.max_cv > 0 or self.retries < 0:
+            raise RunnerError(f"need max_cv > 0 and retries >= 0 (got {self.max_cv}, {self.retries})")
+        return self
+
+    @classmethod
+    def of_table(cls, meta: dict) -> "Protocol":
+        """The protocol a table was measured with (its metadata), to extend it or time beside it alike."""
+        p = meta.get("protocol", {})
+        return cls(int(meta["threads"]), meta["opt_level"], p.get("warmup", 5), p.get("runs", 30), p.get("rounds", 5),
+                   p.get("budget_s", 10.0), p.get("max_cv", MAX_CV), p.get("retries", RETRIES))
 
 
 def read_table(path: Path) -> tuple[dict, list[dict]]:
