@@ -429,6 +429,8 @@ def _job_printer(label=lambda info: info["job"]):
         r = info.get("result") or {}
         what = label(info)
         line = {"start": f"{what}: started",
+                "scoring": f"{what}: trained {r.get('steps')} steps; scoring (validation loss"
+                           + (f", {r['samples']} samples for FID/KID)" if r.get("samples") else ")"),
                 "done": f"{what}: {r.get('status')} {_scores(r)} ({_minutes(r)}){' ' + r.get('reason', '') if r.get('status') != 'ok' else ''}",
                 "stopped": f"{what}: stopped early (ASHA)",
                 "error": f"{what}: failed: {r.get('reason', '')}"}.get(kind)

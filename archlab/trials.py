@@ -162,7 +162,8 @@ def _ray_trial(config: dict) -> None:
                  "timesteps_total": result.get("steps") or 0})
 
 
-Event = Callable[[str, Job, dict | None], None]  # (kind, job, info): start (meta), done (its result), stopped, error
+Event = Callable[[str, Job, dict | None], None]  # (kind, job, info): start (meta), scoring (steps, samples: training
+# is done, validation and sampling run), done (its result), stopped, error
 
 
 def _progress(on_event: Event):
@@ -175,6 +176,11 @@ def _progress(on_event: Event):
     class Progress(Callback):
         def on_trial_start(self, iteration, trials, trial, **info):
             on_event("start", job_of(trial), job_of(trial).meta)
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            job = job_of(trial)
+            if result.get("step") is not None and result["step"] == job.train.get("steps"):  # the last training report
+                on_event("scoring", job, {"steps": result["step"], "samples": job.train.get("samples", 0)})
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             job = job_of(trial)

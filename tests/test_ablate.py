@@ -52,6 +52,7 @@ def test_ablate_measures_trains_and_reports_then_resumes_without_redoing(tiny_la
     argv = ["ablate", str(ladder), "--seeds", "2", "--table", str(table), "--measure", str(RES), "--out", str(run)]
     first = _run(argv + TINY_TRAIN)
     assert first.returncode == 0, first.stderr[-3000:]
+    assert "trained 3 steps; scoring (validation loss, 8 samples for FID/KID)" in first.stderr  # progress per phase
     measured = table.parent / f"synthetic-cpu.ladder{RES}-1t.csv"  # measured for real with ORT, kept beside the table
     assert measured.is_file() and len(pd.read_csv(measured).query("kind == 'network'")) == 2
     results = sorted((run / "results").rglob("seed*.json"))
