@@ -237,3 +237,13 @@ class Bound(nn.Module):
 
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
         return self.block(*tensors, **self.kwargs)
+
+
+def conv_in(cin: int, cout: int) -> nn.Module:
+    """The network's first layer: latent channels to the first stage's."""
+    return nn.Conv2d(cin, cout, 3, padding=1)
+
+
+def transformer(context_len: int, **hp) -> TransformerBlock:
+    """A transformer block; `context_len` only shapes its inputs (the block works with any length)."""
+    return TransformerBlock(**hp)

@@ -20,9 +20,10 @@ from __future__ import annotations
 import functools
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from archlab.config import ArchConfig
+from archlab.kinds import KINDS, canonical
 
 @dataclass(frozen=True)
 class BlockSpec:
@@ -56,15 +57,15 @@ class BlockSpec:
             name, sep, value = part.partition("=")
             if not sep or not name.strip():
                 raise ValueError(f"{key!r}: {part!r} is not name=value")
-            hp.append((name.strip(), _parse(name.strip(), value.strip())))
-        return cls(kind, tuple(hp), (int(h), int(w)))
+            hp.append((name.strip(), _parse(kind, name.strip(), value.strip())))
+        return cls(kind, canonical(kind, hp), (int(h), int(w)))
 
     def params(self) -> dict[str, Any]:
         return dict(self.hp)
 
     def build(self):
         """The block as a torch module (torch is imported here: decomposing and keys do not need it)."""
-        return _builders()[self.kind](**self.params())
+        return KINDS[self.kind].build(**self.params())
 
     def runnable(self, batch: int = 1, device="cpu"):
         """The built block wrapped to take tensors only, and example inputs for it (seeded).
@@ -81,31 +82,18 @@ class BlockSpec:
         def randn(*shape: int) -> torch.Tensor:
             return torch.randn(batch, *shape, generator=g).to(device)
 
-        kwargs: dict[str, Any] = {}
-        kind = self.kind
-        if kind == "time_embed":
-            inputs: tuple = (torch.rand(batch, generator=g).to(device) * 1000,)
-        elif kind == "res":
-            inputs = (randn(p["cin"], h, w), randn(p["temb_dim"]))
-        elif kind == "transformer":
-            kwargs["hw"] = (h, w)
-            if p["cross_attention"]:
-                inputs = (randn(h * w, p["dim"]), randn(p["context_len"], p["context_dim"]))
-            else:
-                inputs, kwargs["context"] = (randn(h * w, p["dim"]),), None
-        elif kind == "attn_out":
-            inputs = (randn(h * w, p["dim"]), randn(p["dim"], h, w))
-        else:
-            inputs = (randn(p.get("cin", p.get("dim", p.get("channels"))), h, w),)
+        def rand(*shape: int) -> torch.Tensor:
+            return torch.rand(batch, *shape, generator=g).to(device)
+
+        inputs, kwargs = KINDS[self.kind].inputs(p, (h, w), randn, rand)
         return Bound(self.build().to(device), kwargs), inputs
 
 
 _KEY = re.compile(r"(\w+)\((.*)\)@(\d+)x(\d+)")
-_BOOL_HP = frozenset({"self_attention", "cross_attention", "qk_norm", "rope"})
 
 
-def _parse(name: str, value: str) -> Any:
-    if name in _BOOL_HP:
+def _parse(kind: str, name: str, value: str) -> Any:
+    if name in (KINDS[kind].bools if kind in KINDS else ()):
         if value not in ("0", "1"):
             raise ValueError(f"{name}={value!r}: must be 0 or 1")
         return value == "1"
@@ -123,25 +111,6 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float) and v.is_integer():
         return str(int(v))
     return str(v)
-
-
-@functools.lru_cache(maxsize=None)
-def _builders() -> dict[str, Callable]:
-    from torch import nn
-
-    from archlab import blocks as B
-
-    return {
-        "time_embed": B.TimestepEmbedding,
-        "conv_in": lambda cin, cout: nn.Conv2d(cin, cout, 3, padding=1),
-        "res": B.ResBlock,
-        "attn_in": B.AttnIn,
-        "transformer": lambda context_len, **hp: B.TransformerBlock(**hp),  # context_len only shapes inputs
-        "attn_out": B.AttnOut,
-        "down": B.Downsample,
-        "up": B.Upsample,
-        "conv_out": B.ConvOut,
-    }
 
 
 def decompose(cfg: ArchConfig) -> list[BlockSpec]:

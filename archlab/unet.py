@@ -7,6 +7,7 @@ from torch import nn
 
 from archlab.config import ArchConfig
 from archlab.decompose import BlockSpec, decompose
+from archlab.kinds import KINDS
 
 
 class UNet(nn.Module):
@@ -17,27 +18,27 @@ class UNet(nn.Module):
         self.config = cfg
         self.specs: list[BlockSpec] = decompose(cfg)
         self.blocks = nn.ModuleDict({s.name.replace(".", "_"): s.build() for s in self.specs})
+        self.roles = [KINDS[s.kind].role for s in self.specs]  # how each block is run (archlab.kinds)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         skips: list[torch.Tensor] = []
         h = x
-        for spec, block in zip(self.specs, self.blocks.values()):
-            kind = spec.kind
-            if kind == "time_embed":
+        for spec, role, block in zip(self.specs, self.roles, self.blocks.values()):
+            if role == "time":
                 emb = block(t)
                 continue
-            if kind == "res":
+            if role == "res":
                 if spec.skip == "pop":
                     h = torch.cat([h, skips.pop()], dim=1)
                 h = block(h, emb)
-            elif kind == "attn_in":
+            elif role == "tokens_in":
                 residual, hw = h, (h.shape[-2], h.shape[-1])
                 tokens = block(h)
-            elif kind == "transformer":
+            elif role == "tokens":
                 tokens = block(tokens, context, hw)
-            elif kind == "attn_out":
+            elif role == "tokens_out":
                 h = block(tokens, residual)
-            else:  # conv_in, down, up, conv_out: one tensor in, one out
+            else:  # map: one tensor in, one out (conv_in, down, up, conv_out)
                 h = block(h)
             if spec.skip == "push":
                 skips.append(h)

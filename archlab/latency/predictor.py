@@ -31,6 +31,7 @@ import numpy as np
 from archlab.config import ArchConfig
 from archlab.decompose import BlockSpec, decompose, segments
 from archlab.errors import ArchlabError
+from archlab.kinds import KINDS, canonical
 from archlab.io import write_atomic
 from archlab.latency import table as tables
 
@@ -54,13 +55,9 @@ def features(spec: BlockSpec) -> dict[str, float]:
 
     c = block_cost(spec)
     f = {"call": 1.0, "macs": c.macs / 1e6, "params": c.params / 1e6, "acts": c.acts / 1e6}
-    if spec.kind == "transformer":
-        p = spec.params()
-        n = spec.hw[0] * spec.hw[1]
-        f["attn_sa"] = p["heads"] * n * n / 1e6 if p["self_attention"] else 0.0
-        f["attn_ca"] = p["heads"] * n * p["context_len"] / 1e6 if p["cross_attention"] else 0.0
-        f["rope"] = n * p["dim"] / 1e6 if p["rope"] else 0.0
-        f["qk_norm"] = n * p["dim"] / 1e6 if p["qk_norm"] else 0.0
+    kind = KINDS.get(spec.kind)
+    if kind is not None and kind.features is not None:  # the kind's own (archlab.kinds)
+        f.update(kind.features(spec.params(), spec.hw))
     return f
 
 
@@ -219,10 +216,10 @@ class Predictor:
         if hit is not None:
             return hit
         model = self.kinds.get(spec.kind)
+        hp = canonical(spec.kind, spec.hp)  # a block written with its hyper-parameters in another order
+        if hp != spec.hp:
+            spec = BlockSpec(spec.kind, hp, spec.hw)
         names = tuple(k for k, _ in spec.hp)
-        if model is not None and names != model.hp_names and set(names) == set(model.hp_names):
-            hp = dict(spec.hp)  # the same block with its hyper-parameters in the table's order
-            spec = BlockSpec(spec.kind, tuple((k, hp[k]) for k in model.hp_names), spec.hw)
         key = spec.key
         if key in self.measured:
             out = (self.measured[key], "measured")

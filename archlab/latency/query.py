@@ -7,6 +7,7 @@ from pathlib import Path
 
 from archlab.decompose import BlockSpec
 from archlab.errors import ArchlabError
+from archlab.kinds import canonical
 
 
 def block_from_yaml(data: dict, where: str) -> BlockSpec:
@@ -19,7 +20,7 @@ def block_from_yaml(data: dict, where: str) -> BlockSpec:
     size = hp.pop("resolution", None)
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:
         raise ArchlabError(f"{where}: resolution: a block needs its input resolution as a positive integer, got {size!r}")
-    return BlockSpec(str(kind), tuple(hp.items()), (size, size))
+    return BlockSpec(str(kind), canonical(str(kind), hp), (size, size))
 
 
 def targets(target: str, row: str | None = None, resolution: int | None = None) -> tuple[list, list]:

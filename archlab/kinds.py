@@ -1,0 +1,86 @@
+"""Block kinds: everything the lab knows about one kind of block, described once.
+
+A `Kind` says what a block of that kind is made of (its hyper-parameters, in the canonical order its
+key lists them), how to build it (the torch module, imported only when built), what it takes as
+example inputs (what cost accounting traces and the latency lab exports), how a network runs it
+(its `role`), and which cost features beyond the common ones (one call, MACs, weights, activation
+elements) its latency model is fitted on. The decomposition, the builder, the cost accounting, the
+ONNX export, the UNet and the latency predictor all read it from `KINDS`; a new kind is one entry.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+# example inputs: (hyper-parameters, (h, w), randn(*shape), rand(*shape)) -> (positional tensors, bound keyword
+# arguments); randn and rand draw seeded tensors with the batch dimension in front
+Inputs = Callable[[dict, tuple[int, int], Callable, Callable], tuple[tuple, dict]]
+# extra latency features: (hyper-parameters, (h, w)) -> {name: value in millions}
+Features = Callable[[dict, tuple[int, int]], dict[str, float]]
+
+
+@dataclass(frozen=True)
+class Kind:
+    name: str
+    hp: tuple[str, ...]  # the hyper-parameters, in the canonical order of keys and signatures
+    module: str  # "package.module:factory" building the torch module from the hyper-parameters
+    inputs: Inputs
+    role: str  # how a network runs it: time, map (one tensor in, one out), res, tokens_in, tokens, tokens_out
+    bools: frozenset[str] = frozenset()  # hyper-parameters written 1/0 in keys
+    features: Features | None = None
+
+    def build(self, **hp: Any):
+        module, _, factory = self.module.partition(":")
+        return getattr(importlib.import_module(module), factory)(**hp)
+
+
+def _map(p, hw, randn, rand):  # one feature map in
+    return (randn(p.get("cin", p.get("dim", p.get("channels"))), *hw),), {}
+
+
+def _transformer_inputs(p, hw, randn, rand):
+    tokens = randn(hw[0] * hw[1], p["dim"])
+    if p["cross_attention"]:
+        return (tokens, randn(p["context_len"], p["context_dim"])), {"hw": hw}
+    return (tokens,), {"hw": hw, "context": None}
+
+
+def _transformer_features(p, hw):
+    """Attention-score elements of self- and cross-attention, and the RoPE and QK-norm work."""
+    n = hw[0] * hw[1]
+    return {"attn_sa": p["heads"] * n * n / 1e6 if p["self_attention"] else 0.0,
+            "attn_ca": p["heads"] * n * p["context_len"] / 1e6 if p["cross_attention"] else 0.0,
+            "rope": n * p["dim"] / 1e6 if p["rope"] else 0.0,
+            "qk_norm": n * p["dim"] / 1e6 if p["qk_norm"] else 0.0}
+
+
+_B = "archlab.blocks:"
+KINDS: dict[str, Kind] = {k.name: k for k in (
+    Kind("time_embed", ("freq_dim", "dim"), _B + "TimestepEmbedding",
+         lambda p, hw, randn, rand: ((rand() * 1000,), {}), "time"),  # timesteps in [0, 1000)
+    Kind("conv_in", ("cin", "cout"), _B + "conv_in", _map, "map"),
+    Kind("res", ("cin", "cout", "temb_dim", "conv", "expansion", "groups"), _B + "ResBlock",
+         lambda p, hw, randn, rand: ((randn(p["cin"], *hw), randn(p["temb_dim"])), {}), "res"),
+    Kind("attn_in", ("dim", "groups"), _B + "AttnIn", _map, "tokens_in"),
+    Kind("transformer", ("dim", "heads", "kv_heads", "self_attention", "cross_attention", "context_dim", "context_len",
+                         "ffn_ratio", "ffn_activation", "qk_norm", "rope"), _B + "transformer", _transformer_inputs,
+         "tokens", frozenset({"self_attention", "cross_attention", "qk_norm", "rope"}), _transformer_features),
+    Kind("attn_out", ("dim",), _B + "AttnOut",
+         lambda p, hw, randn, rand: ((randn(hw[0] * hw[1], p["dim"]), randn(p["dim"], *hw)), {}), "tokens_out"),
+    Kind("down", ("channels",), _B + "Downsample", _map, "map"),
+    Kind("up", ("channels",), _B + "Upsample", _map, "map"),
+    Kind("conv_out", ("cin", "cout", "groups"), _B + "ConvOut", _map, "map"),
+)}
+
+
+def canonical(kind: str, hp) -> tuple[tuple[str, Any], ...]:
+    """A kind's hyper-parameters in its canonical order (a kind the lab does not know keeps its order;
+    missing or unknown names are left for the caller to refuse, with the kind's list)."""
+    pairs = tuple(hp.items()) if isinstance(hp, dict) else tuple(hp)
+    k = KINDS.get(kind)
+    if k is None or {n for n, _ in pairs} != set(k.hp):
+        return pairs
+    values = dict(pairs)
+    return tuple((n, values[n]) for n in k.hp)
