@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -58,15 +57,11 @@ def hardware(device: str) -> str:
     """The machine a training ran on, in words: the GPU's name, or the CPU's model."""
     import torch
 
+    from archlab.latency.table import cpu_model
+
     if device.startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.get_device_name(torch.device(device))
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpu_model()
 
 
 RUN_ONLY = ("device", "threads", "report_every", "checkpoint_every")  # do not change what a training learns

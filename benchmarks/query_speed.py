@@ -48,6 +48,7 @@ def main() -> int:
     args = p.parse_args()
 
     from archlab.latency.predictor import Predictor, predictor_path
+    from archlab.latency.table import cpu_model
     from archlab.space import load_space
 
     table = ROOT / args.table
@@ -71,7 +72,7 @@ def main() -> int:
     summary = {name: {k: statistics.median(x[k] for x in runs) for k in ("per_s_from_configs", "per_s_from_points")}
                for name, runs in res.items()}
     result = {"table": args.table, "space": args.space, "n": args.n, "warm_after": args.warm, "rounds": args.rounds,
-              "python": platform.python_version(), "cpu": _cpu(), "same_as_block_by_block": exact, **summary,
+              "python": platform.python_version(), "cpu": cpu_model(), "same_as_block_by_block": exact, **summary,
               "command": "python benchmarks/query_speed.py " + shlex.join(sys.argv[1:])}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -93,16 +94,6 @@ def main() -> int:
     print(f"cold {summary['cold']['per_s_from_points']:,.0f} points/s, warm {summary['warm']['per_s_from_points']:,.0f} "
           f"points/s; same answers: {exact}")
     return 0 if exact else 1
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

@@ -43,12 +43,12 @@ import numpy as np
 import onnxruntime as ort
 
 try:  # in the lab
-    from archlab.latency.table import (MAX_CV, RETRIES, SETTINGS, Protocol, RunnerError, is_noisy, noisy_keys,
-                                       read_table, write_table)
+    from archlab.latency.table import (MAX_CV, RETRIES, SETTINGS, Protocol, RunnerError, cpu_model, is_noisy,
+                                       noisy_keys, read_table, write_table)
 except ImportError:  # in a bundle on a device: table.py beside this file
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from table import (MAX_CV, RETRIES, SETTINGS, Protocol, RunnerError, is_noisy, noisy_keys,  # type: ignore
-                       read_table, write_table)
+    from table import (MAX_CV, RETRIES, SETTINGS, Protocol, RunnerError, cpu_model, is_noisy,  # type: ignore
+                       noisy_keys, read_table, write_table)
 
 ORT_LEVELS = {  # Protocol.opt_level -> onnxruntime's setting
     "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -56,16 +56,6 @@ ORT_LEVELS = {  # Protocol.opt_level -> onnxruntime's setting
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def load_manifest(bundle: Path) -> dict:

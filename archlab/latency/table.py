@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,3 +101,14 @@ def is_noisy(row: dict, max_cv: float) -> bool:
 def noisy_keys(rows: list[dict], max_cv: float) -> set[str]:
     """Keys of the rows above the noise gate."""
     return {r["key"] for r in rows if is_noisy(r, max_cv)}
+
+
+def cpu_model() -> str:
+    """This machine's CPU model, in words."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
