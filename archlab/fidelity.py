@@ -405,28 +405,44 @@ def markdown(a: dict, settings: FidelitySettings, command: str) -> str:
 
 
 def _limits(a: dict, settings: FidelitySettings) -> list[str]:
-    """The best tau any preset and score reached, and, under the target, what limits the default:
-    seed noise (seeds disagree with each other as much as with the reference) or a proxy that ranks
-    another way than the long training (seeds agree with each other, not with the reference)."""
-    ranked = [(e["scores"][s].get("kendall_tau"), p, s) for p, e in a["presets"].items() if p != a["reference"]
-              for s in ALL_SCORES if e["scores"][s].get("kendall_tau") is not None]
+    """The best tau any preset and score reached, and, under the target, what limits the default preset:
+    its own seed noise (its K-seed means are not reproducible: more seeds), or, when they are, a ranking
+    that differs from the reference's: the designs that move most between the two rankings, and whether
+    the reference's own seed noise can be told from a proxy that orders designs differently."""
+    ranked = [(e["scores"][s]["kendall_tau"], p, s) for p, e in a["presets"].items() if p != a["reference"]
+              for s in ALL_SCORES if e["scores"].get(s, {}).get("kendall_tau") is not None]
     if not ranked:
         return []
     tau, p, s = max(ranked)
     out = [f"The highest tau against the reference of any preset and score: {tau:.2f} (`{p}`, {LABELS[s]})."]
     d = a["presets"][settings.default_preset]["scores"]["val_loss"]
-    t, st = d.get("kendall_tau"), d.get("seed_vs_seed_tau")
+    t, st, rel = d.get("kendall_tau"), d.get("seed_vs_seed_tau"), d.get("reliability")
     if t is None or t >= 0.7 or st is None:
         return [""] + out
-    if st >= t + 0.2:
-        why = (f"one seed's ranking reproduces another's at tau {st:.2f}, far better than the preset predicts the "
-               "reference: the short proxy orders designs differently from the longer training (they learn at "
-               "different speeds), so more seeds will not close the gap; more training per design would")
+    name = f"`{settings.default_preset}`"
+    if rel is None or rel < 0.9:
+        why = (f"its own seed noise: one seed's ranking reproduces another's at tau {st:.2f} and its "
+               f"{d.get('seeds', 0):.0f}-seed means are {'not measurably' if rel is None else f'{rel:.0%}'} reliable; "
+               "more seeds per design narrow it")
     else:
-        why = (f"seeds disagree with each other (tau {st:.2f} between two seeds' rankings) about as much as with the "
-               "reference: seed noise dominates, and more seeds per design narrow it")
-    return ["", *out, f"Under the target, what limits `{settings.default_preset}`: {why}. The reference is itself one "
-            "seed of a noisy training, so part of any disagreement is its own noise."]
+        moved = [m for m in _rank_moves(d["means"], a["presets"][a["reference"]]["scores"]["val_loss"]["means"])
+                 if m[1] != m[2]]
+        why = (f"not its own seed noise: its {d['seeds']:.0f}-seed means are {rel:.0%} reliable (one seed's ranking "
+               f"reproduces another's at tau {st:.2f}), so the reference orders some designs differently. Most moved "
+               "(rank by the preset -> by the reference, of " + str(len(d["means"])) + "): "
+               + ", ".join(f"{n} {r1} -> {r2}" for n, r1, r2 in moved[:4])
+               + f". Either the designs learn at different speeds (then a longer proxy is the lever) or the "
+               f"reference, {a['reference_seeds']} seed{'s' if a['reference_seeds'] != 1 else ''} of its own, is "
+               "itself noisy at this spread (then more reference seeds are); a second reference seed tells which")
+    return ["", *out, f"Under the target, what limits {name}: {why}."]
+
+
+def _rank_moves(means: dict, ref: dict) -> list[tuple[str, int, int]]:
+    """(design, rank by `means`, rank by `ref`), largest move first; rank 1 = lowest score."""
+    names = [n for n in means if n in ref]
+    r1 = {n: i + 1 for i, n in enumerate(sorted(names, key=means.get))}
+    r2 = {n: i + 1 for i, n in enumerate(sorted(names, key=ref.get))}
+    return sorted(((n, r1[n], r2[n]) for n in names), key=lambda x: (-abs(x[1] - x[2]), x[0]))
 
 
 def plot(a: dict, settings: FidelitySettings, path: Path) -> Path:

@@ -168,3 +168,21 @@ def test_bad_settings_and_a_foreign_results_folder_are_refused(lab, tmp_path):
     r = subprocess.run([sys.executable, "-m", "archlab.cli", "fidelity", "--presets", "smoke,nope", "--no-train",
                         "--results", str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "'nope' is not a preset" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_what_limits_the_default_preset_is_said_from_its_reliability():
+    """Under the target: reproducible means point at the reference (the designs that move most are named);
+    unreliable means point at the preset's own seed noise."""
+    from archlab.fidelity import FidelitySettings, _limits
+
+    means = {"a": 1.0, "b": 2.0, "c": 3.0, "d": 4.0}
+    ref = {"a": 3.0, "b": 2.0, "c": 1.0, "d": 4.0}
+
+    def analysis(reliability):
+        val = {"kendall_tau": 0.3, "seed_vs_seed_tau": 0.7, "reliability": reliability, "seeds": 3.0, "means": means}
+        return {"reference": "reference", "reference_seeds": 1,
+                "presets": {"cpu": {"scores": {"val_loss": val}}, "reference": {"scores": {"val_loss": {"means": ref}}}}}
+
+    said = _limits(analysis(0.98), FidelitySettings())[-1]
+    assert "not its own seed noise" in said and "a 1 -> 3" in said and "c 3 -> 1" in said and "d 4" not in said
+    assert "its own seed noise" in _limits(analysis(0.5), FidelitySettings())[-1]
