@@ -110,8 +110,8 @@ def jobs(settings: FidelitySettings, designs: list[Design], results: Path, work:
     runs = [(p, k, k) for p in compared for k in range(settings.seeds)]
     runs += [(ref, k, REFERENCE_SEED + k) for k in range(settings.reference_seeds)]
     out = []
-    for d in designs:
-        for p, k, seed in runs:
+    for p, k, seed in runs:  # seed by seed across the panel: an interrupted run leaves whole seeds
+        for d in designs:
             train = asdict(p.train_config(seed=seed, device=settings.train.get("device", "cpu")))
             out.append(Job(key=f"{d.name}-{p.name}-seed{k}", arch=d.config, data=_data(settings, p), train=train,
                            result=str(results / d.name / f"{p.name}-seed{k}.json"),
