@@ -208,6 +208,12 @@ class _Segment:
 _cache = functools.lru_cache(maxsize=1 << 16)
 
 
+def cache_clear() -> None:
+    """Forget every cached segment (a benchmark's cold start; the caches are otherwise per process)."""
+    for f in (_head, _down, _mid, _up, _tail):
+        f.cache_clear()
+
+
 @_cache
 def _head(net: _Net, c0: int) -> tuple[BlockSpec, ...]:
     seg = _Segment(net)

@@ -1,7 +1,8 @@
 """How many candidates per second the latency predictor answers, as a search asks it: space points
 (each built into a config, then predicted) through the batch API, on the committed table.
 
-- cold: a freshly loaded predictor on its first N points (nothing memoised yet);
+- cold: a freshly loaded predictor on its first N points (nothing memoised yet, the decomposition's
+  segment cache cleared too);
 - warm: N new points after the predictor has answered W others (a search some minutes in: the
   decomposition segments and block latencies it meets are memoised).
 
@@ -47,6 +48,7 @@ def main() -> int:
     p.add_argument("--out", default="runs/query_speed")
     args = p.parse_args()
 
+    from archlab import decompose
     from archlab.latency.predictor import Predictor, predictor_path
     from archlab.latency.table import cpu_model
     from archlab.space import load_space
@@ -57,6 +59,7 @@ def main() -> int:
     exact = True
     for r in range(args.rounds):
         rng = random.Random(1000 + r)
+        decompose.cache_clear()  # cold: nothing memoised in this process either
         pred = Predictor.load(predictor_path(table))
         sp = space.at_resolution(pred.resolution)
         cold = phase(pred, sp, rng, args.n)
