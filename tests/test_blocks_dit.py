@@ -9,6 +9,17 @@ from archlab.blocks_dit import ASSA, DiTBlock, FinalLayer, PatchEmbed, TokenResa
 from archlab.cost import count_macs
 
 
+class _OnGrid(torch.nn.Module):
+    """ASSA with its token grid bound: tensors in, a tensor out (what fvcore and the ONNX exporter take)."""
+
+    def __init__(self, m, hw):
+        super().__init__()
+        self.m, self.hw = m, hw
+
+    def forward(self, t):
+        return self.m(t, hw=self.hw)
+
+
 def _naive_local(q, k, v, hw, block, radius):
     """Full attention in which query i sees key j only if their tiles are within Chebyshev distance `radius`."""
     rows = torch.arange(hw[0]).repeat_interleave(hw[1]) // block
@@ -64,15 +75,7 @@ def test_assa_cost_is_counted_and_exceeds_its_projections():
     m = ASSA(dim, 4, 1, block=2, radius=1).eval()
     x = torch.randn(1, hw[0] * hw[1], dim)
 
-    class Bound(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.m = m
-
-        def forward(self, t):
-            return self.m(t, hw=hw)
-
-    macs = count_macs(Bound(), (x,))  # raises on any op it cannot count
+    macs = count_macs(_OnGrid(m, hw), (x,))  # raises on any op it cannot count
     n, d, kvd = hw[0] * hw[1], dim, dim // 4
     linear = n * d * (d + 2 * kvd + 4 + d)  # q, k, v, gate, out on the grid
     assert macs > linear + 2 * n * (n // 4) * d  # plus the global branch's attention (and more)
@@ -83,20 +86,12 @@ def test_assa_exports_to_onnx_and_runs_in_onnxruntime(tmp_path):
     dim, hw = 32, (8, 8)
     m = ASSA(dim, 4, 2, block=4, radius=1, qk_norm=True, rope=True).eval()
 
-    class Bound(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.m = m
-
-        def forward(self, t):
-            return self.m(t, hw=hw)
-
     x = torch.randn(1, hw[0] * hw[1], dim)
     path = tmp_path / "assa.onnx"
-    torch.onnx.export(Bound(), (x,), str(path), input_names=["x"], opset_version=20, dynamo=True, external_data=False)
+    torch.onnx.export(_OnGrid(m, hw), (x,), str(path), input_names=["x"], opset_version=20, dynamo=True, external_data=False)
     out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
     with torch.no_grad():
-        torch.testing.assert_close(torch.from_numpy(out), Bound()(x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(torch.from_numpy(out), m(x, hw=hw), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("attention", ["full", "assa"])
