@@ -6,7 +6,8 @@ ASSA, adaptive sparse self-attention, mixes two branches per head with a sigmoid
 the input: a global branch in which every query attends to K/V computed from the token grid
 compressed by a 2x2 stride-2 conv (4x fewer tokens), and a local branch of blockwise neighbourhood
 attention: the grid is cut into `block` x `block` tiles and each query tile attends to the tiles
-within Chebyshev distance `radius` of it. The local branch is dense attention over each tile's
+within Chebyshev distance `radius` of it (SnapGen++: tiles of 16 tokens, read here as 4 x 4, and
+radius 1, the defaults). The local branch is dense attention over each tile's
 gathered neighbourhood (padded at the borders and masked): shapes are static, so it exports to ONNX
 and its multiply-adds are what fvcore counts for scaled_dot_product_attention.
 """
@@ -76,7 +77,7 @@ class ASSA(nn.Module):
     compressed 2x2) and a local branch (blockwise neighbourhood attention). GQA/MQA via `kv_heads`;
     optional QK RMSNorm, and 2D RoPE on the local branch (whose keys keep their grid positions)."""
 
-    def __init__(self, dim: int, heads: int, kv_heads: int, block: int = 8, radius: int = 1, qk_norm: bool = False,
+    def __init__(self, dim: int, heads: int, kv_heads: int, block: int = 4, radius: int = 1, qk_norm: bool = False,
                  rope: bool = False):
         super().__init__()
         if dim % heads or heads % kv_heads:
@@ -142,7 +143,7 @@ class DiTBlock(nn.Module):
 
     def __init__(self, dim: int, heads: int, kv_heads: int, temb_dim: int, context_dim: int,
                  ffn_ratio: float = 4, ffn_activation: str = "gelu", qk_norm: bool = False, rope: bool = False,
-                 attention: str = "full", block: int = 8, radius: int = 1, cross_attention: bool = True):
+                 attention: str = "full", block: int = 4, radius: int = 1, cross_attention: bool = True):
         super().__init__()
         if attention not in ("full", "assa"):
             raise ValueError(f"attention must be full or assa, got {attention!r}")
