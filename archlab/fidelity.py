@@ -181,11 +181,16 @@ def analyse(settings: FidelitySettings, designs: list[Design], results: list[dic
                  "extractors": sorted({r["fid_extractor"] for x in per for r in x.values() if r.get("fid_extractor")}),
                  "trainings": sum(len(x) for x in per), "hardware": sorted({r.get("hardware", "?") for x in per
                                                                              for r in x.values()}), "scores": {}}
+        n_seeds = max((max(x) + 1 for x in per if x), default=0)
         for s in ALL_SCORES:
-            by_design = [[_score(x[k], s) for k in sorted(x)] for x in per]
-            means = [_mean(v) for v in by_design]
+            by_design = [[_score(x[k], s) if k in x else None for k in range(n_seeds)] for x in per]  # row k = seed k
+            # rank by means over the seeds every design has: seed k gives each design the same batches and
+            # noise, so a design with an extra seed would be compared on other luck (an interrupted run)
+            trained = [row for row in by_design if any(v is not None for v in row)]
+            common = [k for k in range(n_seeds) if trained and all(row[k] is not None for row in trained)]
+            means = [_mean([row[k] for k in common] if common else row) for row in by_design]
             have = [i for i, m in enumerate(means) if m is not None and ref[s][names[i]] is not None]
-            score = {"designs": len(have)}
+            score = {"designs": len(have), "seeds_ranked": len(common)}
             if p != reference:
                 agree = rank_agreement([means[i] for i in have], [ref[s][names[i]] for i in have], boot=boot)
                 vs_val = [i for i in have if ref["val_loss"][names[i]] is not None]

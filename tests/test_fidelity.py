@@ -186,3 +186,23 @@ def test_what_limits_the_default_preset_is_said_from_its_reliability():
     said = _limits(analysis(0.98), FidelitySettings())[-1]
     assert "not its own seed noise" in said and "a 1 -> 3" in said and "c 3 -> 1" in said and "d 4" not in said
     assert "its own seed noise" in _limits(analysis(0.5), FidelitySettings())[-1]
+
+
+def test_rankings_compare_means_over_the_seeds_every_design_has():
+    """An interrupted run leaves some designs with an extra seed: each design's mean for the ranking is
+    over the seeds all designs have (seed k gives every design the same batches and noise)."""
+    from archlab.fidelity import Design, FidelitySettings, analyse
+
+    designs = [Design(n, {}, "test") for n in ("a", "b", "c")]
+    settings = FidelitySettings(presets=["smoke", "cpu"], seeds=2)
+
+    def run(design, preset, seed, val_loss):
+        return {"status": "ok", "design": design, "preset": preset, "seed": seed, "val_loss": val_loss,
+                "key": f"{design}-{preset}-seed{seed}"}
+
+    results = [run(n, "reference", 0, v) for n, v in (("a", 1.0), ("b", 2.0), ("c", 3.0))]
+    results += [run(n, "cpu", 0, v) for n, v in (("a", 1.0), ("b", 2.0), ("c", 3.0))]
+    results += [run("a", "cpu", 1, 9.0)]  # only design a has seed 1: it must not push a to the bottom
+    val = analyse(settings, designs, results, boot=10)["presets"]["cpu"]["scores"]["val_loss"]
+    assert val["seeds_ranked"] == 1 and val["means"] == {"a": 1.0, "b": 2.0, "c": 3.0}
+    assert val["kendall_tau"] == pytest.approx(1.0)
