@@ -341,7 +341,11 @@ def markdown(a: dict, settings: FidelitySettings, command: str) -> str:
              f"`{reference}` preset ({a['reference_seeds']} seed{'s' if a['reference_seeds'] > 1 else ''}, seeds of its "
              f"own), on `{Path(d['spec']).name}` ({d.get('classes') or 'all'} classes, {d.get('per_class') or 'all'} "
              f"train / {d.get('val_per_class') or 'all'} validation images per class). Every ranking is of the "
-             "designs' mean score over seeds; lower is better for every score."
+             "designs' mean score over the seeds every design has; lower is better for every score."
+             + "".join(f" **`{p}` is ranked on {e['scores']['val_loss']['seeds_ranked']} of its {a['seeds']} seeds so "
+                       "far** (the rest are listed at the end; the same command trains them)."
+                       for p, e in a["presets"].items() if p != reference
+                       and e["scores"]["val_loss"].get("seeds_ranked", a["seeds"]) < a["seeds"])
              + ("" if a["presets"][reference]["trainings"] >= len(a["designs"]) else
                 f" **{a['presets'][reference]['trainings']} of the {len(a['designs'])} designs have their reference "
                 "training so far**: every tau below is over those; the rest are listed at the end and the same "
