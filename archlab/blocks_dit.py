@@ -3,8 +3,8 @@ timestep-modulated DiT block with full attention or ASSA, token down- and up-sam
 three stages, and the final layer back to the latent.
 
 ASSA, adaptive sparse self-attention, mixes two branches per head with a sigmoid gate computed from
-the input: a global branch in which every query attends to K/V computed from the token grid
-compressed by a 2x2 stride-2 conv (4x fewer tokens), and a local branch of blockwise neighbourhood
+the input: a global branch in which every query attends to the K and V maps compressed by a 2x2
+stride-2 depthwise conv each (4x fewer tokens; SnapGen++: kc = Conv(k), vc = Conv(v)), and a local branch of blockwise neighbourhood
 attention: the grid is cut into `block` x `block` tiles and each query tile attends to the tiles
 within Chebyshev distance `radius` of it (SnapGen++: tiles of 16 tokens, read here as 4 x 4, and
 radius 1, the defaults). The local branch is dense attention over each tile's
@@ -72,6 +72,12 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hw: tuple
     return _untile(out.reshape(b, h, nh, nw, t, d), hw, block)
 
 
+def _compressed(t: torch.Tensor, hw: tuple[int, int], conv: nn.Module) -> torch.Tensor:
+    """(B, H*W, c) tokens -> the token grid through `conv` (e.g. 2x2 stride 2: 4x fewer tokens), as tokens."""
+    b, _, c = t.shape
+    return conv(t.transpose(1, 2).reshape(b, c, hw[0], hw[1])).flatten(2).transpose(1, 2)
+
+
 class ASSA(nn.Module):
     """Adaptive sparse self-attention: a per-head sigmoid gate mixes a global branch (K/V from the grid
     compressed 2x2) and a local branch (blockwise neighbourhood attention). GQA/MQA via `kv_heads`;
@@ -89,17 +95,19 @@ class ASSA(nn.Module):
         self.to_q = nn.Linear(dim, dim, bias=False)
         self.to_k = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
         self.to_v = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
-        self.compress = nn.Conv2d(dim, dim, 2, stride=2)  # the global branch's K/V source: 4x fewer tokens
+        kvd = kv_heads * self.head_dim
+        # the global branch's K and V: 4x fewer tokens, by a depthwise conv (SnapGen++ leaves its groups open;
+        # depthwise keeps GQA's wider K/V maps cheap, see search_spaces/snapgenpp_ablation.yaml)
+        self.compress_k = nn.Conv2d(kvd, kvd, 2, stride=2, groups=kvd)
+        self.compress_v = nn.Conv2d(kvd, kvd, 2, stride=2, groups=kvd)
         self.gate = nn.Linear(dim, heads)  # per head and token: the local branch's share
         self.to_out = nn.Linear(dim, dim)
         self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else None
         self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else None
 
-    def _kv(self, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        k, v = _heads(self.to_k(src), self.kv_heads), _heads(self.to_v(src), self.kv_heads)
-        if self.k_norm is not None:
-            k = self.k_norm(k)
-        return k, v
+    def _k(self, k: torch.Tensor) -> torch.Tensor:
+        k = _heads(k, self.kv_heads)
+        return k if self.k_norm is None else self.k_norm(k)
 
     def _expand(self, t: torch.Tensor) -> torch.Tensor:
         return t.repeat_interleave(self.heads // self.kv_heads, dim=1) if self.kv_heads != self.heads else t
@@ -112,9 +120,9 @@ class ASSA(nn.Module):
         q = _heads(self.to_q(x), self.heads)
         if self.q_norm is not None:
             q = self.q_norm(q)
-        k, v = self._kv(x)
-        grid = x.transpose(1, 2).reshape(b, c, hw[0], hw[1])
-        kg, vg = self._kv(self.compress(grid).flatten(2).transpose(1, 2))
+        k, v = self.to_k(x), self.to_v(x)
+        kg, vg = _compressed(k, hw, self.compress_k), _compressed(v, hw, self.compress_v)
+        k, v, kg, vg = self._k(k), _heads(v, self.kv_heads), self._k(kg), _heads(vg, self.kv_heads)
         glob = F.scaled_dot_product_attention(q, self._expand(kg), self._expand(vg))
         if self.rope:
             q, k = rope_2d(q, hw), rope_2d(k, hw)
@@ -181,19 +189,18 @@ class PatchEmbed(nn.Module):
 
 
 class TokenResample(nn.Module):
-    """Between stages: `down` halves the token grid (2x2 stride-2 conv), `up` doubles it (2x2 stride-2
-    transposed conv); either maps dim_in to dim_out channels."""
+    """Between stages: `down` shrinks the token grid `factor` times per side (a factor x factor stride-factor
+    conv), `up` grows it (the transposed conv); either maps dim_in to dim_out channels (factor 1: only that)."""
 
-    def __init__(self, dim_in: int, dim_out: int, direction: str):
+    def __init__(self, dim_in: int, dim_out: int, direction: str, factor: int = 2):
         super().__init__()
         if direction not in ("down", "up"):
             raise ValueError(f"direction must be down or up, got {direction!r}")
         conv = nn.Conv2d if direction == "down" else nn.ConvTranspose2d
-        self.proj = conv(dim_in, dim_out, 2, stride=2)
+        self.proj = conv(dim_in, dim_out, factor, stride=factor)
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-        b, _, c = x.shape
-        return self.proj(x.transpose(1, 2).reshape(b, c, hw[0], hw[1])).flatten(2).transpose(1, 2)
+        return _compressed(x, hw, self.proj)
 
 
 class FinalLayer(nn.Module):
@@ -212,3 +219,13 @@ class FinalLayer(nn.Module):
         b, p, (h, w) = x.shape[0], self.patch, hw
         x = x.reshape(b, h, w, p, p, self.cout).permute(0, 5, 1, 3, 2, 4)
         return x.reshape(b, self.cout, h * p, w * p)
+
+
+def dit_block(context_len: int, **hp) -> DiTBlock:
+    """A DiT block; `context_len` only shapes its inputs (the block works with any length)."""
+    return DiTBlock(**hp)
+
+
+def fuse(cin: int, cout: int) -> nn.Linear:
+    """Where a long skip joins: the concatenated tokens (cin channels) mapped back to cout (U-ViT)."""
+    return nn.Linear(cin, cout)

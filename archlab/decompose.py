@@ -22,8 +22,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from archlab.config import ArchConfig
+from archlab.config import ArchConfig, Config, DiTConfig
 from archlab.kinds import KINDS, canonical
+
 
 @dataclass(frozen=True)
 class BlockSpec:
@@ -113,7 +114,7 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def decompose(cfg: ArchConfig) -> list[BlockSpec]:
+def decompose(cfg: Config) -> list[BlockSpec]:
     """The ordered blocks of the network that `cfg` describes."""
     return [b for seg in segments(cfg) for b in seg]
 
@@ -141,11 +142,14 @@ class _Net:
         return int(round(s.channels * self.width_mult))
 
 
-def segments(cfg: ArchConfig) -> list[tuple[BlockSpec, ...]]:
-    """The network's blocks in forward order, in segments (the head, each stage's down and up path,
-    the mid block, the tail). A segment is cached by everything that shapes it, so equal inputs give
-    the very same tuple: a search that decomposes thousands of networks builds each stage's blocks
-    once, and the latency predictor memoises a segment's latencies by it."""
+def segments(cfg: Config) -> list[tuple[BlockSpec, ...]]:
+    """The network's blocks in forward order, in segments (UNet: the head, each stage's down and up
+    path, the mid block, the tail; DiT: the head, each stage, the tail). A segment is cached by
+    everything that shapes it, so equal inputs give the very same tuple: a search that decomposes
+    thousands of networks builds each stage's blocks once, and the latency predictor memoises a
+    segment's latencies by it."""
+    if isinstance(cfg, DiTConfig):
+        return _dit_segments(cfg)
     net = _Net.of(cfg)
     c0 = net.channels(cfg.stages[0])
     out = [_head(net, c0)]
@@ -210,7 +214,7 @@ _cache = functools.lru_cache(maxsize=1 << 16)
 
 def cache_clear() -> None:
     """Forget every cached segment (a benchmark's cold start; the caches are otherwise per process)."""
-    for f in (_head, _down, _mid, _up, _tail):
+    for f in (_head, _down, _mid, _up, _tail, _dit_head, _dit_stage, _dit_tail):
         f.cache_clear()
 
 
@@ -276,3 +280,84 @@ def _tail(net: _Net, ch: int) -> tuple[BlockSpec, ...]:
 
 def _with_skip(spec: BlockSpec, skip: str) -> BlockSpec:
     return BlockSpec(spec.kind, spec.hp, spec.hw, spec.name, spec.stage, skip)  # type: ignore[arg-type]
+
+
+# ---- the DiT family ------------------------------------------------------------------------------
+#
+#     time_embed, patch_embed, [down: dit * d0, (resample)], [middle: ([fuse] dit) * d1, (resample)],
+#     [up: [fuse] dit * d2], final
+#
+# Token blocks' `hw` is their token grid. `skips` (archlab.config.DiTConfig) adds the `fuse` layers:
+# `dense` one before each block of the Middle stage's second half, `u` one at the Up stage's start.
+
+
+@dataclass(frozen=True)
+class _DiTNet:
+    """The network-level values that shape a DiT's blocks."""
+    res: int  # latent resolution
+    latent_channels: int
+    patch: int
+    head_dim: int  # width-scaled
+    temb: int
+    freq_dim: int
+    context_dim: int
+    context_len: int
+    qk_norm: bool
+    rope: bool
+    skips: str
+    stride: int  # the Middle stage's
+
+    @staticmethod
+    def of(cfg: DiTConfig) -> "_DiTNet":
+        return _DiTNet(cfg.latent.resolution, cfg.latent.channels, cfg.patch, cfg.head_dim, cfg.temb, cfg.freq_dim,
+                       cfg.conditioning.context_dim, cfg.conditioning.context_len, cfg.attention.qk_norm,
+                       cfg.attention.rope, cfg.skips, cfg.middle_stride)
+
+
+def _dit_segments(cfg: DiTConfig) -> list[tuple[BlockSpec, ...]]:
+    net = _DiTNet.of(cfg)
+    dims = tuple(cfg.channels(i) for i in range(3))
+    out = [_dit_head(net, dims[0])]
+    for i, s in enumerate(cfg.stages):
+        out.append(_dit_stage(net, i, s, dims[i], dims[i + 1] if i < 2 else 0, dims[0]))
+    out.append(_dit_tail(net, dims[2]))
+    return out
+
+
+@_cache
+def _dit_head(net: _DiTNet, d0: int) -> tuple[BlockSpec, ...]:
+    return (BlockSpec("time_embed", (("freq_dim", net.freq_dim), ("dim", net.temb)), (0, 0), "time_embed"),
+            BlockSpec("patch_embed", (("cin", net.latent_channels), ("dim", d0), ("patch", net.patch)),
+                      (net.res, net.res), "patch_embed"))
+
+
+@_cache
+def _dit_stage(net: _DiTNet, i: int, s, dim: int, next_dim: int, d0: int) -> tuple[BlockSpec, ...]:
+    """Stage i's blocks at width `dim`, then the resampling into the next stage (width `next_dim`)."""
+    stage = ("down", "middle", "up")[i]
+    n = net.res // net.patch // (net.stride if i == 1 else 1)
+    hw, heads, blocks = (n, n), dim // net.head_dim, []
+    kv = {"mhsa": heads, "mqa": 1}.get(s.kv_heads, s.kv_heads)
+    assa = s.attention == "assa"
+    dit = (("dim", dim), ("heads", heads), ("kv_heads", kv), ("temb_dim", net.temb), ("context_dim", net.context_dim),
+           ("context_len", net.context_len), ("ffn_ratio", s.ffn_ratio), ("ffn_activation", s.ffn_activation),
+           ("qk_norm", net.qk_norm), ("rope", net.rope), ("attention", s.attention),
+           ("block", s.block if assa else 0), ("radius", s.radius if assa else 0))  # full attention has no tiles
+    if i == 2 and net.skips == "u":
+        blocks.append(BlockSpec("fuse", (("cin", dim + d0), ("cout", dim)), hw, "up.fuse", i))
+    for j in range(s.depth):
+        if i == 1 and net.skips == "dense" and j >= s.depth - s.depth // 2:  # joined by block depth-1-j's output
+            blocks.append(BlockSpec("fuse", (("cin", 2 * dim), ("cout", dim)), hw, f"middle.{j}.fuse", i))
+        blocks.append(BlockSpec("dit", dit, hw, f"{stage}.{j}", i))
+    if i < 2 and (net.stride > 1 or dim != next_dim):
+        direction = "down" if i == 0 else "up"
+        blocks.append(BlockSpec("resample", (("dim_in", dim), ("dim_out", next_dim), ("direction", direction),
+                                             ("factor", net.stride)), hw, f"{stage}.resample", i))
+    return tuple(blocks)
+
+
+@_cache
+def _dit_tail(net: _DiTNet, dim: int) -> tuple[BlockSpec, ...]:
+    n = net.res // net.patch
+    hp = (("dim", dim), ("cout", net.latent_channels), ("patch", net.patch), ("temb_dim", net.temb))
+    return (BlockSpec("final", hp, (n, n), "final"),)

@@ -27,7 +27,8 @@ class Kind:
     hp: tuple[str, ...]  # the hyper-parameters, in the canonical order of keys and signatures
     module: str  # "package.module:factory" building the torch module from the hyper-parameters
     inputs: Inputs
-    role: str  # how a network runs it: time, map (one tensor in, one out), res, tokens_in, tokens, tokens_out
+    role: str  # how a network runs it: UNet: time, map (one tensor in, one out), res, tokens_in, tokens, tokens_out;
+    # DiT: time, patchify, dit, resample, fuse, final
     bools: frozenset[str] = frozenset()  # hyper-parameters written 1/0 in keys
     features: Features | None = None
 
@@ -47,16 +48,37 @@ def _transformer_inputs(p, hw, randn, rand):
     return (tokens,), {"hw": hw, "context": None}
 
 
-def _transformer_features(p, hw):
+def _attention_features(p, n: int, keys_per_query: float, cross_attention: bool) -> dict[str, float]:
     """Attention-score elements of self- and cross-attention, and the RoPE and QK-norm work."""
-    n = hw[0] * hw[1]
-    return {"attn_sa": p["heads"] * n * n / 1e6 if p["self_attention"] else 0.0,
-            "attn_ca": p["heads"] * n * p["context_len"] / 1e6 if p["cross_attention"] else 0.0,
+    return {"attn_sa": p["heads"] * n * keys_per_query / 1e6,
+            "attn_ca": p["heads"] * n * p["context_len"] / 1e6 if cross_attention else 0.0,
             "rope": n * p["dim"] / 1e6 if p["rope"] else 0.0,
             "qk_norm": n * p["dim"] / 1e6 if p["qk_norm"] else 0.0}
 
 
-_B = "archlab.blocks:"
+def _transformer_features(p, hw):
+    n = hw[0] * hw[1]
+    return _attention_features(p, n, n if p["self_attention"] else 0, p["cross_attention"])
+
+
+def _dit_keys_per_query(p, n: int) -> float:
+    """Full attention: every token; ASSA: the compressed grid (n/4) plus the gathered neighbourhood."""
+    if p["attention"] == "full":
+        return n
+    return n / 4 + (2 * p["radius"] + 1) ** 2 * p["block"] ** 2
+
+
+def _dit_inputs(p, hw, randn, rand):
+    tokens = randn(hw[0] * hw[1], p["dim"])
+    return (tokens, randn(p["temb_dim"]), randn(p["context_len"], p["context_dim"])), {"hw": hw}
+
+
+def _tokens(width: str):
+    """Example inputs of a block that takes the token grid: (tokens of `width` channels,), hw."""
+    return lambda p, hw, randn, rand: ((randn(hw[0] * hw[1], p[width]),), {"hw": hw})
+
+
+_B, _D = "archlab.blocks:", "archlab.blocks_dit:"
 KINDS: dict[str, Kind] = {k.name: k for k in (
     Kind("time_embed", ("freq_dim", "dim"), _B + "TimestepEmbedding",
          lambda p, hw, randn, rand: ((rand() * 1000,), {}), "time"),  # timesteps in [0, 1000)
@@ -72,6 +94,17 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
     Kind("down", ("channels",), _B + "Downsample", _map, "map"),
     Kind("up", ("channels",), _B + "Upsample", _map, "map"),
     Kind("conv_out", ("cin", "cout", "groups"), _B + "ConvOut", _map, "map"),
+    # the DiT family (archlab.blocks_dit); `hw` of a token block is its token grid
+    Kind("patch_embed", ("cin", "dim", "patch"), _D + "PatchEmbed", _map, "patchify"),
+    Kind("dit", ("dim", "heads", "kv_heads", "temb_dim", "context_dim", "context_len", "ffn_ratio", "ffn_activation",
+                 "qk_norm", "rope", "attention", "block", "radius"), _D + "dit_block", _dit_inputs, "dit",
+         frozenset({"qk_norm", "rope"}),
+         lambda p, hw: _attention_features(p, hw[0] * hw[1], _dit_keys_per_query(p, hw[0] * hw[1]), True)),
+    Kind("resample", ("dim_in", "dim_out", "direction", "factor"), _D + "TokenResample", _tokens("dim_in"), "resample"),
+    Kind("fuse", ("cin", "cout"), _D + "fuse",
+         lambda p, hw, randn, rand: ((randn(hw[0] * hw[1], p["cin"]),), {}), "fuse"),
+    Kind("final", ("dim", "cout", "patch", "temb_dim"), _D + "FinalLayer",
+         lambda p, hw, randn, rand: ((randn(hw[0] * hw[1], p["dim"]), randn(p["temb_dim"])), {"hw": hw}), "final"),
 )}
 
 

@@ -1,10 +1,10 @@
-"""Search spaces: a fixed base ArchConfig plus the block-level choices a search may make.
+"""Search spaces: a fixed base config (UNet or DiT) plus the block-level choices a search may make.
 
-A sampled point is a dict {dotted path: value}; `space.config(point)` turns it into an ArchConfig
+A sampled point is a dict {dotted path: value}; `space.config(point)` turns it into a config
 (the same path the Optuna binding uses). Space YAML::
 
     name: snapgen-unet
-    base: {...}                                   # a full ArchConfig: the fixed parts
+    base: {...}                                   # a full config: the fixed parts
     params:
       stages.1.self_attention: [true, false]      # a list: categorical choices
       stages.1.transformer_depth: {low: 1, high: 3}   # an integer range (step 1 unless `step`)
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from archlab.config import ArchConfig, read_yaml
+from archlab.config import Config, arch_from_dict, read_yaml
 from archlab.decompose import BlockSpec, decompose
 from archlab.errors import ArchlabError
 from archlab.schema import at_least, build, setting
@@ -48,7 +48,7 @@ class Param:
 @dataclass(frozen=True)
 class SearchSpace:
     name: str
-    base: ArchConfig
+    base: Config
     params: tuple[Param, ...]
     description: str = ""
     path: str = ""
@@ -61,8 +61,8 @@ class SearchSpace:
     def size(self) -> int:
         return math.prod(len(p.choices) for p in self.params)
 
-    def config(self, point: dict[str, Any], name: str | None = None) -> ArchConfig:
-        """The ArchConfig of a point; raises ArchlabError if the combination is invalid."""
+    def config(self, point: dict[str, Any], name: str | None = None) -> Config:
+        """The config of a point; raises ArchlabError if the combination is invalid."""
         if not self._paths.issuperset(point):
             unknown = sorted(set(point) - self._paths)
             raise ArchlabError(f"{self.path or self.name}: {unknown[0]}: not a parameter of this space")
@@ -92,10 +92,10 @@ class SearchSpace:
         return {p.path: rng.choice(p.choices) for p in self.params}
 
     def sample(self, n: int, seed: int = 0, *, prefix: str | None = None,
-               avoid: frozenset[str] | set[str] = frozenset()) -> list[tuple[dict[str, Any], ArchConfig]]:
+               avoid: frozenset[str] | set[str] = frozenset()) -> list[tuple[dict[str, Any], Config]]:
         """n random points (uniform over each parameter's choices) and their configs, seeded.
 
-        The configs are distinct architectures (`ArchConfig.digest`), none of them in `avoid`;
+        The configs are distinct architectures (`digest`), none of them in `avoid`;
         draws that repeat one are skipped. Names are `<prefix>-s<seed>-<draw>` (prefix: the
         space's name)."""
         rng = random.Random(seed)
@@ -168,7 +168,7 @@ def load_space(path: str | Path) -> SearchSpace:
     if not isinstance(data, dict):
         raise ArchlabError(f"{where}: a search space must be a mapping with `base` and `params`")
     spec = build(_SpaceSpec, data, where)
-    base = ArchConfig.from_dict(spec.base, f"{where}: base")
+    base = arch_from_dict(spec.base, f"{where}: base")
     params = tuple(_param(path, choices, f"{where}: params.{path}") for path, choices in spec.params.items())
     space = SearchSpace(spec.name or Path(path).stem, base, params, spec.description.strip(), where)
     for p in params:  # every path exists and every single choice is valid on the base

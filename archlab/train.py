@@ -1,6 +1,6 @@
 """Proxy training and scoring: a design, scaled down, trained briefly with rectified flow.
 
-- The model: the candidate's ArchConfig at proxy scale (`proxy_arch`: pixels, 3 channels, the
+- The model: the candidate's config (UNet or DiT) at proxy scale (`proxy_arch`: pixels, 3 channels, the
   dataset's resolution, channels x `width_mult`, same topology) and the class as context tokens
   (a learned embedding of `context_len` tokens per class, plus a null class for classifier-free
   guidance; labels are dropped to it with probability `label_dropout` while training).
@@ -33,12 +33,12 @@ from typing import Callable
 import torch
 from torch import nn
 
-from archlab.config import ArchConfig
+from archlab.config import ArchConfig, Config
 from archlab.data import ImageSet, to_model, to_uint8
 from archlab.errors import ArchlabError
 from archlab.io import atomic_path, save_atomic, write_atomic
 from archlab.train_config import NOT_TRAINING, TrainConfig
-from archlab.unet import UNet
+from archlab.models import build_model
 
 VAL_TIMESTEPS = 8  # validation loss: t = (i + 0.5) / 8, i = 0..7, for every held-out image
 DIVERGED_LOSS = 50.0  # the target eps - x0 has a variance under 2 (a model that outputs 0 scores that): a batch
@@ -69,26 +69,29 @@ class TrainResult:
         return d
 
 
-def proxy_arch(cfg: ArchConfig, resolution: int, t: TrainConfig) -> ArchConfig:
+def proxy_arch(cfg: Config, resolution: int, t: TrainConfig) -> Config:
     """The design at proxy scale: pixels at `resolution`, channels x width_mult, same topology.
     GroupNorm groups scale with the width too, so each group keeps its number of channels."""
-    groups = max(1, round(cfg.norm_groups * t.width_mult))
-    return cfg.with_values({"latent.channels": 3, "latent.resolution": resolution, "width_mult": t.width_mult,
-                            "norm_groups": groups, "conditioning.context_dim": t.context_dim,
-                            "conditioning.context_len": t.context_len}, where=f"{cfg.name} at proxy scale")
+    values = {"latent.channels": 3, "latent.resolution": resolution, "width_mult": t.width_mult,
+              "conditioning.context_dim": t.context_dim, "conditioning.context_len": t.context_len}
+    if isinstance(cfg, ArchConfig):  # the UNet's GroupNorms (a DiT has none)
+        values["norm_groups"] = max(1, round(cfg.norm_groups * t.width_mult))
+    return cfg.with_values(values, where=f"{cfg.name} at proxy scale")
 
 
 class ProxyModel(nn.Module):
-    """UNet(arch) with the class as context tokens; class `num_classes` is the null class (CFG).
+    """The design's network (UNet or DiT) with the class as context tokens; class `num_classes` is the
+    null class (CFG). The network is the `unet` attribute whatever its family: module paths, and so the
+    shared initial weights of `init_seed`, stay as they were before the DiT family.
 
     `init_seed`: draw every module's initial weights from a generator of its own, seeded by
     (init_seed, the module's path), instead of from the global generator in build order."""
 
-    def __init__(self, arch: ArchConfig, num_classes: int, init_seed: int | None = None):
+    def __init__(self, arch: Config, num_classes: int, init_seed: int | None = None):
         super().__init__()
         c = arch.conditioning
         self.arch, self.num_classes = arch, num_classes
-        self.unet = UNet(arch)
+        self.unet = build_model(arch)
         self.classes = nn.Embedding(num_classes + 1, c.context_len * c.context_dim)
         self._init_classes()
         if init_seed is not None:
@@ -284,7 +287,7 @@ def torch_threads(n: int | None):
         torch.set_num_threads(before)
 
 
-def train(arch: ArchConfig, data: ImageSet, t: TrainConfig, out: str | Path | None = None, *, progress: bool = False,
+def train(arch: Config, data: ImageSet, t: TrainConfig, out: str | Path | None = None, *, progress: bool = False,
           on_report: Callable[[int, dict], None] | None = None, with_scores: bool = True) -> TrainResult:
     """Train `arch` at proxy scale on `data` for `t.steps` steps, then score it.
 

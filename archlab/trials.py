@@ -86,7 +86,7 @@ def run_job(job: Job, on_report: Callable[[int, dict], None] | None = None) -> d
     """Train one job and write its result; a standing result is returned as it is, and one that the
     content cache holds is copied. A training that raises becomes a result with status `failed` and
     the reason, so a batch never loses a job."""
-    from archlab.config import ArchConfig
+    from archlab.config import arch_from_dict
     from archlab.data import DataConfig, load_dataset
     from archlab.train import TrainConfig, train
 
@@ -102,7 +102,7 @@ def run_job(job: Job, on_report: Callable[[int, dict], None] | None = None) -> d
             "finished_at": None}
     try:
         data = load_dataset(DataConfig(**job.data))
-        r = train(ArchConfig.from_dict(job.arch), data, t, out=job.workdir, on_report=on_report)
+        r = train(arch_from_dict(job.arch), data, t, out=job.workdir, on_report=on_report)
         result = {**base, **r.to_dict()}
     except Exception as e:  # noqa: BLE001 - any failure of one training is a result, not a crash of the batch
         log.exception("%s failed", job.key)

@@ -30,16 +30,19 @@ class Verdict(str, Enum):  # a str: JSON writes the value
 @dataclass(frozen=True)
 class Metric:
     label: str  # as reports show it
-    paper: str  # the paper's number it compares with (a ladder `paper:` key)
+    paper: str | tuple[str, ...]  # the paper's number it compares with (a ladder `paper:` key; the first one
+    # both rows have, where several)
     why: str  # the ladder `why_differs:` key that explains a disagreement
 
 
 PARAMS = Metric("params", "params_m", "params")
 MACS = Metric("MACs (paper: FLOPs)", "flops_g", "macs")  # the paper's FLOPs compare with our MACs
 PREDICTED = Metric("predicted latency", "latency_ms", "latency")
-# every quality score is compared with the paper's FID change (lower is better for all of them)
-SCORES = {"fid": Metric("FID", "fid", "fid"), "kid": Metric("KID", "fid", "fid"),
-          "val_loss": Metric("val loss", "fid", "fid")}
+# every quality score is compared with the paper's quality change (lower is better for all of them): its FID
+# where it gives one (SnapGen), else its validation loss (SnapGen++ ablates by validation loss)
+QUALITY = ("fid", "val_loss")
+SCORES = {"fid": Metric("FID", QUALITY, "fid"), "kid": Metric("KID", QUALITY, "fid"),
+          "val_loss": Metric("val loss", QUALITY, "fid")}
 
 
 def measured(resolution: int | str) -> Metric:
@@ -94,7 +97,9 @@ def direction(before: float, after: float) -> int:
 def compare(metric: Metric, ours: tuple[float | None, float | None], paper: Mapping[str, float],
             paper_before: Mapping[str, float], why_differs: Mapping[str, str], noise: Noise | None = None) -> Change:
     """The lab's change `ours` = (row above, this row) against the paper's numbers of the two rows."""
-    pa, pb = paper_before.get(metric.paper), paper.get(metric.paper)
+    keys = (metric.paper,) if isinstance(metric.paper, str) else metric.paper
+    key = next((k for k in keys if k in paper and k in paper_before), keys[0])
+    pa, pb = paper_before.get(key), paper.get(key)
     rel_ours, rel_paper = relative(*ours), relative(pa, pb)
     if rel_ours is None or rel_paper is None:
         return Change(metric.label, rel_ours, rel_paper, Verdict.NONE, test=noise)

@@ -54,10 +54,14 @@ def test_assa_is_the_gated_mix_of_masked_local_and_compressed_global_attention(k
     q, k, v = split(m.to_q(x), heads), split(m.to_k(x), kv_heads), split(m.to_v(x), kv_heads)
     if qk_norm:
         q, k = m.q_norm(q), m.k_norm(k)
-    xc = F.conv2d(x.transpose(1, 2).reshape(2, dim, *hw), m.compress.weight, m.compress.bias, stride=2)
-    xc = xc.flatten(2).transpose(1, 2)
-    assert xc.shape[1] == hw[0] * hw[1] // 4  # 4x fewer tokens
-    kg, vg = split(m.to_k(xc), kv_heads), split(m.to_v(xc), kv_heads)
+    def compress(t, conv):  # the K or V map through its 2x2 stride-2 conv
+        kvd = t.shape[-1]
+        grid = t.transpose(1, 2).reshape(2, kvd, *hw)
+        return F.conv2d(grid, conv.weight, conv.bias, stride=2, groups=kvd).flatten(2).transpose(1, 2)
+
+    kc, vc = compress(m.to_k(x), m.compress_k), compress(m.to_v(x), m.compress_v)
+    assert kc.shape[1] == hw[0] * hw[1] // 4  # 4x fewer tokens
+    kg, vg = split(kc, kv_heads), split(vc, kv_heads)
     if qk_norm:
         kg = m.k_norm(kg)
     glob = F.scaled_dot_product_attention(q, expand(kg), expand(vg))

@@ -13,7 +13,9 @@ from conftest import LADDER, ROOT
 
 def test_every_block_is_a_registered_kind_in_canonical_order():
     cfgs = [r.config for r in load_ladder(LADDER).rows]
+    cfgs += [r.config for r in load_ladder(ROOT / "search_spaces" / "snapgenpp_ablation.yaml").rows]
     cfgs += [c for _, c in load_space(ROOT / "search_spaces" / "snapgen_unet.yaml").sample(50, seed=4)]
+    cfgs += [c for _, c in load_space(ROOT / "search_spaces" / "snapgen_dit.yaml").sample(20, seed=4)]
     seen = set()
     for cfg in cfgs:
         for b in decompose(cfg):
@@ -30,9 +32,12 @@ def test_a_key_in_another_order_is_the_same_block():
 
 
 def test_every_kind_builds_and_runs_on_its_example_inputs():
-    cfg = load_ladder(LADDER).rows[-1].config.with_values({"width_mult": 0.0625, "latent.resolution": 16})
+    small = {"width_mult": 0.0625, "latent.resolution": 16}
+    unet = load_ladder(LADDER).rows[-1].config.with_values(small)
+    dit = load_ladder(ROOT / "search_spaces" / "snapgenpp_ablation.yaml").rows[-1].config.with_values(small)
+    blocks = decompose(unet) + decompose(dit)
     for kind in KINDS:
-        spec = next(b for b in decompose(cfg) if b.kind == kind)
+        spec = next(b for b in blocks if b.kind == kind)
         module, inputs = spec.runnable()
         with torch.no_grad():
             out = module(*inputs)

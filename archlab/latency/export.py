@@ -25,7 +25,7 @@ from archlab.config import ArchConfig
 from archlab.decompose import BlockSpec
 from archlab.errors import ArchlabError
 from archlab.latency import runner, table
-from archlab.unet import UNet
+from archlab.models import build_model
 
 FORMAT = 1
 DEFAULT_OPSET = 20
@@ -116,7 +116,7 @@ def export_bundle(out_dir: str | Path, blocks: list[BlockSpec], networks: list[A
             cfg: ArchConfig = obj  # type: ignore[assignment]
             if cfg.latent.resolution != resolution:
                 raise ArchlabError(f"network {cfg.name}: latent resolution {cfg.latent.resolution}, bundle {resolution}")
-            module = UNet(cfg)
+            module = build_model(cfg)
             g = torch.Generator().manual_seed(0)
             inputs = (torch.randn(1, cfg.latent.channels, resolution, resolution, generator=g),
                       torch.tensor([500.0]),

@@ -28,7 +28,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from archlab.config import ArchConfig
+from archlab.config import Config, arch_from_dict
 from archlab.decompose import BlockSpec, decompose, segments
 from archlab.errors import ArchlabError
 from archlab.kinds import KINDS, canonical
@@ -242,13 +242,13 @@ class Predictor:
         return out
 
     # -- networks --
-    def _check(self, cfg: ArchConfig) -> None:
+    def _check(self, cfg: Config) -> None:
         if cfg.latent.resolution != self.resolution:
             raise ArchlabError(f"{cfg.name}: latent {cfg.latent.resolution}x{cfg.latent.resolution}, but the table "
                                f"was measured at {self.resolution}x{self.resolution}: query it at the table's "
                                f"resolution (--resolution {self.resolution}) or measure a table at yours")
 
-    def predict(self, cfg: ArchConfig) -> Prediction:
+    def predict(self, cfg: Config) -> Prediction:
         self._check(cfg)
         blocks = []
         for s in decompose(cfg):
@@ -258,7 +258,7 @@ class Predictor:
         return Prediction(cfg.name, float(self.calibrate(raw, cfg.name)), raw, blocks,
                           self.calibration is not None and not self.calibration.covers(raw))
 
-    def predict_many(self, cfgs: Iterable[ArchConfig]) -> np.ndarray:
+    def predict_many(self, cfgs: Iterable[Config]) -> np.ndarray:
         """Calibrated ms for many networks: the search's fast path. The blocks' latencies are memoised
         per decomposition segment (a stage's down path, ...), which `segments` returns as the same object
         for the same inputs; the sum runs over the blocks in forward order, as `predict` does, so both
@@ -403,7 +403,7 @@ def fit(table: str | Path, progress=None) -> Predictor:
         missing = [r["key"] for r in nets if r["key"] not in configs]
         if missing:
             raise ArchlabError(f"{table}: network row {missing[0]} has no config in the metadata, so it cannot calibrate")
-        cfgs = [ArchConfig.from_dict(configs[r["key"]], f"{table}: {r['key']}") for r in nets]
+        cfgs = [arch_from_dict(configs[r["key"]], f"{table}: {r['key']}") for r in nets]
         raw = [pred.predict(c).raw_sum_ms for c in cfgs]
         pred.calibration = fit_calibration([r["key"] for r in nets], [c.digest() for c in cfgs], raw,
                                            [float(r[TARGET]) for r in nets])
