@@ -50,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="archlab", description="Architecture search and ablation lab for small, fast diffusion UNets.")
+    p = _Parser(prog="archlab", description="Architecture search and ablation lab for small, fast diffusion backbones (UNet and DiT).")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     c = sub.add_parser("cost", help="params, MACs and FLOPs of a config or of every row of a ladder")
