@@ -176,9 +176,10 @@ def cost_rows(ladder: Ladder, selected, run_dir: Path, progress: bool = False) -
     return rows
 
 
-def measured_tables(folder: Path, device: str, resolution: int, threads: int) -> list[tuple[Path, dict, list[dict]]]:
-    """Every table in `folder` made on `device` at `resolution` with `threads` (and full graph
-    optimisation, as the predictor's), with its rows. Each table records its onnxruntime version."""
+def measured_tables(folder: Path, device: str, resolution: int, threads: int,
+                    backend: str = "onnxruntime") -> list[tuple[Path, dict, list[dict]]]:
+    """Every table in `folder` made on `device` with `backend` at `resolution` with `threads` (and full
+    graph optimisation, as the predictor's), with its rows. Each table records its runtime's version."""
     from archlab.latency.table import RunnerError, read_table
 
     found = []
@@ -187,8 +188,8 @@ def measured_tables(folder: Path, device: str, resolution: int, threads: int) ->
             meta, rows = read_table(path)
         except RunnerError:
             continue  # not a latency table (the predictor's own table is read, checked, elsewhere)
-        if (meta.get("device"), meta.get("resolution"), meta.get("threads"), meta.get("opt_level")) == \
-                (device, resolution, threads, "all"):
+        if (meta.get("device"), meta.get("backend"), meta.get("resolution"), meta.get("threads"), meta.get("opt_level")) == \
+                (device, backend, resolution, threads, "all"):
             found.append((path, meta, rows))
     return found
 
@@ -202,13 +203,15 @@ def latency_rows(selected, settings: AblateSettings, run_dir: Path, progress: bo
     from archlab.io import cache_dir, progress_bar
     from archlab.latency.export import network_key
     from archlab.latency.measure import measure
-    from archlab.latency.table import Protocol
     from archlab.latency.predictor import load_for_table
+    from archlab.latency.table import Protocol, runtime
 
     pred = load_for_table(settings.table)
     device, threads = pred.settings["device"], settings.threads or pred.settings["threads"]
+    backend = pred.settings.get("backend", "onnxruntime")
+    suffix = "" if backend == "onnxruntime" else f".{backend}"  # the onnxruntime tables keep their names
     folder = Path(settings.table).parent
-    out = {"device": device, "cpu": pred.settings.get("cpu"), "ort_version": pred.settings.get("ort_version"),
+    out = {"device": device, "cpu": pred.settings.get("cpu"), "runtime": runtime(pred.settings),
            "threads": threads, "table": Path(settings.table).name, "predicted_resolution": pred.resolution,
            "predicted_error": pred.calibration.loo_mape if pred.calibration else None,
            "resolutions": [str(r) for r in settings.measure], "rows": {}}
@@ -224,18 +227,18 @@ def latency_rows(selected, settings: AblateSettings, run_dir: Path, progress: bo
 
         def lookup():
             hits = {}
-            for path, meta, rows in measured_tables(folder, device, res, threads):
+            for path, meta, rows in measured_tables(folder, device, res, threads, backend):
                 for r in rows:
                     if r["key"] in keys and r["key"] not in hits:
                         hits[r["key"]] = {"ms": float(r["median_ms"]), "norm_ms": float(r["norm_ms"]),
                                           "cv": float(r["cv"]), "runs": int(r["runs"]), "table": path.name,
-                                          "ort_version": meta.get("ort_version")}
+                                          "runtime": runtime(meta)}
             return hits
 
         hits = lookup()
         missing = [c for c, k in zip(cfgs, keys) if k not in hits]
         if missing:
-            table = folder / f"{device}.ladder{res}-{threads}t.csv"
+            table = folder / f"{device}{suffix}.ladder{res}-{threads}t.csv"
             if progress:
                 print(f"measuring {len(missing)} ladder networks at {res}x{res} latent into {table}", file=sys.stderr)
             # whole paper-width networks take seconds (32x32) to tens of seconds (128x128) a run: the untimed
@@ -243,7 +246,7 @@ def latency_rows(selected, settings: AblateSettings, run_dir: Path, progress: bo
             measure(table, cache_dir() / "bundles" / f"ablate-{device}-{res}", networks=missing, resolution=res,
                     device=device, protocol=Protocol(threads=threads, warmup=0, runs=2, rounds=2, budget_s=10.0),
                     reference_ms=pred.settings.get("reference_ms") if res == pred.resolution else None,
-                    progress=progress_bar("exporting", "model") if progress else None)
+                    progress=progress_bar("exporting", "model") if progress else None, backend=backend)
             hits = lookup()
         for row, k in zip(selected, keys):
             out["rows"][row.index]["measured"][str(res)] = hits[k]

@@ -165,25 +165,28 @@ def _build_parser() -> argparse.ArgumentParser:
     da.add_argument("--json", action="store_true")
     da.set_defaults(run=cmd_data)
 
-    lat = sub.add_parser("latency", help="latency lab: export ONNX bundles, time them on a device")
+    lat = sub.add_parser("latency", help="latency lab: export bundles, time them on a device, fit and query predictors")
     lsub = lat.add_subparsers(dest="latency_command", required=True, parser_class=_Parser)
-    ex = lsub.add_parser("export", help="export blocks and networks to an ONNX bundle (to time on another device)")
+    ex = lsub.add_parser("export", help="export blocks and networks to a bundle (to time on another device)")
     _selection_args(ex)
-    ex.add_argument("--opset", type=int, default=20)
+    _backend_arg(ex)
+    ex.add_argument("--opset", type=int, default=20, help="ONNX opset (onnxruntime bundles)")
     ex.add_argument("--out", type=_folder, required=True, help="bundle folder (resumes if it exists)")
     ex.add_argument("--json", action="store_true", help="print the bundle's summary as JSON")
     ex.set_defaults(run=cmd_latency_export)
-    rn = lsub.add_parser("run", help="time a bundle here with onnxruntime (the same as the bundle's runner.py)")
+    rn = lsub.add_parser("run", help="time a bundle here (the same as the bundle's own runner)")
     rn.add_argument("bundle")
+    _backend_arg(rn)
     rn.add_argument("--out", type=_file, required=True, help="table CSV, e.g. latency_tables/<device>.csv (resumes)")
     _timing_args(rn)
     rn.add_argument("--json", action="store_true", help="print the table's rows as JSON")
     rn.set_defaults(run=cmd_latency_run)
-    ms = lsub.add_parser("measure", help="export and time here, in chunks (resumes; deletes timed ONNX files)")
+    ms = lsub.add_parser("measure", help="export and time here, in chunks (resumes; deletes timed model files)")
     _selection_args(ms)
+    _backend_arg(ms)
     ms.add_argument("--out", type=_file, required=True, help="table CSV, e.g. latency_tables/<device>.csv (resumes)")
     ms.add_argument("--bundle", help="scratch bundle folder (default runs/bundles/<table name>)")
-    ms.add_argument("--keep-onnx", action="store_true", help="keep the exported ONNX files")
+    ms.add_argument("--keep-onnx", action="store_true", help="keep the exported model files")
     ms.add_argument("--opset", type=int, default=20)
     _timing_args(ms)
     ms.add_argument("--json", action="store_true", help="print the table's rows as JSON")
@@ -274,11 +277,19 @@ def _selection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resolution", type=int, default=32, help="latent resolution (default 32 = 256 px)")
 
 
+def _backend_arg(p: argparse.ArgumentParser) -> None:
+    from archlab.latency.table import BACKENDS
+
+    p.add_argument("--backend", default="onnxruntime", choices=BACKENDS,
+                   help="the runtime: onnxruntime (default), executorch-xnnpack ('.[executorch]'), coreml ('.[coreml]'; "
+                        "timed on macOS by the bundle's runner_coreml.py)")
+
+
 def _timing_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device-name", dest="device", required=True,
                    help="a name for this device, recorded in the table (--device is a torch device elsewhere)")
-    p.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (default 2)")
-    p.add_argument("--opt", default="all", help="graph optimisation level: disabled, basic, extended, all")
+    p.add_argument("--threads", type=int, default=2, help="the runtime's threads (default 2)")
+    p.add_argument("--opt", default="all", help="onnxruntime's graph optimisation level: disabled, basic, extended, all")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--runs", type=int, default=30, help="timed runs per item (fewer for slow items, see --budget-s)")
     p.add_argument("--rounds", type=int, default=5, help="rounds; the reference is timed once per round")
@@ -664,12 +675,16 @@ def cmd_latency_export(args: argparse.Namespace) -> int:
 
     blocks, networks = _selection(args)
     manifest = export_bundle(args.out, blocks, networks, resolution=args.resolution, opset=args.opset,
-                             progress=progress_bar("exporting", "model"))
+                             progress=progress_bar("exporting", "model"), backend=args.backend)
+    undelegated = sorted({op for it in manifest["items"] for op in it.get("undelegated", {})})
     if args.json:
-        print(json.dumps({"out": args.out, "models": len(manifest["items"]), "resolution": args.resolution,
-                          "opset": args.opset}, indent=2))
+        print(json.dumps({"out": args.out, "backend": args.backend, "models": len(manifest["items"]),
+                          "resolution": args.resolution, "opset": manifest["opset"], "undelegated_ops": undelegated},
+                         indent=2))
         return 0
-    print(f"{len(manifest['items'])} models in {args.out} (latent {args.resolution}x{args.resolution}, opset {args.opset})")
+    opset = f", opset {args.opset}" if manifest["opset"] else ""
+    print(f"{len(manifest['items'])} models in {args.out} for {args.backend} (latent {args.resolution}x{args.resolution}{opset})"
+          + (f"; ops outside the delegate: {', '.join(undelegated)}" if undelegated else ""))
     return 0
 
 
@@ -682,12 +697,19 @@ def _timing(args: argparse.Namespace):
 
 
 def cmd_latency_run(args: argparse.Namespace) -> int:
-    from archlab.latency.runner import RunnerError, noisy_keys, read_table, run_bundle
+    from archlab.latency import backends
+    from archlab.latency.table import RunnerError, noisy_keys, read_table
+    from archlab.latency.timing import run_bundle
 
     protocol = _timing(args)
+    runtime = backends.get(args.backend)
+    if not runtime.here:
+        raise ArchlabError(f"--backend {args.backend}: cannot run on this machine; copy the bundle to a Mac and run its "
+                           f"{runtime.runner}.py there")
     try:
         redo = noisy_keys(read_table(Path(args.out))[1], protocol.max_cv) if args.redo_noisy else ()
-        rows = run_bundle(args.bundle, args.out, args.device, protocol, progress=sys.stderr.isatty(), redo=redo)
+        rows = run_bundle(args.bundle, args.out, args.device, runtime.backend(), protocol, progress=sys.stderr.isatty(),
+                          redo=redo)
     except RunnerError as e:
         raise ArchlabError(str(e)) from None
     _print_rows(args, rows, protocol.max_cv)
@@ -695,7 +717,7 @@ def cmd_latency_run(args: argparse.Namespace) -> int:
 
 
 def _print_rows(args: argparse.Namespace, rows: list, max_cv: float) -> None:
-    from archlab.latency.runner import summary
+    from archlab.latency.timing import summary
 
     print(json.dumps({"table": args.out, "rows": rows}, indent=2, default=str) if args.json
           else summary(rows, args.out, max_cv))
@@ -709,7 +731,7 @@ def cmd_latency_measure(args: argparse.Namespace) -> int:
     protocol = _timing(args)
     rows = measure(args.out, bundle, blocks=blocks, networks=networks, resolution=args.resolution, device=args.device,
                    protocol=protocol, opset=args.opset, keep_onnx=args.keep_onnx, redo_noisy=args.redo_noisy,
-                   progress=progress_bar("exporting", "model"))
+                   progress=progress_bar("exporting", "model"), backend=args.backend)
     _print_rows(args, rows, protocol.max_cv)
     return 0
 

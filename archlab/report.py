@@ -25,6 +25,7 @@ from archlab.ablate import ladder_sha, read_settings, results
 from archlab.errors import ArchlabError
 from archlab.io import atomic_path, write_atomic
 from archlab.ladder import load_ladder
+from archlab.latency.table import runtime
 from archlab.verdict import (MACS, PARAMS, PREDICTED, SCORES, UNCHANGED, Change, Noise, ScoreTest, Verdict, compare,
                              measured)
 from archlab.verdict import tally as count_verdicts
@@ -322,8 +323,8 @@ def markdown(run: dict, summary: list[dict], ch: list[dict], command: str) -> st
               f"({t['sample_steps']} Euler steps, CFG {t['cfg_scale']}) against the validation images, extractor "
               f"{', '.join(extractors) or '-'}",
               f"- latency: device `{lat['device']}` ({lat.get('cpu')}), {lat['threads']} thread(s); predictor table "
-              f"`{lat['table']}` (onnxruntime {lat.get('ort_version')}); measured tables: "
-              + ", ".join(sorted({f"`{m['table']}` (onnxruntime {m.get('ort_version')})"
+              f"`{lat['table']}` ({lat.get('runtime') or runtime(lat)}); measured tables: "
+              + ", ".join(sorted({f"`{m['table']}` ({m.get('runtime') or runtime(m)})"
                                   for r in lat["rows"].values() for m in r["measured"].values()})),
               f"- training: {s.cpus_per_trial} CPU(s) per trial, {s.concurrency} at a time, on Ray Tune",
               f"- python {last.get('python')}; " + ", ".join(f"{k} {v}" for k, v in last.get("packages", {}).items() if v),

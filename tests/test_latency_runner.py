@@ -77,7 +77,8 @@ def test_malformed_table_is_an_error(tmp_path):
 
 
 def test_runner_works_with_onnxruntime_and_numpy_alone(bundle, tmp_path):
-    """The copied runner.py (with the table module beside it) runs where torch (and archlab) cannot be imported."""
+    """The copied runner.py (with the timing and table modules beside it) runs where torch (and archlab) cannot
+    be imported."""
     out, _ = bundle
     code = ("import sys; sys.modules['torch'] = None; sys.modules['archlab'] = None; import runpy; "
             f"sys.argv = ['runner.py', {str(out)!r}, '--out', {str(tmp_path / 't.csv')!r}, '--device-name', 'edge', "
@@ -93,16 +94,16 @@ class _Machine:
     """Stands in for the clock: noisy timings (CV ~0.5) until `quiet`, steady ones after."""
 
     def __init__(self, monkeypatch, quiet_after_pause: bool, scale_ms: float = 1.0):
-        import archlab.latency.runner as runner
+        from archlab.latency import timing
 
         self.quiet, self.scale_ms = False, scale_ms
-        monkeypatch.setattr(runner, "_time", self.time)
-        monkeypatch.setattr(runner.time, "sleep", self.pause if quiet_after_pause else lambda s: None)
+        monkeypatch.setattr(timing, "_time", self.time)
+        monkeypatch.setattr(timing.time, "sleep", self.pause if quiet_after_pause else lambda s: None)
 
     def pause(self, seconds):
         self.quiet = True
 
-    def time(self, session, feeds, n):
+    def time(self, run, n):
         times = [2.0] * n if self.quiet else [1.0, 3.0] * (n // 2) + [1.0] * (n % 2)
         return [t * self.scale_ms for t in times]
 
@@ -120,7 +121,8 @@ def test_noise_gate_times_a_noisy_item_again_and_keeps_the_quiet_attempt(bundle,
 
 
 def test_rows_left_above_the_gate_are_kept_counted_and_redone_in_place(bundle, tmp_path, monkeypatch):
-    from archlab.latency.runner import noisy_keys, summary
+    from archlab.latency.table import noisy_keys
+    from archlab.latency.timing import summary
 
     out, _ = bundle
     machine = _Machine(monkeypatch, quiet_after_pause=False)
@@ -176,23 +178,23 @@ def test_a_missing_or_corrupt_model_is_one_line_naming_the_item(bundle, tmp_path
 
 
 def test_an_interrupted_run_keeps_its_rows_and_resumes(bundle, tmp_path, monkeypatch):
-    import archlab.latency.runner as runner
+    from archlab.latency import timing
 
     out, _ = bundle
     table = tmp_path / "dev.csv"
-    real, calls = runner._time, [0]
+    real, calls = timing._time, [0]
 
-    def interrupted(session, feeds, n):
+    def interrupted(run, n):
         calls[0] += 1
         if calls[0] == 12:  # partway through the third item
             raise KeyboardInterrupt
-        return real(session, feeds, n)
+        return real(run, n)
 
-    monkeypatch.setattr(runner, "_time", interrupted)
+    monkeypatch.setattr(timing, "_time", interrupted)
     with pytest.raises(KeyboardInterrupt):  # retries=0: a busy machine's noise gate must not move the interruption
         run_bundle(out, table, "test-cpu", Protocol(threads=1, warmup=0, runs=2, rounds=2, retries=0), progress=False)
     kept = [r["key"] for r in read_table(table)[1]]
     assert 1 <= len(kept) < 5 and not list(tmp_path.glob(".*.tmp"))
-    monkeypatch.setattr(runner, "_time", real)
+    monkeypatch.setattr(timing, "_time", real)
     rows = run_bundle(out, table, "test-cpu", Protocol(threads=1, warmup=0, runs=2, rounds=2), progress=False)
     assert [r["key"] for r in rows][:len(kept)] == kept and len({r["key"] for r in rows}) == 5

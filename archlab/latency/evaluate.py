@@ -25,7 +25,7 @@ from archlab.io import write_atomic
 from archlab.latency.export import network_key
 from archlab.latency.measure import measure
 from archlab.latency.predictor import TARGET, Predictor, load_for_table, predictor_path, read_checked_table
-from archlab.latency.table import Protocol, noisy_keys
+from archlab.latency.table import Protocol, noisy_keys, runtime
 from archlab.ladder import Ladder
 from archlab.space import SearchSpace
 
@@ -79,7 +79,8 @@ def evaluate(space: SearchSpace, table: str | Path, heldout_table: str | Path, b
     protocol = Protocol.of_table(meta)  # held-out networks timed as the table's blocks were
     gate = protocol.max_cv
     measure(heldout_table, bundle, networks=nets + ladder_cfgs, resolution=res, device=meta["device"], protocol=protocol,
-            opset=int(meta["opset"]), reference_ms=float(meta["reference_ms"]), progress=progress)
+            opset=int(meta["opset"] or 20), reference_ms=float(meta["reference_ms"]), progress=progress,
+            backend=meta["backend"])
     hmeta, hrows = read_checked_table(heldout_table, device=meta["device"], resolution=res)
     _check_same_settings(hmeta, meta, heldout_table, table)
     by_key = {r["key"]: r for r in hrows}
@@ -117,7 +118,7 @@ def evaluate(space: SearchSpace, table: str | Path, heldout_table: str | Path, b
                       "raw_sum_ms": round(float(r), 3), "measured_ms": round(float(m), 3), "run_cv": round(float(v), 4)}
                      for c, p, r, m, v in zip(nets, cal, raw, meas, cvs)],
         "setup": {"device": meta["device"], "cpu": meta.get("cpu"), "threads": meta["threads"],
-                  "opt_level": meta["opt_level"], "ort_version": meta["ort_version"], "resolution": res,
+                  "opt_level": meta["opt_level"], "runtime": runtime(meta), "resolution": res,
                   "table": str(table), "heldout_table": str(heldout_table), "space": space.path, "seed": seed,
                   "calibration_networks": len(calibrated), "date": _dt.date.today().isoformat()},
     }
@@ -164,7 +165,8 @@ def write_report(report: dict, out_dir: str | Path, command: str) -> tuple[Path,
 
 
 def _check_same_settings(hmeta: dict, meta: dict, heldout: str | Path, table: Path) -> None:
-    clash = [k for k in ("device", "threads", "opt_level", "ort_version", "resolution", "opset", "reference_ms")
+    clash = [k for k in ("device", "threads", "opt_level", "backend", "backend_options", "runtime_version", "resolution",
+                         "opset", "reference_ms")
              if hmeta.get(k) != meta.get(k)]
     if clash:
         raise ArchlabError(f"{heldout}: made with other {', '.join(clash)} than {table}; use a new held-out table")
@@ -184,7 +186,7 @@ def markdown(r: dict) -> str:
     lines = [
         "# Latency predictor: held-out evaluation",
         "",
-        f"Device `{s['device']}` ({s['cpu']}), onnxruntime {s['ort_version']}, {s['threads']} thread(s), "
+        f"Device `{s['device']}` ({s['cpu']}), {s.get('runtime') or runtime(s)}, {s['threads']} thread(s), "
         f"graph optimisation `{s['opt_level']}`, latent {s['resolution']}x{s['resolution']} "
         f"({8 * s['resolution']} px), {s['date']}.",
         f"{r['n']} networks sampled from `{s['space']}` (seed {s['seed']}), none sharing an architecture with the "

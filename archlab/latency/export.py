@@ -1,30 +1,26 @@
-"""Export blocks (by signature) and whole networks to an ONNX bundle for `runner.py`.
+"""Export blocks (by signature) and whole networks to a bundle for one runtime's runner.
 
-A bundle is a folder: `manifest.json` (items with key, kind, role, file and input shapes), `onnx/`
-(one folder per model: `model.onnx`, and `model.onnx.data` beside it for models over 2 GB) and a
-copy of `runner.py`, so it can be copied to a device that has only onnxruntime and numpy.
-Exporting resumes: items already in the manifest are skipped; the manifest is rewritten
-atomically after each item.
+A bundle is a folder: `manifest.json` (its backend; items with key, kind, role, file and input
+shapes), one folder per model under the backend's folder (`onnx/`, `pte/`, `coreml/`; see
+`archlab.latency.backends`), and copies of the backend's runner, `timing.py` and `table.py`, so it can
+be copied to a device that has only that runtime. Exporting resumes: items already in the manifest
+are skipped; the manifest is rewritten atomically after each item.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
-import logging
 import os
 import shutil
-import warnings
 from pathlib import Path
 
 import torch
 
-from archlab.config import ArchConfig
+from archlab.config import Config
 from archlab.decompose import BlockSpec
 from archlab.errors import ArchlabError
-from archlab.latency import runner, table
+from archlab.latency import backends, table, timing
 from archlab.models import build_model
 
 FORMAT = 1
@@ -37,30 +33,25 @@ def reference_block(resolution: int) -> BlockSpec:
     return BlockSpec("res", hp, (resolution // 2, resolution // 2), name="reference")
 
 
-def network_key(cfg: ArchConfig) -> str:
+def network_key(cfg: Config) -> str:
     """A stable key for a whole network: its name and its architecture digest."""
     return f"network({cfg.name})#{cfg.digest()}"
 
 
-def _export(module: torch.nn.Module, inputs: tuple, folder: Path, opset: int) -> dict[str, list[int]]:
-    """Export to `folder/model.onnx` (plus `model.onnx.data` for models over protobuf's 2 GB), atomically:
-    into a temporary folder that is renamed when complete."""
-    names = [f"in{i}" for i in range(len(inputs))]
+def _export(runtime: backends.Runtime, module: torch.nn.Module, inputs: tuple, folder: Path, opset: int) -> tuple[str, dict]:
+    """Export into `folder` for `runtime`, atomically: into a temporary folder that is renamed when
+    complete. Returns (the model's file in the folder, the item's extra fields)."""
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)  # left by a crash
     tmp.mkdir(parents=True)
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-        torch.onnx.export(module.eval(), inputs, str(tmp / "model.onnx"), input_names=names, opset_version=opset,
-                          dynamo=True, external_data=False)
+    file, extra = runtime.export(module, inputs, tmp, opset)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
-    return {n: list(t.shape) for n, t in zip(names, inputs)}
+    return file, extra
 
 
 def select(space: str | None = None, ladder: str | None = None, networks: int = 0, seed: int = 0,
-           resolution: int = 32, ladder_networks: bool = False) -> tuple[list[BlockSpec], list[ArchConfig]]:
+           resolution: int = 32, ladder_networks: bool = False) -> tuple[list[BlockSpec], list[Config]]:
     """What a table measures: every block signature a search space (and a ladder's rows) can produce at
     `resolution`, plus `networks` whole networks sampled from the space (and the ladder's rows with
     `ladder_networks`). Returns (blocks, networks)."""
@@ -85,18 +76,23 @@ def select(space: str | None = None, ladder: str | None = None, networks: int = 
     return list(blocks.values()), nets
 
 
-def export_bundle(out_dir: str | Path, blocks: list[BlockSpec], networks: list[ArchConfig] = (), *,
-                  resolution: int, opset: int = DEFAULT_OPSET, name: str = "", progress=None) -> dict:
-    """Export every block and network not yet in the bundle at `out_dir`; returns the manifest."""
+def export_bundle(out_dir: str | Path, blocks: list[BlockSpec], networks: list[Config] = (), *,
+                  resolution: int, opset: int = DEFAULT_OPSET, name: str = "", progress=None,
+                  backend: str = "onnxruntime") -> dict:
+    """Export every block and network not yet in the bundle at `out_dir` for `backend`'s runner; returns
+    the manifest."""
+    runtime = backends.get(backend)
+    runtime.check()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "manifest.json"
     ref = reference_block(resolution)
-    manifest = {"format": FORMAT, "name": name or out.name, "resolution": resolution, "opset": opset,
-                "reference": ref.key, "items": []}
+    manifest = {"format": FORMAT, "name": name or out.name, "backend": backend, "resolution": resolution,
+                "opset": opset if backend == "onnxruntime" else None, "reference": ref.key, "items": []}
     if path.exists():
-        old = runner.load_manifest(out)
-        for key in ("resolution", "opset", "reference"):
+        old = timing.load_manifest(out)
+        old.setdefault("backend", "onnxruntime")  # a bundle from before backends
+        for key in ("backend", "resolution", "opset", "reference"):
             if old[key] != manifest[key]:
                 raise ArchlabError(f"{out}: bundle was made with {key}={old[key]!r}, not {manifest[key]!r}")
         manifest["items"] = old["items"]
@@ -113,7 +109,7 @@ def export_bundle(out_dir: str | Path, blocks: list[BlockSpec], networks: list[A
         if isinstance(obj, BlockSpec):
             module, inputs = obj.runnable(batch=1)
         else:
-            cfg: ArchConfig = obj  # type: ignore[assignment]
+            cfg: Config = obj  # type: ignore[assignment]
             if cfg.latent.resolution != resolution:
                 raise ArchlabError(f"network {cfg.name}: latent resolution {cfg.latent.resolution}, bundle {resolution}")
             module = build_model(cfg)
@@ -121,16 +117,17 @@ def export_bundle(out_dir: str | Path, blocks: list[BlockSpec], networks: list[A
             inputs = (torch.randn(1, cfg.latent.channels, resolution, resolution, generator=g),
                       torch.tensor([500.0]),
                       torch.randn(1, cfg.conditioning.context_len, cfg.conditioning.context_dim, generator=g))
-        folder = f"onnx/{hashlib.sha1(key.encode()).hexdigest()[:16]}"
-        shapes = _export(module, inputs, out / folder, opset)
-        file = f"{folder}/model.onnx"
-        item = {"key": key, "kind": kind, "role": role, "file": file, "inputs": shapes}
+        folder = f"{runtime.folder}/{hashlib.sha1(key.encode()).hexdigest()[:16]}"
+        file, extra = _export(runtime, module, inputs, out / folder, opset)
+        shapes = {f"in{i}": list(t.shape) for i, t in enumerate(inputs)}
+        item = {"key": key, "kind": kind, "role": role, "file": f"{folder}/{file}", "inputs": shapes, **extra}
         if role == "network":
             item["config"] = obj.to_dict()
         manifest["items"].append(item)
         table.write_atomic(path, json.dumps(manifest, indent=1) + "\n")
-    for code in (runner.__file__, table.__file__):  # the device-side runner and the table module it reads with
-        table.write_atomic(out / Path(code).name, Path(code).read_text())
+    here = Path(__file__).parent  # the device-side runner, and the protocol and table modules it runs with
+    for code in (here / f"{runtime.runner}.py", here / "timing.py", here / "table.py"):
+        table.write_atomic(out / code.name, code.read_text())
     if not path.exists():
         table.write_atomic(path, json.dumps(manifest, indent=1) + "\n")
     return manifest

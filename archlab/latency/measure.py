@@ -12,38 +12,45 @@ import json
 import shutil
 from pathlib import Path
 
-from archlab.config import ArchConfig
+from archlab.config import Config
 from archlab.decompose import BlockSpec
 from archlab.errors import ArchlabError
-from archlab.latency import runner
-from archlab.latency.export import export_bundle, network_key
 from archlab.io import write_atomic
-from archlab.latency.table import Protocol, RunnerError
+from archlab.latency import backends, timing
+from archlab.latency.export import export_bundle, network_key
+from archlab.latency.table import Protocol, RunnerError, noisy_keys, read_table
 
 BLOCK_CHUNK = 64
 NETWORK_CHUNK = 4
 
 
-def measure(table: str | Path, bundle: str | Path, *, blocks: list[BlockSpec] = (), networks: list[ArchConfig] = (),
+def measure(table: str | Path, bundle: str | Path, *, blocks: list[BlockSpec] = (), networks: list[Config] = (),
             resolution: int, device: str, protocol: Protocol = Protocol(), opset: int = 20, keep_onnx: bool = False,
-            reference_ms: float | None = None, redo_noisy: bool = False, progress=None) -> list[dict]:
-    """Time every block and network not yet in `table` with `protocol`; returns all rows of the table.
+            reference_ms: float | None = None, redo_noisy: bool = False, progress=None,
+            backend: str = "onnxruntime") -> list[dict]:
+    """Time every block and network not yet in `table` with `protocol` through `backend` (a runtime this
+    machine can run); returns all rows of the table.
 
     `progress(items)` wraps the export loop (e.g. tqdm); the runner prints its own progress when
     `progress` is given. `reference_ms`, `redo_noisy` (re-time the listed blocks and networks whose
-    rows are above the noise gate): see `runner.run_bundle`.
+    rows are above the noise gate): see `timing.run_bundle`.
     """
+    runtime = backends.get(backend)
+    if not runtime.here:
+        raise ArchlabError(f"--backend {backend}: cannot be timed on this machine (export a bundle and run its "
+                           f"{runtime.runner}.py where it can)")
     try:
         return _measure(Path(table), Path(bundle), blocks, networks, resolution, device, protocol, opset, keep_onnx,
-                        reference_ms, progress, redo_noisy)
+                        reference_ms, progress, redo_noisy, runtime)
     except RunnerError as e:  # a bad table, bundle or settings: one line for every caller
         raise ArchlabError(str(e)) from None
 
 
 def _measure(table, bundle, blocks, networks, resolution, device, protocol, opset, keep_onnx, reference_ms, progress,
-             redo_noisy) -> list[dict]:
-    _, rows = runner.read_table(table)
-    redo = runner.noisy_keys(rows, protocol.max_cv) if redo_noisy else set()
+             redo_noisy, runtime) -> list[dict]:
+    _, rows = read_table(table)
+    redo = noisy_keys(rows, protocol.max_cv) if redo_noisy else set()
+    backend = runtime.backend() if blocks or networks else None
     done = {r["key"] for r in rows} - redo
     todo_blocks = [b for b in blocks if b.key not in done]
     todo_nets = [c for c in networks if network_key(c) not in done]
@@ -53,18 +60,18 @@ def _measure(table, bundle, blocks, networks, resolution, device, protocol, opse
         if progress:
             print(f"chunk {n}/{len(chunks)}: {len(chunk_blocks)} blocks, {len(chunk_nets)} networks", flush=True)
         export_bundle(bundle, chunk_blocks, chunk_nets, resolution=resolution, opset=opset, name=table.stem,
-                      progress=progress)
+                      progress=progress, backend=runtime.name)
         keys = {b.key for b in chunk_blocks} | {network_key(c) for c in chunk_nets}
-        rows = runner.run_bundle(bundle, table, device, protocol, progress=progress is not None,
+        rows = timing.run_bundle(bundle, table, device, backend, protocol, progress=progress is not None,
                                  reference_ms=reference_ms, redo=redo & keys)
         if not keep_onnx:
             prune_bundle(bundle, {r["key"] for r in rows})
-    return rows if chunks else runner.read_table(table)[1]
+    return rows if chunks else read_table(table)[1]
 
 
 def prune_bundle(bundle: Path, keys: set[str]) -> None:
     """Delete the ONNX folders (and manifest entries) of items in `keys`; the reference stays."""
-    manifest = runner.load_manifest(bundle)
+    manifest = timing.load_manifest(bundle)
     keep = []
     for it in manifest["items"]:
         if it["key"] in keys and it["key"] != manifest["reference"]:

@@ -67,6 +67,7 @@ def query(pred, target: str, row: str | None = None, resolution: int | None = No
             if paper_ms and base[1]:
                 p["paper_ratio_to_first"] = round(paper_ms / base[1], 4)
         rows.append(p)
-    settings = {k: pred.settings.get(k) for k in ("device", "cpu", "resolution", "threads", "opt_level", "ort_version")}
+    settings = {k: pred.settings.get(k) for k in ("device", "cpu", "resolution", "threads", "opt_level", "backend",
+                                               "runtime_version")}
     return {"kind": "blocks" if blocks else "networks", "calibrated": pred.calibration is not None, **settings,
             "rows": rows}

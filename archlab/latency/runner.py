@@ -1,54 +1,30 @@
-"""Device-side latency runner. Needs only onnxruntime and numpy (and the standard library).
+"""Device-side latency runner for onnxruntime. Needs only onnxruntime and numpy (and the standard library).
 
-Copy a bundle made by `archlab.latency.export.export_bundle` (its `manifest.json`, its `onnx/`
-folder and this file) to the target device, then::
+Copy a bundle exported for onnxruntime (`archlab latency export`: its `manifest.json`, its `onnx/`
+folder, this file, `timing.py` and `table.py`) to the target device, then::
 
     python runner.py BUNDLE --out table.csv --device-name my-phone-board [--threads 2] [--runs 30]
 
-Protocol, for a noisy machine: fixed intra-op threads, one inter-op thread, sequential execution,
-the same session options for blocks and whole networks; an untimed first run, then up to `warmup`
-more warm-up runs (fewer for slow items: about 1 s of them at most); then
-`rounds` rounds that each time the item k times and the bundle's reference model once, so every
-item has the reference timed right beside it. k is `runs // rounds`, lowered for slow items so
-that one item takes about `budget_s` seconds (a whole network is not run 30 times), never below 1.
-Recorded per item: median, min, mean, coefficient of variation, and the reference's median in the
-same rounds (`ref_ms`); `norm_ms` rescales the median by (session reference median / local
-reference median) to take out the machine's drift.
-
-Noise gate: an item whose run-to-run CV is above `max_cv` (and whose spread is above
-`MIN_SPREAD_MS`, so that timer jitter on a microsecond item does not count) was timed while
-something else ran (the reference's drift then over- or under-corrects it too), so it is timed
-again, after a pause, up to `retries` more times; the attempt with the lowest CV is kept. An item
-still above the gate is kept with its CV (never dropped) and counted in the metadata's `sessions`
-log; `--redo-noisy` re-times the rows of an existing table that are above the gate, in place.
-
-The table is rewritten atomically (temp file + rename) after each item, so an interrupted run
-keeps every finished row; running again resumes. A table made with other settings (threads,
-optimisation level, onnxruntime version, device) is refused, not mixed.
+How items are timed (warm-up, rounds beside the reference model, the noise gate, an atomic and
+resumable table) is `timing.py`'s, the same for every backend. onnxruntime runs with `threads`
+intra-op threads, one inter-op thread, sequential execution and graph optimisation `--opt`.
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime as _dt
-import json
-import platform
-import statistics
 import sys
-import time
 from pathlib import Path
-from typing import Collection
 
 import numpy as np
 import onnxruntime as ort
 
 try:  # in the lab
-    from archlab.latency.table import (MAX_CV, RETRIES, SETTINGS, Protocol, RunnerError, cpu_model, is_noisy,
-                                       noisy_keys, read_table, write_table)
-except ImportError:  # in a bundle on a device: table.py beside this file
+    from archlab.latency import timing
+    from archlab.latency.table import Protocol, RunnerError
+except ImportError:  # in a bundle on a device: timing.py and table.py beside this file
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from table import (MAX_CV, RETRIES, SETTINGS, Protocol, RunnerError, cpu_model, is_noisy,  # type: ignore
-                       noisy_keys, read_table, write_table)
+    import timing  # type: ignore
+    from table import Protocol, RunnerError  # type: ignore
 
 ORT_LEVELS = {  # Protocol.opt_level -> onnxruntime's setting
     "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -58,36 +34,13 @@ ORT_LEVELS = {  # Protocol.opt_level -> onnxruntime's setting
 }
 
 
-def load_manifest(bundle: Path) -> dict:
-    path = bundle / "manifest.json"
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise RunnerError(f"{path}: cannot read the bundle manifest: {e}") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("items"), list):
-        raise RunnerError(f"{path}: not a bundle manifest (an object with an `items` list)")
-    for key in ("format", "items", "reference", "resolution", "opset"):
-        if key not in manifest:
-            raise RunnerError(f"{path}: manifest has no {key!r}")
-    for i, item in enumerate(manifest["items"]):
-        missing = {"key", "kind", "role", "file", "inputs"} - set(item)
-        if missing:
-            raise RunnerError(f"{path}: items[{i}] lacks {', '.join(sorted(missing))}")
-    return manifest
+class OnnxRuntime:
+    name, version, options = "onnxruntime", ort.__version__, {}
 
-
-def load_item(bundle: Path, item: dict, threads: int, opt_level: str) -> tuple[ort.InferenceSession, dict, float]:
-    """(session, feeds, ms of a first run) of a bundle item; a missing, corrupt or failing model is a RunnerError."""
-    model = bundle / item["file"]
-    try:
-        sess = make_session(model, threads, opt_level)
-        feeds = make_feeds(sess, item["inputs"])
-        return sess, feeds, _time(sess, feeds, 1)[0]
-    except RunnerError:
-        raise
-    except Exception as e:  # onnxruntime's errors have no common base class
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RunnerError(f"{item['key']}: onnxruntime cannot load or run {model}: {first}") from None
+    def load(self, bundle: Path, item: dict, threads: int, opt_level: str):
+        session = make_session(bundle / item["file"], threads, opt_level)
+        feeds = make_feeds(session, item["inputs"])
+        return lambda: session.run(None, feeds)
 
 
 def make_session(model: Path, threads: int, opt_level: str) -> ort.InferenceSession:
@@ -110,149 +63,10 @@ def make_feeds(session: ort.InferenceSession, shapes: dict[str, list[int]], seed
     return feeds
 
 
-def _time(session: ort.InferenceSession, feeds: dict, n: int) -> list[float]:
-    out = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        session.run(None, feeds)
-        out.append((time.perf_counter() - t0) * 1e3)
-    return out
-
-
-def run_bundle(bundle: str | Path, out: str | Path, device: str, protocol: Protocol = Protocol(), *,
-               progress: bool = True, limit: int | None = None, reference_ms: float | None = None,
-               redo: Collection[str] = (), retry_pause_s: float = 2.0) -> list[dict]:
-    """Time every item of a bundle not yet in the table at `out`; returns all rows.
-
-    `protocol`: how items are timed. `reference_ms` (for a new table) fixes the reference speed that `norm_ms` is expressed in,
-    e.g. another table's, so that two tables made at different times compare; by default the
-    reference is timed at the start of the table's first session. `max_cv`, `retries`: the noise
-    gate (see the module docstring); `redo`: keys of rows to time again, replaced in place (e.g.
-    `noisy_keys(rows, max_cv)`).
-    """
-    bundle, out = Path(bundle), Path(out)
-    p = protocol.check()
-    threads, opt_level, warmup, runs, rounds, budget_s, max_cv, retries = (
-        p.threads, p.opt_level, p.warmup, p.runs, p.rounds, p.budget_s, p.max_cv, p.retries)
-    manifest = load_manifest(bundle)
-    settings = {"device": device, "threads": threads, "opt_level": opt_level, "ort_version": ort.__version__,
-                "resolution": manifest["resolution"], "opset": manifest["opset"], "bundle": manifest.get("name", bundle.name)}
-    meta, rows = read_table(out)
-    if meta:
-        clash = [f"{k}={meta.get(k)!r} (now {settings[k]!r})" for k in SETTINGS if meta.get(k) != settings[k]]
-        if clash:
-            raise RunnerError(f"{out}: made with other settings: {', '.join(clash)}; write to another table")
-    else:
-        meta = {**settings, "cpu": cpu_model(), "platform": platform.platform(), "python": platform.python_version(),
-                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                "protocol": {"warmup": warmup, "runs": runs, "rounds": rounds, "budget_s": budget_s, "statistic": "median",
-                             "normalised_by": manifest["reference"]}}
-    done = {r["key"] for r in rows} - set(redo)
-    todo = [it for it in manifest["items"] if it["key"] not in done][:limit]
-    if not todo:
-        return rows
-    meta.setdefault("protocol", {}).update(max_cv=max_cv, retries=retries)
-    session = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "timed": 0, "retimed": 0,
-               "retries": 0, "above_gate": 0}
-    meta.setdefault("sessions", []).append(session)
-    position = {r["key"]: i for i, r in enumerate(rows)}
-
-    ref_item = next((it for it in manifest["items"] if it["key"] == manifest["reference"]), None)
-    if ref_item is None:
-        raise RunnerError(f"{bundle}: reference {manifest['reference']!r} is not among the items")
-    ref, ref_feeds, _ = load_item(bundle, ref_item, threads, opt_level)
-    _time(ref, ref_feeds, warmup)
-    session_ref = meta.setdefault("reference_ms", reference_ms or statistics.median(_time(ref, ref_feeds, max(rounds, 5))))
-
-    bar = _progress(len(todo), progress)
-    for it in todo:
-        sess, feeds, first = load_item(bundle, it, threads, opt_level)
-        _time(sess, feeds, min(warmup, max(0, round(1000 / first) - 1)))  # up to `warmup` more, about 1 s at most
-        per_round = max(1, min(runs // rounds, round(budget_s * 1e3 / (rounds * first))))
-        row = None
-        for attempt in range(1 + retries):
-            if attempt:
-                session["retries"] += 1
-                time.sleep(retry_pause_s * attempt)  # let whatever disturbed the last attempt pass
-            times, ref_times = [], []
-            for _ in range(rounds):
-                times += _time(sess, feeds, per_round)
-                ref_times += _time(ref, ref_feeds, 1)
-            got = _row(it, times, ref_times, session_ref)
-            if row is None or float(got["cv"]) < float(row["cv"]):
-                row = got
-            if not is_noisy(row, max_cv):
-                break
-        session["above_gate"] += is_noisy(row, max_cv)
-        if it["key"] in position:  # a noisy row re-timed: replace it where it was
-            rows[position[it["key"]]] = row
-            session["retimed"] += 1
-        else:
-            position[it["key"]] = len(rows)
-            rows.append(row)
-            session["timed"] += 1
-        if "config" in it:  # a whole network: keep its config, so a predictor can be calibrated on it
-            meta.setdefault("networks", {})[it["key"]] = it["config"]
-        write_table(out, meta, rows)  # every finished row survives an interruption
-        bar(it["key"])
-    return rows
-
-
-def _row(item: dict, times: list[float], ref_times: list[float], session_ref: float) -> dict:
-    med, local_ref, mean = statistics.median(times), statistics.median(ref_times), statistics.fmean(times)
-    return {"key": item["key"], "kind": item["kind"], "role": item["role"], "median_ms": f"{med:.5f}",
-            "min_ms": f"{min(times):.5f}", "mean_ms": f"{mean:.5f}", "cv": f"{statistics.pstdev(times) / mean:.5f}",
-            "runs": len(times), "ref_ms": f"{local_ref:.5f}", "norm_ms": f"{med * session_ref / local_ref:.5f}"}
-
-
-def _progress(total: int, enabled: bool):
-    count = [0]
-    start = time.time()
-
-    def step(key: str) -> None:
-        count[0] += 1
-        if enabled:
-            eta = (time.time() - start) / count[0] * (total - count[0])
-            print(f"\r[{count[0]}/{total}] eta {eta:5.0f}s  {key[:70]:<70}", end="", file=sys.stderr, flush=True)
-            if count[0] == total:
-                print(file=sys.stderr)
-
-    return step
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="runner.py", description="Time an archlab ONNX bundle with onnxruntime.")
-    p.add_argument("bundle")
-    p.add_argument("--out", required=True, help="table CSV to write (resumes if it exists)")
-    p.add_argument("--device-name", dest="device", required=True, help="a name for this device, recorded in the table")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--opt", default="all", choices=list(ORT_LEVELS))
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--runs", type=int, default=30)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--budget-s", type=float, default=10.0, help="seconds per item; slow items get fewer runs")
-    p.add_argument("--max-cv", type=float, default=MAX_CV, help="noise gate: re-time an item above this run-to-run CV")
-    p.add_argument("--retries", type=int, default=RETRIES, help="re-timings of an item above the gate")
-    p.add_argument("--redo-noisy", action="store_true", help="re-time the table's rows that are above the gate")
-    args = p.parse_args(argv)
-    try:
-        redo = noisy_keys(read_table(Path(args.out))[1], args.max_cv) if args.redo_noisy else ()
-        protocol = Protocol(args.threads, args.opt, args.warmup, args.runs, args.rounds, args.budget_s, args.max_cv,
-                            args.retries)
-        rows = run_bundle(args.bundle, args.out, args.device, protocol, progress=sys.stderr.isatty(), redo=redo)
-    except RunnerError as e:
-        print(f"runner: error: {e}", file=sys.stderr)
-        return 2
-    print(summary(rows, args.out, args.max_cv))
-    return 0
-
-
-def summary(rows: list[dict], out: str | Path, max_cv: float = MAX_CV) -> str:
-    """One line: rows in the table, and how many are above the noise gate (with the way to re-time them)."""
-    noisy = len(noisy_keys(rows, max_cv))
-    return f"{len(rows)} rows in {out}" + (f"; {noisy} above the noise gate (CV > {max_cv:.0%}): run again with "
-                                           "--redo-noisy when the machine is quiet" if noisy else "")
+def run_bundle(bundle: str | Path, out: str | Path, device: str, protocol: Protocol = Protocol(), **kwargs) -> list[dict]:
+    """`timing.run_bundle` with onnxruntime."""
+    return timing.run_bundle(bundle, out, device, OnnxRuntime(), protocol, **kwargs)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(timing.main(lambda args: OnnxRuntime(), "runner.py"))

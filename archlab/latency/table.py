@@ -1,6 +1,6 @@
 """Latency tables: the CSV of timed items and its `.meta.json`, read and written the same way by the
-lab (host) and by a bundle's `runner.py` (device). Standard library only: reading a table imports
-neither onnxruntime nor torch, and a bundle carries this file beside its runner."""
+lab (host) and by a bundle's runner (device). Standard library only: reading a table imports no
+runtime and no torch, and a bundle carries this file beside its runner."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 FIELDS = ("key", "kind", "role", "median_ms", "min_ms", "mean_ms", "cv", "runs", "ref_ms", "norm_ms")
-SETTINGS = ("device", "threads", "opt_level", "ort_version", "resolution", "opset")  # must match to extend a table
+# must match to extend a table
+SETTINGS = ("device", "threads", "opt_level", "backend", "backend_options", "runtime_version", "resolution", "opset")
+BACKENDS = ("onnxruntime", "executorch-xnnpack", "coreml")  # the runtimes a bundle is exported for and timed with
 MAX_CV, RETRIES = 0.10, 2  # the noise gate: re-time an item whose run-to-run CV is above MAX_CV, up to RETRIES times
 MIN_SPREAD_MS = 0.1  # ... unless its spread (std) is below this: timer jitter on a tiny item, not a busy machine
 
@@ -28,8 +30,8 @@ OPT_LEVELS = ("disabled", "basic", "extended", "all")  # onnxruntime's graph opt
 class Protocol:
     """How a runner times items (runner.py's docstring explains each): one record for the runner, the
     CLI, the held-out evaluation and the ablation, and what a table's metadata keeps."""
-    threads: int = 2  # onnxruntime intra-op threads
-    opt_level: str = "all"
+    threads: int = 2  # the runtime's threads (onnxruntime: intra-op; XNNPACK: its threadpool)
+    opt_level: str = "all"  # onnxruntime's graph optimisation (the other backends take only "all")
     warmup: int = 5
     runs: int = 30
     rounds: int = 5
@@ -66,6 +68,9 @@ def read_table(path: Path) -> tuple[dict, list[dict]]:
         raise RunnerError(f"{path}: has no readable metadata file {meta_path.name}") from None
     if not isinstance(meta, dict):
         raise RunnerError(f"{meta_path}: is not a metadata object")
+    if "backend" not in meta:  # a table from before backends: onnxruntime's
+        meta.update(backend="onnxruntime", runtime_version=meta.get("ort_version"))
+    meta.setdefault("backend_options", {})
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
         if tuple(reader.fieldnames or ()) != FIELDS:
@@ -101,6 +106,11 @@ def is_noisy(row: dict, max_cv: float) -> bool:
 def noisy_keys(rows: list[dict], max_cv: float) -> set[str]:
     """Keys of the rows above the noise gate."""
     return {r["key"] for r in rows if is_noisy(r, max_cv)}
+
+
+def runtime(meta: dict) -> str:
+    """The runtime a table (or a record of one) was timed with, in words: `onnxruntime 1.32.0`."""
+    return f"{meta.get('backend') or 'onnxruntime'} {meta.get('runtime_version') or meta.get('ort_version')}"
 
 
 def cpu_model() -> str:

@@ -1,0 +1,136 @@
+"""The latency lab's runtime backends: bundles for onnxruntime, ExecuTorch-XNNPACK and Core ML, their
+runners, and tables that say which runtime made them."""
+
+import time
+
+import pytest
+import torch
+
+from archlab import cli
+from archlab.config import arch_from_dict
+from archlab.decompose import decompose
+from archlab.errors import ArchlabError
+from archlab.latency import backends, timing
+from archlab.latency.export import export_bundle
+from archlab.latency.runner import run_bundle
+from archlab.latency.table import Protocol, RunnerError, read_table, runtime, write_table
+from conftest import ROOT, tiny_dict
+
+RES = 8
+QUICK = Protocol(threads=1, warmup=0, runs=2, rounds=1)
+
+
+def _blocks(n=2):
+    cfg = arch_from_dict(tiny_dict(latent=dict(channels=4, resolution=RES)))
+    return list({s.signature: s for s in decompose(cfg) if s.kind in ("down", "attn_in", "transformer")}.values())[:n]
+
+
+def test_tables_from_before_backends_are_onnxruntime_tables():
+    meta, rows = read_table(ROOT / "latency_tables" / "amd-epyc-2c.csv")
+    assert meta["backend"] == "onnxruntime" and meta["runtime_version"] == meta["ort_version"] and rows
+    assert runtime(meta) == f"onnxruntime {meta['ort_version']}"
+
+
+def test_an_old_table_is_extended_by_the_onnxruntime_runner(tmp_path):
+    out = tmp_path / "bundle"
+    export_bundle(out, _blocks(1), resolution=RES)
+    table = tmp_path / "t.csv"
+    run_bundle(out, table, "dev", QUICK, progress=False, limit=1)
+    meta, rows = read_table(table)
+    legacy = {k: v for k, v in meta.items() if k not in ("backend", "runtime_version", "backend_options")}
+    write_table(table, {**legacy, "ort_version": meta["runtime_version"]}, rows)  # as tables were written before
+    rows = run_bundle(out, table, "dev", QUICK, progress=False)
+    assert len(rows) == 2
+
+
+def test_a_bundle_is_timed_only_by_its_own_backend(tmp_path):
+    out = tmp_path / "bundle"
+    export_bundle(out, _blocks(1), resolution=RES)
+
+    class Other:
+        name, version, options = "executorch-xnnpack", "0", {}
+
+    with pytest.raises(RunnerError, match="a bundle for onnxruntime, not executorch-xnnpack"):
+        timing.run_bundle(out, tmp_path / "t.csv", "dev", Other(), QUICK, progress=False)
+    pytest.importorskip("executorch", reason="executorch is an optional extra: pip install -e '.[executorch]'")
+    with pytest.raises(ArchlabError, match="made with backend='onnxruntime', not 'executorch-xnnpack'"):
+        export_bundle(out, [], resolution=RES, backend="executorch-xnnpack")
+
+
+def test_executorch_bundle_runs_what_torch_runs_and_names_undelegated_ops(tmp_path):
+    pytest.importorskip("executorch", reason="executorch is an optional extra: pip install -e '.[executorch]'")
+    from executorch.runtime import Runtime
+
+    blocks = _blocks(2)
+    out = tmp_path / "bundle"
+    manifest = export_bundle(out, blocks, resolution=RES, backend="executorch-xnnpack")
+    assert manifest["backend"] == "executorch-xnnpack" and manifest["opset"] is None
+    assert {p.name for p in out.iterdir()} >= {"runner_executorch.py", "timing.py", "table.py", "pte"}
+    items = {it["key"]: it for it in manifest["items"]}
+    assert "aten_native_group_norm_default" in items[manifest["reference"]]["undelegated"]  # GroupNorm stays out
+
+    for i, spec in enumerate(blocks):  # a .pte computes what its block computes
+        module, inputs = spec.runnable()
+        (tmp_path / str(i)).mkdir()
+        file, _ = backends.export_pte(module, inputs, tmp_path / str(i), 20)
+        method = Runtime.get().load_program(tmp_path / str(i) / file).load_method("forward")
+        with torch.no_grad():
+            torch.testing.assert_close(method.execute(list(inputs))[0], module(*inputs), rtol=1e-4, atol=1e-4)
+
+    table = tmp_path / "et.csv"
+    rows = timing.run_bundle(out, table, "dev", backends.get("executorch-xnnpack").backend(), QUICK, progress=False)
+    meta, _ = read_table(table)
+    assert len(rows) == 3 and all(float(r["median_ms"]) > 0 for r in rows)
+    assert (meta["backend"], meta["opset"], meta["backend_options"]) == ("executorch-xnnpack", None, {})
+    assert meta["undelegated"][manifest["reference"]] == items[manifest["reference"]]["undelegated"]
+    with pytest.raises(RunnerError, match="made with other settings: backend="):  # never mixed with onnxruntime rows
+        ort_bundle = tmp_path / "ort"
+        export_bundle(ort_bundle, blocks, resolution=RES)
+        run_bundle(ort_bundle, table, "dev", QUICK, progress=False)
+
+
+def test_coreml_bundle_exports_and_its_table_round_trips(tmp_path, capsys):
+    ct = pytest.importorskip("coremltools", reason="coremltools is an optional extra: pip install -e '.[coreml]'")
+    from archlab.latency.runner_coreml import CoreML
+
+    out = tmp_path / "bundle"
+    manifest = export_bundle(out, _blocks(2), resolution=RES, backend="coreml")
+    assert manifest["backend"] == "coreml" and (out / "runner_coreml.py").is_file()
+    for it in manifest["items"]:
+        assert (out / it["file"] / "Manifest.json").is_file()  # an .mlpackage
+    spec = ct.models.utils.load_spec(str(out / manifest["items"][1]["file"]))
+    assert [i.name for i in spec.description.input] == list(manifest["items"][1]["inputs"])
+
+    if not (__import__("sys").platform == "darwin"):  # Core ML itself runs only on macOS
+        with pytest.raises(RunnerError, match="only on macOS"):
+            CoreML().load(out, manifest["items"][0], 1, "all")
+        assert cli.main(["latency", "run", str(out), "--backend", "coreml", "--out", str(tmp_path / "c.csv"),
+                         "--device-name", "mac"]) == 2
+        assert "copy the bundle to a Mac" in capsys.readouterr().err
+
+    class OnAMac(CoreML):  # what runner_coreml.py writes on a Mac, with the model call stood in for
+        def load(self, bundle, item, threads, opt_level):
+            return lambda: time.sleep(1e-4)
+
+    table = tmp_path / "mac.csv"
+    timing.run_bundle(out, table, "m3-mac", OnAMac("CPU_AND_NE"), QUICK, progress=False)
+    meta, rows = read_table(table)
+    assert (meta["backend"], meta["backend_options"]) == ("coreml", {"compute_units": "CPU_AND_NE"}) and len(rows) == 3
+    with pytest.raises(RunnerError, match="backend_options="):  # other compute units: another table
+        timing.run_bundle(out, table, "m3-mac", OnAMac("CPU_ONLY"), QUICK, progress=False, redo=[rows[0]["key"]])
+
+
+def test_a_missing_runtime_is_one_line_naming_the_extra(monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_executorch(name, *args, **kwargs):
+        if name.startswith("executorch"):
+            raise ImportError(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_executorch)
+    monkeypatch.setattr(backends.importlib, "import_module", lambda name: no_executorch(name))
+    with pytest.raises(ArchlabError, match=r"needs executorch: pip install -e '\.\[executorch\]'"):
+        export_bundle("unused", [], resolution=RES, backend="executorch-xnnpack")
