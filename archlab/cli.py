@@ -191,6 +191,18 @@ def _build_parser() -> argparse.ArgumentParser:
     _timing_args(ms)
     ms.add_argument("--json", action="store_true", help="print the table's rows as JSON")
     ms.set_defaults(run=cmd_latency_measure)
+    tf = lsub.add_parser("transfer", help="a new device's predictor from a measured device's and a few whole "
+                                          "networks timed on the new one (or, with --measure, how accurate that is)")
+    tf.add_argument("--from", dest="source", required=True, help="the measured device's table (fitted)")
+    tf.add_argument("--to", dest="targets", action="append", required=True, metavar="TABLE",
+                    help="whole networks timed on the new device (`archlab latency measure --networks-of SOURCE ...`); "
+                         "writes TABLE's predictor. Repeat with --measure to evaluate several devices")
+    tf.add_argument("--measure", help="evaluate instead: comma-separated N (e.g. 0,3,5,10,20); fits on N of the "
+                                      "target's networks that the source calibrated on, scores the target's others")
+    tf.add_argument("--draws", type=int, default=20, help="random sets of N networks per N (with --measure)")
+    tf.add_argument("--out", type=_folder, default="reports", help="with --measure: where latency_transfer.{md,json} go")
+    tf.add_argument("--json", action="store_true")
+    tf.set_defaults(run=cmd_latency_transfer)
     ft = lsub.add_parser("fit", help="fit the predictor of a table (writes <table>.predictor.json)")
     ft.add_argument("table", help="a measured table, e.g. latency_tables/<device>.csv")
     ft.add_argument("--json", action="store_true", help="print the fit's summary as JSON")
@@ -274,6 +286,8 @@ def _selection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for --networks")
     p.add_argument("--ladder", help="ladder (or config): every block of its rows")
     p.add_argument("--ladder-networks", action="store_true", help="also every ladder row as a whole network")
+    p.add_argument("--networks-of", action="append", default=[], metavar="TABLE",
+                   help="also the whole networks that TABLE timed (e.g. a measured device's, to transfer its predictor)")
     p.add_argument("--resolution", type=int, default=32, help="latent resolution (default 32 = 256 px)")
 
 
@@ -667,7 +681,7 @@ def _selection(args: argparse.Namespace) -> tuple[list, list]:
     from archlab.latency.export import select
 
     return select(space=args.space, ladder=args.ladder, networks=args.networks, seed=args.seed,
-                  resolution=args.resolution, ladder_networks=args.ladder_networks)
+                  resolution=args.resolution, ladder_networks=args.ladder_networks, networks_of=args.networks_of)
 
 
 def cmd_latency_export(args: argparse.Namespace) -> int:
@@ -733,6 +747,34 @@ def cmd_latency_measure(args: argparse.Namespace) -> int:
                    protocol=protocol, opset=args.opset, keep_onnx=args.keep_onnx, redo_noisy=args.redo_noisy,
                    progress=progress_bar("exporting", "model"), backend=args.backend)
     _print_rows(args, rows, protocol.max_cv)
+    return 0
+
+
+def cmd_latency_transfer(args: argparse.Namespace) -> int:
+    import shlex
+
+    from archlab.latency import transfer
+
+    if args.measure is None:
+        if len(args.targets) != 1:
+            raise ArchlabError("--to: one target table to fit a predictor for (several only with --measure)")
+        pred, path = transfer.fit_for_table(args.source, args.targets[0])
+        t = pred.settings["transfer"]
+        if args.json:
+            print(json.dumps({"predictor": str(path), **t}, indent=2))
+        else:
+            print(f"{path}: {args.source} transferred by {t['method']} from {t['n']} networks "
+                  f"(attention x{t['factors']['attention']:.3f}, rest x{t['factors']['rest']:.3f}, "
+                  f"+{t['intercept_ms']:.2f} ms)")
+        return 0
+    try:
+        ns = [int(n) for n in args.measure.split(",")]
+    except ValueError:
+        raise ArchlabError(f"--measure: {args.measure!r} is not a comma-separated list of integers") from None
+    report = transfer.evaluate_tables(args.source, args.targets, ns, args.draws,
+                                      command="archlab " + shlex.join(args.argv))
+    js, md = transfer.write_report(report, args.out)
+    print(json.dumps(report, indent=2) if args.json else f"wrote {md} and {js}")
     return 0
 
 

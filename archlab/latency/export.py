@@ -51,16 +51,19 @@ def _export(runtime: backends.Runtime, module: torch.nn.Module, inputs: tuple, f
 
 
 def select(space: str | None = None, ladder: str | None = None, networks: int = 0, seed: int = 0,
-           resolution: int = 32, ladder_networks: bool = False) -> tuple[list[BlockSpec], list[Config]]:
+           resolution: int = 32, ladder_networks: bool = False,
+           networks_of: list[str] = ()) -> tuple[list[BlockSpec], list[Config]]:
     """What a table measures: every block signature a search space (and a ladder's rows) can produce at
     `resolution`, plus `networks` whole networks sampled from the space (and the ladder's rows with
-    `ladder_networks`). Returns (blocks, networks)."""
+    `ladder_networks`), plus the whole networks other tables timed (`networks_of`: to time a measured
+    device's networks on a new one). Returns (blocks, networks)."""
+    from archlab.config import arch_from_dict
     from archlab.decompose import decompose
     from archlab.ladder import load_ladder
     from archlab.space import load_space
 
-    if not space and not ladder:
-        raise ArchlabError("give --space, --ladder or both")
+    if not space and not ladder and not networks_of:
+        raise ArchlabError("give --space, --ladder, --networks-of or a combination")
     if networks and not space:
         raise ArchlabError("--networks samples from a search space: give --space")
     blocks, nets = {}, []
@@ -73,7 +76,19 @@ def select(space: str | None = None, ladder: str | None = None, networks: int = 
             blocks.update((s.signature, s) for s in decompose(cfg))
             if ladder_networks:
                 nets.append(cfg)
-    return list(blocks.values()), nets
+    for path in networks_of:
+        meta, rows = table.read_table(Path(path))
+        if not rows:
+            raise ArchlabError(f"--networks-of: {path}: no such latency table")
+        configs = meta.get("networks", {})
+        for r in rows:
+            if r["role"] == "network":
+                cfg = arch_from_dict(configs[r["key"]], f"{path}: {r['key']}") if r["key"] in configs else None
+                if cfg is None or cfg.latent.resolution != resolution:
+                    raise ArchlabError(f"--networks-of: {path}: {r['key']} has no config at latent {resolution} in its metadata")
+                nets.append(cfg)
+    unique = {network_key(c): c for c in reversed(nets)}  # a network listed twice is timed once
+    return list(blocks.values()), [unique[k] for k in dict.fromkeys(network_key(c) for c in nets)]
 
 
 def export_bundle(out_dir: str | Path, blocks: list[BlockSpec], networks: list[Config] = (), *,

@@ -1,0 +1,92 @@
+"""Latency transfer: the lab's measured device adapted to a new one from a few whole networks."""
+
+import json
+
+import numpy as np
+import pytest
+
+from archlab import cli
+from archlab.latency import transfer
+from archlab.latency.predictor import load_for_table
+from archlab.latency.table import read_table, write_table
+from conftest import ROOT
+
+SOURCE = ROOT / "latency_tables" / "amd-epyc-2c.csv"
+HELDOUT = ROOT / "latency_tables" / "amd-epyc-2c.heldout.csv"
+
+
+def _target(tmp_path, slowdown, name="new-device"):
+    """A device that runs every network `slowdown(ms)` times: the source's own measured networks
+    (calibration and held-out), re-timed there."""
+    meta, rows = read_table(SOURCE)
+    hmeta, hrows = read_table(HELDOUT)
+    nets = [r for r in rows + hrows if r["role"] == "network"]
+    out = []
+    for r in nets:
+        ms = slowdown(float(r["norm_ms"]))
+        out.append({**r, "median_ms": f"{ms:.5f}", "norm_ms": f"{ms:.5f}", "mean_ms": f"{ms:.5f}"})
+    path = tmp_path / f"{name}.csv"
+    write_table(path, {**meta, "device": name, "networks": {**meta["networks"], **hmeta["networks"]}}, out)
+    return path, len(nets)
+
+
+def test_a_slower_device_is_learnt_from_a_few_networks(tmp_path):
+    path, n = _target(tmp_path, lambda ms: 1.6 * ms + 4.0)
+    report = transfer.evaluate_tables(SOURCE, [path], [0, 3, 10], draws=5)
+    by_n = {row["n"]: row for row in report["targets"][0]["by_n"]}
+    held = report["targets"][0]["held_out"]
+    assert report["targets"][0]["pool"] == 20 and held == n - 20
+    assert by_n[0]["mape"] > 0.35  # the source's own predictions are about 1/1.6 of the time there
+    assert by_n[3]["mape"] < 0.05 and by_n[10]["mape"] < 0.04  # a line from 3 networks: the source's own accuracy
+    assert by_n[10]["tau"] == pytest.approx(by_n[0]["tau"], abs=0.02)  # a monotone change keeps the ranking
+
+
+def test_attention_and_the_rest_can_change_speed_differently(tmp_path):
+    source = load_for_table(SOURCE)
+    meta, rows = read_table(SOURCE)
+    cfgs = [transfer.arch_from_dict(meta["networks"][r["key"]]) for r in rows if r["role"] == "network"]
+    parts = np.array([transfer.split(source, c) for c in cfgs])
+    truth = 2.0 + 3.0 * parts[:, 1] + 0.8 * parts[:, 2]  # attention 3x slower, the rest faster
+    t = transfer.fit_transfer(source, parts, truth)
+    assert t.method == "groups" and t.factors["attention"] == pytest.approx(3.0, rel=1e-3)
+    assert t.factors["rest"] == pytest.approx(0.8, rel=1e-3) and t.loo_mape < 1e-3
+    assert transfer.fit_transfer(source, parts[:2], truth[:2]).method == "ratio"
+    none = transfer.fit_transfer(source, parts[:0], truth[:0])
+    np.testing.assert_allclose(none.apply(parts), parts[:, 0], rtol=1e-9)  # N = 0: the source unchanged
+
+
+def test_cli_writes_a_usable_predictor_for_the_new_device_and_the_report(tmp_path, capsys):
+    path, _ = _target(tmp_path, lambda ms: 2.0 * ms)
+    assert cli.main(["latency", "transfer", "--from", str(SOURCE), "--to", str(path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["n"] > 20 and out["method"] in ("ratio", "line", "groups")
+    ladder = str(ROOT / "search_spaces" / "snapgen_ablation.yaml")
+    assert cli.main(["latency", "query", ladder, "--table", str(path), "--resolution", "32", "--json"]) == 0
+    ours = [r["latency_ms"] for r in json.loads(capsys.readouterr().out)["rows"]]
+    assert cli.main(["latency", "query", ladder, "--table", str(SOURCE), "--resolution", "32", "--json"]) == 0
+    theirs = [r["latency_ms"] for r in json.loads(capsys.readouterr().out)["rows"]]
+    assert len(ours) == 8 and all(a / b == pytest.approx(2.0, rel=0.1) for a, b in zip(ours, theirs))
+
+    assert cli.main(["latency", "transfer", "--from", str(SOURCE), "--to", str(path), "--measure", "0,5",
+                     "--draws", "3", "--out", str(tmp_path)]) == 0
+    md = (tmp_path / "latency_transfer.md").read_text()
+    assert "| 5 |" in md and "archlab latency transfer" in md
+    assert cli.main(["latency", "transfer", "--from", str(SOURCE), "--to", str(path), "--measure", "0,50"]) == 2
+    assert "only 20 pool networks" in capsys.readouterr().err
+
+
+def test_networks_of_a_table_are_selected_to_time_on_a_new_device(tmp_path):
+    from archlab.config import arch_from_dict
+    from archlab.errors import ArchlabError
+    from archlab.latency.export import export_bundle, network_key, select
+    from archlab.latency.runner import run_bundle
+    from archlab.latency.table import Protocol
+    from conftest import tiny_dict
+
+    cfg = arch_from_dict(tiny_dict(latent=dict(channels=4, resolution=8)))
+    export_bundle(tmp_path / "b", [], [cfg], resolution=8)
+    run_bundle(tmp_path / "b", tmp_path / "t.csv", "dev", Protocol(threads=1, warmup=0, runs=1, rounds=1), progress=False)
+    blocks, nets = select(networks_of=[str(tmp_path / "t.csv")] * 2, resolution=8)
+    assert blocks == [] and [network_key(c) for c in nets] == [network_key(cfg)]  # listed twice, timed once
+    with pytest.raises(ArchlabError, match="has no config at latent 32"):
+        select(networks_of=[str(tmp_path / "t.csv")], resolution=32)
