@@ -32,6 +32,13 @@ def _file(path: str) -> str:
     return path
 
 
+def _name(name: str) -> str:
+    """A file-name stem: letters, digits, `_`, `-` and `.` only (no folders)."""
+    if not name or not all(c.isalnum() or c in "_-." for c in name) or name.startswith("."):
+        raise argparse.ArgumentTypeError(f"{name!r} is not a file name (letters, digits, _ - .)")
+    return name
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
@@ -154,8 +161,10 @@ def _build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="write the ablation report (Markdown, CSV, plots) from an ablate folder")
     rp.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by `archlab ablate`")
     rp.add_argument("--out", type=_folder, default="runs/report",
-                    help="where to write ablation.md, ablation.csv and the plots (default runs/report; the lab's "
+                    help="where to write NAME.md, NAME.csv and the plots (default runs/report; the lab's "
                          "committed report is --out reports)")
+    rp.add_argument("--name", default="ablation", type=_name,
+                    help="the report's file names (default ablation; e.g. snapgenpp_ablation for the SnapGen++ ladder)")
     rp.add_argument("--json", action="store_true", help="print the report's files and tally as JSON")
     rp.set_defaults(run=cmd_report)
 
@@ -621,13 +630,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     from archlab.report import tally, write_report
 
-    rep = write_report(args.run_dir, args.out, command="archlab " + shlex.join(args.argv))
+    rep = write_report(args.run_dir, args.out, command="archlab " + shlex.join(args.argv), name=args.name)
     t = tally(rep["changes"])
     if args.json:
         print(json.dumps({"out": rep["out"], "rows": [asdict(r) for r in rep["rows"]],
                           "changes": [asdict(c) for c in rep["changes"]], "directions": t}, indent=2))
         return 0
-    print(f"{rep['out']}/ablation.md, ablation.csv and plots: {len(rep['rows'])} rows; directions: {t['agree']} agree "
+    print(f"{rep['out']}/{args.name}.md, {args.name}.csv and plots: {len(rep['rows'])} rows; directions: {t['agree']} agree "
           f"with the paper, {t['disagree']} disagree, {t['noise']} within noise")
     return 0
 

@@ -1,10 +1,11 @@
-"""`archlab report RUN_DIR`: the ablation ladder, the paper's numbers beside the lab's.
+"""`archlab report RUN_DIR [--name NAME]`: the ablation ladder, the paper's numbers beside the lab's.
 
 Reads only what `archlab ablate` stored in the run folder (ablate.json, cost.json, latency.json,
-results/), so the same folder always gives the same files:
+results/), so the same folder always gives the same files (named `ablation*` unless --name says):
 
 - `ablation.csv`: one line per ladder row and seed (cost, latency, scores, status, paper numbers);
-- `ablation.md`: per row, the paper's FID / params / FLOPs / latency next to the lab's params /
+- `ablation.md`: per row, the paper's quality (FID, or validation loss where the paper ablates by it) /
+  params / FLOPs / latency next to the lab's params /
   MACs / FLOPs / predicted and measured latency / FID, KID and validation loss (mean +- std over
   seeds); the row-to-row changes of both with a mark where the lab's direction agrees (ok) or
   disagrees (DIFF) with the paper's, and the reason where it disagrees; failed runs; provenance;
@@ -24,7 +25,7 @@ from archlab import stats
 from archlab.ablate import ladder_sha, read_settings, results
 from archlab.errors import ArchlabError
 from archlab.io import atomic_path, write_atomic
-from archlab.ladder import load_ladder
+from archlab.ladder import PAPER_KEYS, load_ladder
 from archlab.latency.table import runtime
 from archlab.verdict import (MACS, PARAMS, PREDICTED, SCORES, UNCHANGED, Change, Noise, ScoreTest, Verdict, compare,
                              measured)
@@ -210,6 +211,16 @@ def tally(ch: list[RowChanges]) -> dict[str, int]:
 
 # ---- files --------------------------------------------------------------------------------------
 
+LARGE = {"fid": 0.05, "val_loss": 0.005}  # a "large" quality change of the paper's (val loss moves in the 3rd digit)
+
+
+def paper_quality(summary: list[RowSummary]) -> tuple[str, str]:
+    """The paper's quality metric, as a `paper:` key and a label: FID (SnapGen) or validation loss (SnapGen++)."""
+    if any("fid" in r.paper for r in summary) or not any("val_loss" in r.paper for r in summary):
+        return "fid", "FID"
+    return "val_loss", "val loss"
+
+
 def csv_frame(run: dict, summary: list[dict]):
     import pandas as pd
 
@@ -223,7 +234,7 @@ def csv_frame(run: dict, summary: list[dict]):
                 "fid_extractor": r.get("fid_extractor"), "proxy_params": r.get("params"),
                 "params": s.params, "macs": s.macs, "flops": s.flops, "predicted_ms": s.predicted_ms}
         line.update({f"measured_ms_{res}": m.ms for res, m in s.measured.items()})
-        line.update({f"paper_{k}": s.paper.get(k) for k in ("fid", "params_m", "flops_g", "latency_ms")})
+        line.update({f"paper_{k}": s.paper.get(k) for k in PAPER_KEYS})
         lines.append(line)
     return pd.DataFrame(lines)
 
@@ -246,7 +257,7 @@ def _ratio(v, base) -> str:
     return "" if v is None or not base else f" ({v / base:.2f})"
 
 
-def markdown(run: dict, summary: list[dict], ch: list[dict], command: str) -> str:
+def markdown(run: dict, summary: list[dict], ch: list[dict], command: str, name: str = "ablation") -> str:
     s, lat = run["settings"], run["latency"]
     last = run["invocations"][-1] if run["invocations"] else {}
     t, d = s.train, s.data
@@ -265,13 +276,14 @@ def markdown(run: dict, summary: list[dict], ch: list[dict], command: str) -> st
              f"end to end in ORT on `{lat['device']}` ({lat['threads']} thread{'s' if lat['threads'] > 1 else ''}) at "
              + ", ".join(f"{r}x{r}" for r in res) + " latent. Scores: mean +- std over seeds; FID and KID with "
              f"{', '.join(extractors) or 'no extractor'} features.", ""]
-    head = (["#", "row", "paper FID", "paper params M", "paper FLOPs G", "paper latency"]
+    quality, quality_label = paper_quality(summary)
+    head = (["#", "row", f"paper {quality_label}", "paper params M", "paper FLOPs G", "paper latency"]
             + ["params M", "MACs G", "FLOPs G", f"predicted {lat['predicted_resolution']}^2"]
             + [f"measured {r}^2" for r in res] + ["FID", "KID", "val loss", "runs ok"])
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in summary:
         p = r.paper
-        cells = [str(r.index), r.name, _f(p.get("fid"), "g"), _f(p.get("params_m"), "g"), _f(p.get("flops_g"), "g"),
+        cells = [str(r.index), r.name, _f(p.get(quality), "g"), _f(p.get("params_m"), "g"), _f(p.get("flops_g"), "g"),
                  _f(p.get("latency_ms"), "g") + _ratio(p.get("latency_ms"), base.paper.get("latency_ms")),
                  f"{r.params / 1e6:.1f}", f"{r.macs / 1e9:.1f}", f"{r.flops / 1e9:.1f}",
                  f"{r.predicted_ms:.0f}" + _ratio(r.predicted_ms, base.predicted_ms)
@@ -283,11 +295,11 @@ def markdown(run: dict, summary: list[dict], ch: list[dict], command: str) -> st
     lines += ["", "## Row-to-row changes", "",
               "Each row against the one above it: the paper's change and ours, and whether the directions agree "
               f"(ok), disagree (DIFF, with the reason) or ours is within noise (~). Changes under {UNCHANGED:.1%} "
-              "count as no change. Every quality metric is compared with the paper's FID change (lower is better "
+              f"count as no change. Every quality metric is compared with the paper's {quality_label} change (lower is better "
               f"for all of them). Noise: for a score, the 95% interval of the change over seeds (at least {stats.MIN_SEEDS} "
               "seeds; see the next section); for measured latency 2x the run-to-run CVs combined; for predicted "
               "latency 2x the predictor's leave-one-out error on whole networks.",
-              ""] + (["![row-to-row changes](ablation_changes.png)", ""] if ch else ["No two adjacent rows were run.", ""])
+              ""] + ([f"![row-to-row changes]({name}_changes.png)", ""] if ch else ["No two adjacent rows were run.", ""])
     metrics = [m.metric for m in ch[0].changes] if ch else []
     if ch:
         lines += ["| # | row | " + " | ".join(f"{m} (paper / ours)" for m in metrics) + " |",
@@ -304,7 +316,7 @@ def markdown(run: dict, summary: list[dict], ch: list[dict], command: str) -> st
         lines += ["", f"Directions: {n['agree']} agree with the paper, {n['disagree']} disagree, {n['noise']} within "
                   "our noise (no verdict)."]
         lines += _quality_section(summary, ch)
-    lines += ["", "## Latency and quality", "", "![latency vs quality](ablation_latency_quality.png)", ""]
+    lines += ["", "## Latency and quality", "", f"![latency vs quality]({name}_latency_quality.png)", ""]
     failed = [f for r in summary for f in r.failed]
     if failed:
         lines += ["## Runs that did not finish", ""]
@@ -348,7 +360,8 @@ def _quality_section(summary: list[dict], ch: list[dict]) -> list[str]:
         p = paired[key]
         lines.append(f"| {label} | {_f(p['correlation'], '.2f') or '-'} | {_f(p['pairing_gain'], '.2f') or '-'} | "
                      f"{'paired' if p['paired'] else 'unpaired'} |")
-    lines += ["", "| # | row | paper FID | " + " | ".join(f"{k} change [95% interval]" for k in ("val loss", "FID", "KID"))
+    quality, qlabel = paper_quality(summary)
+    lines += ["", f"| # | row | paper {qlabel} | " + " | ".join(f"{k} change [95% interval]" for k in ("val loss", "FID", "KID"))
               + " |", "|---|---|---|---|---|---|"]
     for c in ch:
         cells = []
@@ -357,9 +370,10 @@ def _quality_section(summary: list[dict], ch: list[dict]) -> list[str]:
             cells.append("-" if not isinstance(t, ScoreTest) or t.low is None else
                          f"{t.mean:+.3g} [{t.low:+.3g}, {t.high:+.3g}] {c[label].verdict.mark}".strip())
         lines.append(f"| {c.index} | {c.name} | {_pct(c['FID'].paper)} | " + " | ".join(cells) + " |")
-    big = [c for c in ch if c["FID"].paper is not None and abs(c["FID"].paper) >= 0.05]
+    big = [c for c in ch if c["FID"].paper is not None and abs(c["FID"].paper) >= LARGE[quality]]
     if big:
-        lines += ["", "The paper's large quality changes (FID by 5% or more), and what the lab finds:", ""]
+        lines += ["", f"The paper's large quality changes ({qlabel} by {LARGE[quality]:.1%} or more), and what the lab "
+                      "finds:", ""]
         for c in big:
             verdicts = []
             for label in ("val loss", "FID", "KID"):
@@ -372,7 +386,7 @@ def _quality_section(summary: list[dict], ch: list[dict]) -> list[str]:
                                 "; the measured change is too small for its noise to resolve at any practical number "
                                 "of seeds)")
                 verdicts.append(f"{label} {verdict}")
-            lines.append(f"- row {c.index} {c.name} (paper FID {_pct(c['FID'].paper)}): " + "; ".join(verdicts))
+            lines.append(f"- row {c.index} {c.name} (paper {qlabel} {_pct(c['FID'].paper)}): " + "; ".join(verdicts))
     return lines
 
 
@@ -381,7 +395,7 @@ def _short(spec: str) -> str:
     return spec if spec == "synthetic" else "/".join(p.parts[-2:])
 
 
-def plots(summary: list[dict], ch: list[dict], resolutions: list[str], out: Path) -> list[Path]:
+def plots(summary: list[dict], ch: list[dict], resolutions: list[str], out: Path, name: str = "ablation") -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -413,10 +427,10 @@ def plots(summary: list[dict], ch: list[dict], resolutions: list[str], out: Path
         ax0.invert_yaxis()
         ax0.legend(fontsize=7, frameon=False)
         fig.tight_layout()
-        paths.append(_save(fig, out / "ablation_changes.png"))
+        paths.append(_save(fig, out / f"{name}_changes.png"))
         plt.close(fig)
     else:
-        (out / "ablation_changes.png").unlink(missing_ok=True)  # not a stale one from another run
+        (out / f"{name}_changes.png").unlink(missing_ok=True)  # not a stale one from another run
 
     res = str(resolutions[-1]) if resolutions else None
     latency = (lambda r: r.measured[res].ms) if res else (lambda r: r.predicted_ms)
@@ -431,18 +445,19 @@ def plots(summary: list[dict], ch: list[dict], resolutions: list[str], out: Path
                 ax.annotate(str(r.index), (x, yv), textcoords="offset points", xytext=(4, 4), fontsize=7)
         ax.set_xlabel(lat_label, fontsize=8)
         ax.set_ylabel(label, fontsize=8)
-    pts = [(r.paper["latency_ms"], r.paper["fid"], r) for r in summary if "latency_ms" in r.paper and "fid" in r.paper]
+    key, label = paper_quality(summary)
+    pts = [(r.paper["latency_ms"], r.paper[key], r) for r in summary if "latency_ms" in r.paper and key in r.paper]
     if pts:
         axes[2].plot([p[0] for p in pts], [p[1] for p in pts], "o-", color="0.5", ms=4)
         for x, yv, r in pts:
             axes[2].annotate(str(r.index), (x, yv), textcoords="offset points", xytext=(4, 4), fontsize=7)
     axes[2].set_xlabel("paper latency, iPhone, 1024 px (ms)", fontsize=8)
-    axes[2].set_ylabel("paper FID (ImageNet 256 px)", fontsize=8)
+    axes[2].set_ylabel(f"paper {label} (ImageNet 256 px)", fontsize=8)
     for ax in axes:
         ax.tick_params(labelsize=7)
     fig.suptitle("latency vs quality along the ladder (numbers: row index)", fontsize=9)
     fig.tight_layout()
-    paths.append(_save(fig, out / "ablation_latency_quality.png"))
+    paths.append(_save(fig, out / f"{name}_latency_quality.png"))
     plt.close(fig)
     return paths
 
@@ -453,8 +468,9 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def write_report(run_dir: str | Path, out: str | Path, command: str) -> dict:
-    """Write ablation.md / ablation.csv / the plots into `out`; returns the summary rows and changes."""
+def write_report(run_dir: str | Path, out: str | Path, command: str, name: str = "ablation") -> dict:
+    """Write NAME.md / NAME.csv / the plots (NAME_changes.png, NAME_latency_quality.png) into `out`;
+    returns the summary rows and changes."""
     run = load_run(run_dir)
     summary = rows(run)
     if not summary:
@@ -463,8 +479,8 @@ def write_report(run_dir: str | Path, out: str | Path, command: str) -> dict:
     ch = changes(summary)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / "ablation.csv") as tmp:
+    with atomic_path(out / f"{name}.csv") as tmp:
         csv_frame(run, summary).to_csv(tmp, index=False)
-    plots(summary, ch, resolutions, out)
-    write_atomic(out / "ablation.md", markdown(run, summary, ch, command))
+    plots(summary, ch, resolutions, out, name)
+    write_atomic(out / f"{name}.md", markdown(run, summary, ch, command, name))
     return {"rows": summary, "changes": ch, "out": str(out)}

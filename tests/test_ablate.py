@@ -80,6 +80,10 @@ def test_ablate_measures_trains_and_reports_then_resumes_without_redoing(tiny_la
     rep = _run(["report", str(run), "--out", str(out), "--json"])
     assert rep.returncode == 0 and [r["name"] for r in json.loads(rep.stdout)["rows"]] == ["base", "separable"]
     assert (out / "ablation.csv").read_bytes() == before  # the same folder gives the same tables
+    rep = _run(["report", str(run), "--out", str(out), "--name", "tiny_ablation"])
+    assert rep.returncode == 0 and (out / "tiny_ablation.csv").read_bytes() == before
+    assert "![row-to-row changes](tiny_ablation_changes.png)" in (out / "tiny_ablation.md").read_text()
+    assert (out / "tiny_ablation_latency_quality.png").is_file()
 
 
 def test_an_ablation_killed_mid_row_resumes_that_training(tiny_lab, tmp_path):
@@ -267,3 +271,20 @@ def test_one_rule_decides_cost_latency_and_quality():
     noisy = compare(SCORES["val_loss"], (1.0, 1.1), paper1, paper0, {}, Noise(False, "within noise"))
     assert noisy.verdict is Verdict.NOISE and noisy.reason == "within noise" and noisy.ours == pytest.approx(0.1)
     assert compare(SCORES["fid"], (4.0, 3.5), paper1, paper0, {}, Noise(True)).verdict is Verdict.AGREE
+
+
+def test_a_paper_that_ablates_by_validation_loss_is_compared_by_it():
+    """SnapGen++ gives validation losses, not FID: every quality score is compared with that change."""
+    from types import SimpleNamespace
+
+    from archlab.report import paper_quality
+    from archlab.verdict import SCORES, Noise, Verdict, compare
+
+    before, after = {"val_loss": 0.5131, "params_m": 372}, {"val_loss": 0.5060, "params_m": 424}
+    for score in SCORES.values():
+        c = compare(score, (1.0, 0.9), after, before, {}, Noise(True))
+        assert c.verdict is Verdict.AGREE and c.paper == pytest.approx(-0.0138, abs=1e-4)
+    assert compare(SCORES["fid"], (1.0, 1.1), after, before, {"fid": "a reason"}, Noise(True)).reason == "a reason"
+    rows = [SimpleNamespace(paper=before), SimpleNamespace(paper=after)]
+    assert paper_quality(rows) == ("val_loss", "val loss")
+    assert paper_quality([SimpleNamespace(paper={"fid": 3.1, "val_loss": 0.5})]) == ("fid", "FID")  # FID first
