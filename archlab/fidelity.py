@@ -159,6 +159,18 @@ def cpu_minutes(r: dict) -> float | None:
     return (r.get("seconds", 0) + r.get("score_seconds", 0)) * (r.get("threads") or 1) / 60
 
 
+def _by_seed(per: list[dict], score: str) -> tuple[list[list[float | None]], list[float | None], list[int]]:
+    """(each design's score per seed, each design's mean, the seeds used) for one preset's runs (`per`: one
+    {seed: result} per design). Means are over the seeds every trained design has: seed k gives each design
+    the same batches and noise, so a design with an extra seed would be compared on other luck (an
+    interrupted run, or a seed still training)."""
+    n_seeds = max((max(x) + 1 for x in per if x), default=0)
+    by_design = [[_score(x[k], score) if k in x else None for k in range(n_seeds)] for x in per]  # row k = seed k
+    trained = [row for row in by_design if any(v is not None for v in row)]
+    common = [k for k in range(n_seeds) if trained and all(row[k] is not None for row in trained)]
+    return by_design, [_mean([row[k] for k in common] if common else row) for row in by_design], common
+
+
 def analyse(settings: FidelitySettings, designs: list[Design], results: list[dict], boot: int = 2000) -> dict:
     """The benchmark's numbers (the shape of `reports/proxy_fidelity.json`)."""
     from archlab.stats import noise_to_spread, rank_agreement
@@ -167,8 +179,8 @@ def analyse(settings: FidelitySettings, designs: list[Design], results: list[dic
     names = [d.name for d in designs]
     proxies = [p.name for p in settings.proxies()]
     reference = proxies[-1]
-    ref = {s: {n: _mean([_score(r, s) for r in runs.get(n, {}).get(reference, {}).values()]) for n in names}
-           for s in ALL_SCORES}
+    ref_runs = [runs.get(n, {}).get(reference, {}) for n in names]
+    ref = {s: dict(zip(names, _by_seed(ref_runs, s)[1])) for s in ALL_SCORES}
     out = {"designs": names, "default_cpu_preset": settings.default_preset, "reference": reference,
            "reference_seeds": settings.reference_seeds, "seeds": settings.seeds,
            "hardware": sorted({r.get("hardware", "?") for r in results if r.get("status") == "ok"}),
@@ -181,14 +193,8 @@ def analyse(settings: FidelitySettings, designs: list[Design], results: list[dic
                  "extractors": sorted({r["fid_extractor"] for x in per for r in x.values() if r.get("fid_extractor")}),
                  "trainings": sum(len(x) for x in per), "hardware": sorted({r.get("hardware", "?") for x in per
                                                                              for r in x.values()}), "scores": {}}
-        n_seeds = max((max(x) + 1 for x in per if x), default=0)
         for s in ALL_SCORES:
-            by_design = [[_score(x[k], s) if k in x else None for k in range(n_seeds)] for x in per]  # row k = seed k
-            # rank by means over the seeds every design has: seed k gives each design the same batches and
-            # noise, so a design with an extra seed would be compared on other luck (an interrupted run)
-            trained = [row for row in by_design if any(v is not None for v in row)]
-            common = [k for k in range(n_seeds) if trained and all(row[k] is not None for row in trained)]
-            means = [_mean([row[k] for k in common] if common else row) for row in by_design]
+            by_design, means, common = _by_seed(per, s)
             have = [i for i, m in enumerate(means) if m is not None and ref[s][names[i]] is not None]
             score = {"designs": len(have), "seeds_ranked": len(common)}
             if p != reference:

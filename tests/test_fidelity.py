@@ -203,6 +203,9 @@ def test_rankings_compare_means_over_the_seeds_every_design_has():
     results = [run(n, "reference", 0, v) for n, v in (("a", 1.0), ("b", 2.0), ("c", 3.0))]
     results += [run(n, "cpu", 0, v) for n, v in (("a", 1.0), ("b", 2.0), ("c", 3.0))]
     results += [run("a", "cpu", 1, 9.0)]  # only design a has seed 1: it must not push a to the bottom
-    val = analyse(settings, designs, results, boot=10)["presets"]["cpu"]["scores"]["val_loss"]
+    results += [run("c", "reference", 1, 0.5)]  # nor a reference seed still training on the others
+    out = analyse(settings, designs, results, boot=10)["presets"]
+    val = out["cpu"]["scores"]["val_loss"]
     assert val["seeds_ranked"] == 1 and val["means"] == {"a": 1.0, "b": 2.0, "c": 3.0}
     assert val["kendall_tau"] == pytest.approx(1.0)
+    assert out["reference"]["scores"]["val_loss"]["means"] == {"a": 1.0, "b": 2.0, "c": 3.0}
