@@ -372,7 +372,7 @@ def _quality_section(summary: list[dict], ch: list[dict]) -> list[str]:
         lines.append(f"| {c.index} | {c.name} | {_pct(c['FID'].paper)} | " + " | ".join(cells) + " |")
     big = [c for c in ch if c["FID"].paper is not None and abs(c["FID"].paper) >= LARGE[quality]]
     if big:
-        lines += ["", f"The paper's large quality changes ({qlabel} by {LARGE[quality]:.1%} or more), and what the lab "
+        lines += ["", f"The paper's large quality changes ({qlabel} by {100 * LARGE[quality]:g}% or more), and what the lab "
                       "finds:", ""]
         for c in big:
             verdicts = []
