@@ -217,6 +217,25 @@ def analyse(settings: FidelitySettings, designs: list[Design], results: list[dic
             score["means"] = {names[i]: means[i] for i in range(len(names)) if means[i] is not None}
             entry["scores"][s] = score
         out["presets"][p] = entry
+    out["reference_noise"] = reference_noise(settings, names, ref_runs, runs)
+    return out
+
+
+def reference_noise(settings: FidelitySettings, names: list[str], ref_runs: list[dict], runs: dict) -> dict:
+    """How reproducible the reference's own ranking (validation loss) is: its first two seeds' rankings of
+    the designs that have both, and, on those designs, the default preset's ranking against each reference
+    seed alone. A proxy cannot be expected to rank closer to one reference seed than the other seed does."""
+    from archlab.stats import kendall
+
+    both = [i for i, x in enumerate(ref_runs) if all(_score(x.get(k, {}), "val_loss") is not None for k in (0, 1))]
+    out = {"designs": len(both), "kendall_tau": None, "default_preset_vs_each_seed": None}
+    if len(both) < 3:
+        return out
+    seed = [[_score(ref_runs[i][k], "val_loss") for i in both] for k in (0, 1)]
+    out["kendall_tau"] = kendall(*seed)
+    _, means, _ = _by_seed([runs.get(names[i], {}).get(settings.default_preset, {}) for i in both], "val_loss")
+    if None not in means:
+        out["default_preset_vs_each_seed"] = [kendall(means, seed[0]), kendall(means, seed[1])]
     return out
 
 
@@ -449,7 +468,18 @@ def _limits(a: dict, settings: FidelitySettings) -> list[str]:
                + f". Either the designs learn at different speeds (then a longer proxy is the lever) or the "
                f"reference, {a['reference_seeds']} seed{'s' if a['reference_seeds'] != 1 else ''} of its own, is "
                "itself noisy at this spread (then more reference seeds are); a second reference seed tells which")
-    return ["", *out, f"Under the target, what limits {name}: {why}."]
+    out.append(f"Under the target, what limits {name}: {why}.")
+    noise = a.get("reference_noise") or {}
+    if noise.get("kendall_tau") is not None:
+        vs = noise.get("default_preset_vs_each_seed") or [None, None]
+        out.append(f"The reference's own first two seeds rank the {noise['designs']} designs that have both at tau "
+                   f"{noise['kendall_tau']:.2f} (validation loss); on those designs {name} ranks at tau "
+                   f"{_f(vs[0])} and {_f(vs[1])} against each reference seed alone."
+                   + (" The reference is itself noisy at this spread: no proxy can be expected to rank closer to one "
+                      "reference seed than the other seed does, so the reference's mean over seeds is the target to "
+                      "rank against." if noise["kendall_tau"] < 0.7 else
+                      " The reference reproduces itself: the proxy's lower tau is the proxy's."))
+    return ["", *out]
 
 
 def _rank_moves(means: dict, ref: dict) -> list[tuple[str, int, int]]:

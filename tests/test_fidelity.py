@@ -209,3 +209,21 @@ def test_rankings_compare_means_over_the_seeds_every_design_has():
     assert val["seeds_ranked"] == 1 and val["means"] == {"a": 1.0, "b": 2.0, "c": 3.0}
     assert val["kendall_tau"] == pytest.approx(1.0)
     assert out["reference"]["scores"]["val_loss"]["means"] == {"a": 1.0, "b": 2.0, "c": 3.0}
+
+
+def test_the_reference_own_seed_noise_is_measured_where_it_has_two_seeds():
+    from archlab.fidelity import Design, FidelitySettings, analyse
+
+    designs = [Design(n, {}, "test") for n in "abcde"]
+    settings = FidelitySettings(presets=["smoke", "cpu"], seeds=1, reference_seeds=2)
+
+    def run(design, preset, seed, val_loss):
+        return {"status": "ok", "design": design, "preset": preset, "seed": seed, "val_loss": val_loss,
+                "key": f"{design}-{preset}-seed{seed}"}
+
+    results = [run(n, "reference", 0, v) for n, v in zip("abcde", (1, 2, 3, 4, 5))]
+    results += [run(n, "reference", 1, v) for n, v in zip("abcd", (2, 1, 3, 4))]  # e: second seed not yet
+    results += [run(n, "cpu", 0, v) for n, v in zip("abcde", (1, 2, 3, 4, 5))]
+    noise = analyse(settings, designs, results, boot=10)["reference_noise"]
+    assert noise["designs"] == 4 and noise["kendall_tau"] == pytest.approx(4 / 6)  # one of six pairs swapped
+    assert noise["default_preset_vs_each_seed"] == [pytest.approx(1.0), pytest.approx(4 / 6)]
