@@ -243,7 +243,7 @@ def latency_rows(selected, settings: AblateSettings, run_dir: Path, progress: bo
                 print(f"measuring {len(missing)} ladder networks at {res}x{res} latent into {table}", file=sys.stderr)
             # whole paper-width networks take seconds (32x32) to tens of seconds (128x128) a run: the untimed
             # first run is the warm-up, then one run in each of two rounds, each next to the reference block
-            measure(table, cache_dir() / "bundles" / f"ablate-{device}-{res}", networks=missing, resolution=res,
+            measure(table, cache_dir() / "bundles" / f"ablate-{device}{suffix}-{res}", networks=missing, resolution=res,
                     device=device, protocol=Protocol(threads=threads, warmup=0, runs=2, rounds=2, budget_s=10.0),
                     reference_ms=pred.settings.get("reference_ms") if res == pred.resolution else None,
                     progress=progress_bar("exporting", "model") if progress else None, backend=backend)

@@ -301,9 +301,9 @@ def _selection_args(p: argparse.ArgumentParser) -> None:
 
 
 def _backend_arg(p: argparse.ArgumentParser) -> None:
-    from archlab.latency.table import BACKENDS
+    from archlab.latency.backends import RUNTIMES
 
-    p.add_argument("--backend", default="onnxruntime", choices=BACKENDS,
+    p.add_argument("--backend", default="onnxruntime", choices=list(RUNTIMES),
                    help="the runtime: onnxruntime (default), executorch-xnnpack ('.[executorch]'), coreml ('.[coreml]'; "
                         "timed on macOS by the bundle's runner_coreml.py)")
 
@@ -779,7 +779,11 @@ def cmd_latency_transfer(args: argparse.Namespace) -> int:
     try:
         ns = [int(n) for n in args.measure.split(",")]
     except ValueError:
-        raise ArchlabError(f"--measure: {args.measure!r} is not a comma-separated list of integers") from None
+        ns = [-1]
+    if min(ns) < 0:
+        raise ArchlabError(f"--measure: {args.measure!r} is not a comma-separated list of integers >= 0")
+    if args.draws < 1:
+        raise ArchlabError(f"--draws: must be >= 1, got {args.draws}")
     report = transfer.evaluate_tables(args.source, args.targets, ns, args.draws,
                                       command="archlab " + shlex.join(args.argv))
     js, md = transfer.write_report(report, args.out)

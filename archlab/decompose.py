@@ -288,7 +288,8 @@ def _with_skip(spec: BlockSpec, skip: str) -> BlockSpec:
 #     [up: [fuse] dit * d2], final
 #
 # Token blocks' `hw` is their token grid. `skips` (archlab.config.DiTConfig) adds the `fuse` layers:
-# `dense` one before each block of the Middle stage's second half, `u` one at the Up stage's start.
+# `dense` one before each block of the Middle stage's second half, `u` one at the Up stage's start. A
+# long skip's source is marked `skip="push"`, its fuse `skip="pop"`: the skips form a stack.
 
 
 @dataclass(frozen=True)
@@ -319,7 +320,8 @@ def _dit_segments(cfg: DiTConfig) -> list[tuple[BlockSpec, ...]]:
     dims = tuple(cfg.channels(i) for i in range(3))
     out = [_dit_head(net, dims[0])]
     for i, s in enumerate(cfg.stages):
-        out.append(_dit_stage(net, i, s, dims[i], dims[i + 1] if i < 2 else 0, dims[0]))
+        d0 = dims[0] if i == 2 and cfg.skips == "u" else 0  # what the `u` skip brings to the Up stage
+        out.append(_dit_stage(net, i, s, dims[i], dims[i + 1] if i < 2 else 0, d0))
     out.append(_dit_tail(net, dims[2]))
     return out
 
@@ -333,7 +335,8 @@ def _dit_head(net: _DiTNet, d0: int) -> tuple[BlockSpec, ...]:
 
 @_cache
 def _dit_stage(net: _DiTNet, i: int, s, dim: int, next_dim: int, d0: int) -> tuple[BlockSpec, ...]:
-    """Stage i's blocks at width `dim`, then the resampling into the next stage (width `next_dim`)."""
+    """Stage i's blocks at width `dim`, then the resampling into the next stage (width `next_dim`); `d0`: the
+    width the `u` skip brings into the Up stage."""
     stage = ("down", "middle", "up")[i]
     n = net.res // net.patch // (net.stride if i == 1 else 1)
     hw, heads, blocks = (n, n), dim // net.head_dim, []
@@ -344,11 +347,13 @@ def _dit_stage(net: _DiTNet, i: int, s, dim: int, next_dim: int, d0: int) -> tup
            ("qk_norm", net.qk_norm), ("rope", net.rope), ("attention", s.attention),
            ("block", s.block if assa else 0), ("radius", s.radius if assa else 0))  # full attention has no tiles
     if i == 2 and net.skips == "u":
-        blocks.append(BlockSpec("fuse", (("cin", dim + d0), ("cout", dim)), hw, "up.fuse", i))
+        blocks.append(BlockSpec("fuse", (("cin", dim + d0), ("cout", dim)), hw, "up.fuse", i, "pop"))
+    dense, half = i == 1 and net.skips == "dense", s.depth // 2
     for j in range(s.depth):
-        if i == 1 and net.skips == "dense" and j >= s.depth - s.depth // 2:  # joined by block depth-1-j's output
-            blocks.append(BlockSpec("fuse", (("cin", 2 * dim), ("cout", dim)), hw, f"middle.{j}.fuse", i))
-        blocks.append(BlockSpec("dit", dit, hw, f"{stage}.{j}", i))
+        if dense and j >= s.depth - half:  # joined by the output of block depth-1-j
+            blocks.append(BlockSpec("fuse", (("cin", 2 * dim), ("cout", dim)), hw, f"middle.{j}.fuse", i, "pop"))
+        push = (dense and j < half) or (i == 0 and net.skips == "u" and j == s.depth - 1)
+        blocks.append(BlockSpec("dit", dit, hw, f"{stage}.{j}", i, "push" if push else None))
     if i < 2 and (net.stride > 1 or dim != next_dim):
         direction = "down" if i == 0 else "up"
         blocks.append(BlockSpec("resample", (("dim_in", dim), ("dim_out", next_dim), ("direction", direction),

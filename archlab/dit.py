@@ -1,9 +1,10 @@
-"""The SnapGen++-style DiT: assembled from exactly the blocks `decompose(cfg)` lists.
+"""The SnapGen++-style DiT: assembled from exactly the blocks `decompose(cfg)` lists, run in that order.
 
     latent -> patch_embed -> Down blocks -> resample -> Middle blocks -> resample -> Up blocks -> final
 
-on the token grid of each stage (`DiTConfig.grid`); every block sees the timestep embedding and the
-context tokens. The long skips (`DiTConfig.skips`) join by concatenation and a `fuse` layer.
+Token blocks run on their stage's token grid (the block's `hw`); every DiT block sees the timestep
+embedding and the context tokens. A long skip (`DiTConfig.skips`) joins where its `fuse` block is: the
+block marked `push` gives its output, the `fuse` (marked `pop`) concatenates it and maps it back.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from torch import nn
 
 from archlab.config import DiTConfig
 from archlab.decompose import BlockSpec, decompose
+from archlab.kinds import KINDS
 
 
 class DiT(nn.Module):
@@ -23,30 +25,24 @@ class DiT(nn.Module):
         self.config = cfg
         self.specs: list[BlockSpec] = decompose(cfg)
         self.blocks = nn.ModuleDict({s.name.replace(".", "_"): s.build() for s in self.specs})
-
-    def _get(self, name: str) -> nn.Module | None:
-        key = name.replace(".", "_")
-        return self.blocks[key] if key in self.blocks else None
+        self.roles = [KINDS[s.kind].role for s in self.specs]  # how each block is run (archlab.kinds)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        cfg = self.config
-        temb = self.blocks["time_embed"](t)
-        h = self.blocks["patch_embed"](x)
-        down_out = h
-        for i, stage in enumerate(("down", "middle", "up")):
-            n = cfg.grid(i)
-            hw, outs = (n, n), []
-            if i == 2 and cfg.skips == "u":
-                h = self.blocks["up_fuse"](torch.cat([h, down_out], dim=-1))
-            for j in range(cfg.stages[i].depth):
-                fuse = self._get(f"{stage}.{j}.fuse")
-                if fuse is not None:  # dense: block j is joined by block depth-1-j's output
-                    h = fuse(torch.cat([h, outs[cfg.stages[i].depth - 1 - j]], dim=-1))
-                h = self.blocks[f"{stage}_{j}"](h, temb, context, hw)
-                outs.append(h)
-            if i == 0:
-                down_out = h
-            resample = self._get(f"{stage}.resample")
-            if resample is not None:
-                h = resample(h, hw)
-        return self.blocks["final"](h, temb, (cfg.tokens, cfg.tokens))
+        skips: list[torch.Tensor] = []
+        for spec, role, block in zip(self.specs, self.roles, self.blocks.values()):
+            if role == "time":
+                temb = block(t)
+                continue
+            if role == "patchify":
+                h = block(x)
+            elif role == "dit":
+                h = block(h, temb, context, spec.hw)
+            elif role == "resample":
+                h = block(h, spec.hw)
+            elif role == "fuse":
+                h = block(torch.cat([h, skips.pop()], dim=-1))
+            else:  # final: tokens back to the latent
+                h = block(h, temb, spec.hw)
+            if spec.skip == "push":
+                skips.append(h)
+        return h

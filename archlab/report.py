@@ -253,6 +253,12 @@ def _pm(score: Score, fmt: str, status: str = "ok") -> str:
     return format(score.mean, fmt) + ("" if score.std is None else " +- " + format(score.std, fmt))
 
 
+def _runtime_name(lat: dict) -> str:
+    """The runtime the ablation's latencies come from, as the report names it."""
+    name = (lat.get("runtime") or runtime(lat)).split()[0]
+    return {"onnxruntime": "ONNX Runtime", "executorch-xnnpack": "ExecuTorch (XNNPACK)", "coreml": "Core ML"}.get(name, name)
+
+
 def _ratio(v, base) -> str:
     return "" if v is None or not base else f" ({v / base:.2f})"
 
@@ -266,14 +272,14 @@ def markdown(run: dict, summary: list[dict], ch: list[dict], command: str, name:
     base = summary[0]
     lines = [f"# Ablation ladder: {run['ladder'].name}", "",
              f"The paper's ladder ({run['ladder'].source}) rebuilt by the lab: every row costed at paper scale, its "
-             f"latency predicted and measured in ONNX Runtime, and trained at proxy scale ({s.seeds} seed"
+             f"latency predicted and measured in {_runtime_name(lat)}, and trained at proxy scale ({s.seeds} seed"
              f"{'s' if s.seeds > 1 else ''} per row). Paper setting: {run['ladder'].setting}.", "",
              "Regenerate:", "", "```", s.command or "(command not recorded)", command, "```", "",
              "## Per row", "",
              "Latency in ms, with the ratio to the first row in brackets. Paper FLOPs are the paper's (convention "
              "unconfirmed); ours are MACs as fvcore counts them (FLOPs = 2 x MACs). Predicted latency: from "
              f"`{lat['table']}` at {lat['predicted_resolution']}x{lat['predicted_resolution']} latent; measured: "
-             f"end to end in ORT on `{lat['device']}` ({lat['threads']} thread{'s' if lat['threads'] > 1 else ''}) at "
+             f"end to end in {_runtime_name(lat)} on `{lat['device']}` ({lat['threads']} thread{'s' if lat['threads'] > 1 else ''}) at "
              + ", ".join(f"{r}x{r}" for r in res) + " latent. Scores: mean +- std over seeds; FID and KID with "
              f"{', '.join(extractors) or 'no extractor'} features.", ""]
     quality, quality_label = paper_quality(summary)

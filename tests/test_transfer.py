@@ -73,6 +73,10 @@ def test_cli_writes_a_usable_predictor_for_the_new_device_and_the_report(tmp_pat
     assert "| 5 |" in md and "archlab latency transfer" in md
     assert cli.main(["latency", "transfer", "--from", str(SOURCE), "--to", str(path), "--measure", "0,50"]) == 2
     assert "only 20 pool networks" in capsys.readouterr().err
+    assert cli.main(["latency", "transfer", "--from", str(SOURCE), "--to", str(path), "--measure", "0,-3"]) == 2
+    assert "integers >= 0" in capsys.readouterr().err
+    pred = load_for_table(path)  # the transferred predictor records the networks it was fitted on
+    assert pred.calibration.n == len(pred.calibration.digests) > 20 and pred.calibration.raw_range[1] > 0
 
 
 def test_networks_of_a_table_are_selected_to_time_on_a_new_device(tmp_path):
@@ -88,5 +92,5 @@ def test_networks_of_a_table_are_selected_to_time_on_a_new_device(tmp_path):
     run_bundle(tmp_path / "b", tmp_path / "t.csv", "dev", Protocol(threads=1, warmup=0, runs=1, rounds=1), progress=False)
     blocks, nets = select(networks_of=[str(tmp_path / "t.csv")] * 2, resolution=8)
     assert blocks == [] and [network_key(c) for c in nets] == [network_key(cfg)]  # listed twice, timed once
-    with pytest.raises(ArchlabError, match="has no config at latent 32"):
+    with pytest.raises(ArchlabError, match="timed its networks at latent 8, not --resolution 32"):
         select(networks_of=[str(tmp_path / "t.csv")], resolution=32)

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Callable
 
 from archlab.errors import ArchlabError
-from archlab.latency.table import BACKENDS
 
 
 @dataclass(frozen=True)
@@ -33,7 +32,7 @@ class Runtime:
     runner: str  # the device-side runner's module (shipped in the bundle as its file)
     factory: str  # the runner's Backend class
     requires: str  # the package the export and the runner need
-    extra: str  # the optional extra that installs it
+    extra: str  # the optional extra that installs it ("": a core dependency)
     export: Callable = field(repr=False, default=None)  # (module, inputs, folder, opset) -> (file in folder, item extras)
     here: bool = True  # can this machine (Linux) time it?
 
@@ -47,7 +46,8 @@ class Runtime:
         try:
             importlib.import_module(self.requires)
         except ImportError:
-            raise ArchlabError(f"--backend {self.name}: needs {self.requires}: pip install -e '.[{self.extra}]'") from None
+            how = f"pip install -e '.[{self.extra}]'" if self.extra else "pip install -e ."
+            raise ArchlabError(f"--backend {self.name}: needs {self.requires}: {how}") from None
 
 
 @contextlib.contextmanager
@@ -108,7 +108,6 @@ RUNTIMES: dict[str, Runtime] = {r.name: r for r in (
     Runtime("executorch-xnnpack", "pte", "runner_executorch", "ExecuTorchXnnpack", "executorch", "executorch", export_pte),
     Runtime("coreml", "coreml", "runner_coreml", "CoreML", "coremltools", "coreml", export_coreml, here=False),
 )}
-assert tuple(RUNTIMES) == BACKENDS
 
 
 def get(name: str) -> Runtime:

@@ -77,18 +77,19 @@ def select(space: str | None = None, ladder: str | None = None, networks: int = 
             if ladder_networks:
                 nets.append(cfg)
     for path in networks_of:
-        meta, rows = table.read_table(Path(path))
-        if not rows:
-            raise ArchlabError(f"--networks-of: {path}: no such latency table")
+        from archlab.latency.predictor import read_checked_table
+
+        meta, rows = read_checked_table(path)
+        if int(meta["resolution"]) != resolution:
+            raise ArchlabError(f"--networks-of: {path} timed its networks at latent {meta['resolution']}, not "
+                               f"--resolution {resolution}")
         configs = meta.get("networks", {})
         for r in rows:
             if r["role"] == "network":
-                cfg = arch_from_dict(configs[r["key"]], f"{path}: {r['key']}") if r["key"] in configs else None
-                if cfg is None or cfg.latent.resolution != resolution:
-                    raise ArchlabError(f"--networks-of: {path}: {r['key']} has no config at latent {resolution} in its metadata")
-                nets.append(cfg)
-    unique = {network_key(c): c for c in reversed(nets)}  # a network listed twice is timed once
-    return list(blocks.values()), [unique[k] for k in dict.fromkeys(network_key(c) for c in nets)]
+                if r["key"] not in configs:
+                    raise ArchlabError(f"--networks-of: {path}: network {r['key']} has no config in its metadata")
+                nets.append(arch_from_dict(configs[r["key"]], f"{path}: {r['key']}"))
+    return list(blocks.values()), list({network_key(c): c for c in nets}.values())  # a network listed twice: once
 
 
 def export_bundle(out_dir: str | Path, blocks: list[BlockSpec], networks: list[Config] = (), *,
@@ -105,7 +106,10 @@ def export_bundle(out_dir: str | Path, blocks: list[BlockSpec], networks: list[C
     manifest = {"format": FORMAT, "name": name or out.name, "backend": backend, "resolution": resolution,
                 "opset": opset if backend == "onnxruntime" else None, "reference": ref.key, "items": []}
     if path.exists():
-        old = timing.load_manifest(out)
+        try:
+            old = timing.load_manifest(out)
+        except table.RunnerError as e:
+            raise ArchlabError(str(e)) from None
         old.setdefault("backend", "onnxruntime")  # a bundle from before backends
         for key in ("backend", "resolution", "opset", "reference"):
             if old[key] != manifest[key]:

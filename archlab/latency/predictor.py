@@ -326,7 +326,7 @@ class Predictor:
             cal = None if c is None else Calibration(
                 float(c["intercept_ms"]), float(c["slope"]), int(c["n"]), tuple(c["networks"]), tuple(c["digests"]),
                 c["loo_mape"], c["raw_mape"], tuple(float(v) for v in c["raw_range_ms"]))
-            return cls(d["settings"], {k: float(v) for k, v in d["measured_ms"].items()}, kinds, cal,
+            return cls(tables.upgrade(d["settings"]), {k: float(v) for k, v in d["measured_ms"].items()}, kinds, cal,
                        d["table"], d["table_sha256"])
         except ArchlabError:
             raise

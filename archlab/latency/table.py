@@ -14,7 +14,6 @@ from pathlib import Path
 FIELDS = ("key", "kind", "role", "median_ms", "min_ms", "mean_ms", "cv", "runs", "ref_ms", "norm_ms")
 # must match to extend a table
 SETTINGS = ("device", "threads", "opt_level", "backend", "backend_options", "runtime_version", "resolution", "opset")
-BACKENDS = ("onnxruntime", "executorch-xnnpack", "coreml")  # the runtimes a bundle is exported for and timed with
 MAX_CV, RETRIES = 0.10, 2  # the noise gate: re-time an item whose run-to-run CV is above MAX_CV, up to RETRIES times
 MIN_SPREAD_MS = 0.1  # ... unless its spread (std) is below this: timer jitter on a tiny item, not a busy machine
 
@@ -68,15 +67,21 @@ def read_table(path: Path) -> tuple[dict, list[dict]]:
         raise RunnerError(f"{path}: has no readable metadata file {meta_path.name}") from None
     if not isinstance(meta, dict):
         raise RunnerError(f"{meta_path}: is not a metadata object")
-    if "backend" not in meta:  # a table from before backends: onnxruntime's
-        meta.update(backend="onnxruntime", runtime_version=meta.get("ort_version"))
-    meta.setdefault("backend_options", {})
+    upgrade(meta)
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
         if tuple(reader.fieldnames or ()) != FIELDS:
             raise RunnerError(f"{path}: columns {reader.fieldnames} are not {list(FIELDS)}")
         rows = list(reader)
     return meta, rows
+
+
+def upgrade(meta: dict) -> dict:
+    """A table's metadata (or a predictor's copy of it) from before backends, read as onnxruntime's (in place)."""
+    if "backend" not in meta:
+        meta.update(backend="onnxruntime", runtime_version=meta.get("ort_version"))
+    meta.setdefault("backend_options", {})
+    return meta
 
 
 def write_atomic(path: Path, text: str) -> None:

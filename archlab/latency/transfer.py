@@ -101,22 +101,27 @@ def fit_transfer(source: Predictor, parts: np.ndarray, measured: Sequence[float]
         return _solve("none", parts, y, source)
     if n < 5:  # too few to compare transfers by leaving one out: the most flexible one allowed
         return _solve(allowed[-1], parts, y, source)
-    scored = [(_loo(m, parts, y, source), m) for m in allowed]
-    loo, best = min(scored)
+    scored = [(_loo(m, parts, y, source), METHODS.index(m), m) for m in allowed]
+    loo, _, best = min(scored)  # a tie goes to the simpler transfer
     return dataclasses.replace(_solve(best, parts, y, source), loo_mape=loo)
 
 
-def transferred(source: Predictor, t: Transfer, settings: dict) -> Predictor:
-    """The source predictor with the transfer applied: an ordinary predictor of the target device."""
+def transferred(source: Predictor, t: Transfer, settings: dict, parts: np.ndarray, keys: Sequence[str] = (),
+                digests: Sequence[str] = ()) -> Predictor:
+    """The source predictor with the transfer applied: an ordinary predictor of the target device. `parts`
+    (rows of `split`), `keys` and `digests`: the target networks it was fitted on, which its calibration
+    records (so held-out evaluations avoid them and predictions far outside them are flagged)."""
     def scaled(kind: str) -> float:
         return t.factors[group(kind)]
 
     kinds = {k: dataclasses.replace(m, coef=tuple(c * scaled(k) for c in m.coef)) for k, m in source.kinds.items()}
     measured = {key: ms * scaled(key.split("(", 1)[0]) for key, ms in source.measured.items()}
-    cal = Calibration(t.intercept_ms, 1.0, t.n, loo_mape=t.loo_mape)
+    raw = t.apply(parts) - t.intercept_ms  # the scaled block sums of the networks it was fitted on
+    cal = Calibration(t.intercept_ms, 1.0, t.n, tuple(keys), tuple(digests), loo_mape=t.loo_mape,
+                      raw_range=(float(raw.min()), float(raw.max())) if len(raw) else (0.0, float("inf")))
     return Predictor({**settings, "transfer": {"from": source.table, "method": t.method, "n": t.n,
                                                "factors": t.factors, "intercept_ms": t.intercept_ms}},
-                     measured, kinds, cal, table=settings.get("table", ""))
+                     measured, kinds, cal)
 
 
 # ---- evaluation ---------------------------------------------------------------------------------
@@ -176,10 +181,13 @@ def fit_for_table(source_table: str | Path, target_table: str | Path) -> tuple[P
     from archlab.latency.predictor import load_for_table, predictor_path, table_sha
 
     source = load_for_table(source_table)
+    from archlab.latency.export import network_key
+
     meta, cfgs, measured = target_networks(target_table, source)
-    t = fit_transfer(source, np.array([split(source, c) for c in cfgs]), measured)
+    parts = np.array([split(source, c) for c in cfgs])
+    t = fit_transfer(source, parts, measured)
     settings = {k: v for k, v in meta.items() if k not in ("networks", "sessions")}
-    pred = transferred(source, t, settings)
+    pred = transferred(source, t, settings, parts, [network_key(c) for c in cfgs], [c.digest() for c in cfgs])
     pred.table, pred.table_sha256 = str(target_table), table_sha(target_table)
     return pred, pred.save(predictor_path(target_table))
 
