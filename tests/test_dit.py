@@ -170,3 +170,35 @@ def test_snapgenpp_ladder_costs_like_the_paper_or_says_why():
     assert all(abs(r.params / 1e6 / r.paper["params_m"] - 1) < 0.05 for r in rows[:4])
     assert rows[3].macs < rows[2].macs < rows[1].macs  # three stages, then ASSA, cut the work
     assert [ch.verdict.value for ch in rows[3].changes] == ["agree", "none"]  # params; the paper gives no FLOPs
+
+
+def test_search_runs_end_to_end_on_a_dit_space(tmp_path):
+    """`archlab search` on a DiT space: candidates costed by a (synthetic) table of DiT blocks, trained on
+    Ray, the best exported as a DiT config."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from archlab.latency.predictor import fit, predictor_path
+    from test_latency_predictor import write_synthetic
+
+    base = dit_dict(latent=dict(channels=4, resolution=8), stages=[
+        dict(channels=32, depth=1, attention="assa", block=2), dict(channels=32, depth=1),
+        dict(channels=32, depth=1, attention="assa", block=2)])
+    space_path = tmp_path / "space.yaml"
+    space_path.write_text(yaml.safe_dump({"name": "tiny-dit", "base": base, "params": {
+        "stages.1.depth": [1, 2], "skips": ["none", "dense"], "stages.0.attention": ["full", "assa"]}}))
+    space = load_space(space_path)
+    table = tmp_path / "t.csv"
+    write_synthetic(table, space.block_signatures(), [c for _, c in space.sample(4, seed=1)], resolution=8)
+    fit(table).save(predictor_path(table))
+    run = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "archlab.cli", "search", "--space", str(space_path), "--table",
+                           str(table), "--budget-ms", "1000", "--trials", "2", "--dataset", "synthetic",
+                           "--image-size", "8", "--classes", "3", "--per-class", "8", "--val-per-class", "4",
+                           "--steps", "3", "--batch", "4", "--width-mult", "1", "--samples", "0", "--cpus-per-trial",
+                           "1", "--out", str(run)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    best = arch_from_dict(yaml.safe_load((run / "best" / "best-1.yaml").read_text()))
+    assert isinstance(best, DiTConfig) and best.name.startswith("tiny-dit-trial")
