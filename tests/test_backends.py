@@ -1,6 +1,8 @@
 """The latency lab's runtime backends: bundles for onnxruntime, ExecuTorch-XNNPACK and Core ML, their
 runners, and tables that say which runtime made them."""
 
+import subprocess
+import sys
 import time
 
 import pytest
@@ -101,9 +103,14 @@ def test_coreml_bundle_exports_and_its_table_round_trips(tmp_path, capsys):
     spec = ct.models.utils.load_spec(str(out / manifest["items"][1]["file"]))
     assert [i.name for i in spec.description.input] == list(manifest["items"][1]["inputs"])
 
-    if not (__import__("sys").platform == "darwin"):  # Core ML itself runs only on macOS
+    if sys.platform != "darwin":  # Core ML itself runs only on macOS
         with pytest.raises(RunnerError, match="only on macOS"):
             CoreML().load(out, manifest["items"][0], 1, "all")
+        code = ("import sys; sys.modules['torch'] = None; sys.modules['archlab'] = None; import runpy; "  # the Mac's runner:
+                f"sys.argv = ['runner_coreml.py', {str(out)!r}, '--out', {str(tmp_path / 'c.csv')!r}, "  # no torch
+                f"'--device-name', 'mac']; runpy.run_path({str(out / 'runner_coreml.py')!r}, run_name='__main__')")
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert r.returncode == 2 and "runner_coreml.py: error: Core ML runs models only on macOS" in r.stderr
         assert cli.main(["latency", "run", str(out), "--backend", "coreml", "--out", str(tmp_path / "c.csv"),
                          "--device-name", "mac"]) == 2
         assert "copy the bundle to a Mac" in capsys.readouterr().err
