@@ -465,9 +465,10 @@ def _limits(a: dict, settings: FidelitySettings) -> list[str]:
                f"reproduces another's at tau {st:.2f}), so the reference orders some designs differently. Most moved "
                "(rank by the preset -> by the reference, of " + str(len(d["means"])) + "): "
                + ", ".join(f"{n} {r1} -> {r2}" for n, r1, r2 in moved[:4])
-               + f". Either the designs learn at different speeds (then a longer proxy is the lever) or the "
-               f"reference, {a['reference_seeds']} seed{'s' if a['reference_seeds'] != 1 else ''} of its own, is "
-               "itself noisy at this spread (then more reference seeds are); a second reference seed tells which")
+               + ("" if (a.get("reference_noise") or {}).get("kendall_tau") is not None else
+                  ". Either the designs learn at different speeds (then a longer proxy is the lever) or the reference, "
+                  "one seed of its own, is itself noisy at this spread (then more reference seeds are); a second "
+                  "reference seed tells which"))
     out.append(f"Under the target, what limits {name}: {why}.")
     noise = a.get("reference_noise") or {}
     if noise.get("kendall_tau") is not None:
