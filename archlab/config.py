@@ -137,9 +137,6 @@ class _Config:
             set_path(data, path, value, where)
         return type(self).from_dict(data, where)
 
-    def validate(self, where: str = "") -> None:
-        raise NotImplementedError
-
     # ---- derived, effective (width-scaled) values ---------------------------------------------
     @property
     def n_stages(self) -> int:

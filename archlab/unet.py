@@ -3,22 +3,12 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from archlab.config import ArchConfig
-from archlab.decompose import BlockSpec, decompose
-from archlab.kinds import KINDS
+from archlab.models import BlockNet
 
 
-class UNet(nn.Module):
+class UNet(BlockNet):
     """forward(x: (B, latent_ch, H, W), t: (B,), context: (B, L, context_dim)) -> (B, latent_ch, H, W)."""
-
-    def __init__(self, cfg: ArchConfig):
-        super().__init__()
-        self.config = cfg
-        self.specs: list[BlockSpec] = decompose(cfg)
-        self.blocks = nn.ModuleDict({s.name.replace(".", "_"): s.build() for s in self.specs})
-        self.roles = [KINDS[s.kind].role for s in self.specs]  # how each block is run (archlab.kinds)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         skips: list[torch.Tensor] = []
