@@ -94,3 +94,22 @@ def test_networks_of_a_table_are_selected_to_time_on_a_new_device(tmp_path):
     assert blocks == [] and [network_key(c) for c in nets] == [network_key(cfg)]  # listed twice, timed once
     with pytest.raises(ArchlabError, match="timed its networks at latent 8, not --resolution 32"):
         select(networks_of=[str(tmp_path / "t.csv")], resolution=32)
+
+
+def test_a_target_table_brings_its_held_out_table(tmp_path):
+    """A full table on the target (blocks and the calibration networks) and its `archlab latency evaluate`
+    held-out table are one target: their networks together, checked to share settings."""
+    meta, rows = read_table(SOURCE)
+    hmeta, hrows = read_table(HELDOUT)
+    target = tmp_path / "dev.csv"
+    write_table(target, {**meta, "device": "dev"}, rows)
+    write_table(tmp_path / "dev.heldout.csv", {**hmeta, "device": "dev"}, hrows)
+    source = load_for_table(SOURCE)
+    _, cfgs, ms = transfer.target_networks(target, source)
+    n_nets = sum(r["role"] == "network" for r in rows) + sum(r["role"] == "network" for r in hrows)
+    assert len(cfgs) == len(ms) == n_nets
+    report = transfer.evaluate_tables(SOURCE, [target], [0], draws=1)
+    assert report["targets"][0]["pool"] == 20 and report["targets"][0]["held_out"] == n_nets - 20
+    write_table(tmp_path / "dev.heldout.csv", {**hmeta, "device": "dev", "threads": 4}, hrows)
+    with pytest.raises(transfer.ArchlabError, match="other threads"):
+        transfer.target_networks(target, source)

@@ -74,7 +74,7 @@ def evaluate(space: SearchSpace, table: str | Path, heldout_table: str | Path, b
     for cfg in nets + ladder_cfgs:  # anything the predictor cannot cover fails now, not after measuring
         pred.predict(cfg)
     if Path(heldout_table).is_file():  # and a held-out table from other settings too
-        _check_same_settings(read_checked_table(heldout_table)[0], meta, heldout_table, table)
+        check_same_settings(read_checked_table(heldout_table)[0], meta, heldout_table, table)
 
     protocol = Protocol.of_table(meta)  # held-out networks timed as the table's blocks were
     gate = protocol.max_cv
@@ -82,7 +82,7 @@ def evaluate(space: SearchSpace, table: str | Path, heldout_table: str | Path, b
             opset=int(meta["opset"] or 20), reference_ms=float(meta["reference_ms"]), progress=progress,
             backend=meta["backend"])
     hmeta, hrows = read_checked_table(heldout_table, device=meta["device"], resolution=res)
-    _check_same_settings(hmeta, meta, heldout_table, table)
+    check_same_settings(hmeta, meta, heldout_table, table)
     by_key = {r["key"]: r for r in hrows}
 
     def measured(cfgs: list[ArchConfig]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -164,7 +164,7 @@ def write_report(report: dict, out_dir: str | Path, command: str) -> tuple[Path,
     return js, md
 
 
-def _check_same_settings(hmeta: dict, meta: dict, heldout: str | Path, table: Path) -> None:
+def check_same_settings(hmeta: dict, meta: dict, heldout: str | Path, table: Path) -> None:
     clash = [k for k in ("device", "threads", "opt_level", "backend", "backend_options", "runtime_version", "resolution",
                          "opset", "reference_ms")
              if hmeta.get(k) != meta.get(k)]

@@ -127,13 +127,22 @@ def transferred(source: Predictor, t: Transfer, settings: dict, parts: np.ndarra
 # ---- evaluation ---------------------------------------------------------------------------------
 
 def target_networks(table: str | Path, source: Predictor) -> tuple[dict, list[Config], np.ndarray]:
-    """(metadata, configs, measured ms) of the whole networks in a target table, checked against the
-    source (same latent resolution)."""
+    """(metadata, configs, measured ms) of the whole networks in a target table and in its held-out table
+    (`<table>.heldout.csv`, from `archlab latency evaluate`) if it has one, checked against the source (same
+    latent resolution) and each other (same settings)."""
+    from archlab.latency.evaluate import check_same_settings
+
     meta, rows = read_checked_table(table)
     if int(meta["resolution"]) != source.resolution:
         raise ArchlabError(f"{table}: latent {meta['resolution']}, the source predictor's is {source.resolution}")
-    configs = meta.get("networks", {})
-    nets = [r for r in rows if r["role"] == "network"]
+    configs = dict(meta.get("networks", {}))
+    heldout = Path(table).with_suffix(".heldout.csv")
+    if heldout.is_file() and heldout != Path(table):
+        hmeta, hrows = read_checked_table(heldout)
+        check_same_settings(hmeta, meta, heldout, Path(table))
+        configs.update(hmeta.get("networks", {}))
+        rows = list(rows) + list(hrows)
+    nets = list({r["key"]: r for r in rows if r["role"] == "network"}.values())  # a network timed in both: once
     missing = [r["key"] for r in nets if r["key"] not in configs]
     if missing:
         raise ArchlabError(f"{table}: network row {missing[0]} has no config in the metadata")
