@@ -37,7 +37,7 @@ from archlab.config import ArchConfig, Config
 from archlab.data import ImageSet, to_model, to_uint8
 from archlab.errors import ArchlabError
 from archlab.io import atomic_path, save_atomic, write_atomic
-from archlab.train_config import NOT_TRAINING, TrainConfig
+from archlab.train_config import TrainConfig
 from archlab.models import build_model
 
 VAL_TIMESTEPS = 8  # validation loss: t = (i + 0.5) / 8, i = 0..7, for every held-out image
@@ -317,7 +317,7 @@ def _train(arch, data, t, out, progress, on_report, with_scores) -> TrainResult:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=t.lr, betas=(0.9, 0.99))
     settings = {"arch": proxy.to_dict(), "data": data.key,
-                "train": {k: v for k, v in asdict(t).items() if k not in NOT_TRAINING}}
+                "train": t.training_identity()}
     ckpt = _Checkpoint(Path(out) if out else None, settings)
     step, history, smooth, before = 0, [], None, 0.0
     state = ckpt.load()
@@ -337,7 +337,7 @@ def _train(arch, data, t, out, progress, on_report, with_scores) -> TrainResult:
         images, labels, tt, eps = draw_batch(data, t, step)
         x0, tt, eps = to_model(images).to(t.device), tt.to(t.device), eps.to(t.device)
         for group in opt.param_groups:
-            group["lr"] = t.lr * min(1.0, (step + 1) / max(1, t.warmup))
+            group["lr"] = t.lr_at(step)
         model.train()
         loss = flow_loss(model, x0, labels.to(t.device), tt, eps)
         if not torch.isfinite(loss) or loss.item() > DIVERGED_LOSS:

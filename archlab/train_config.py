@@ -12,6 +12,7 @@ from archlab.schema import at_least, check, describe, positive, setting
 
 INITS = ("shared", "sequential")
 TIMESTEPS = ("logit_normal", "uniform")
+LR_SCHEDULES = ("constant", "cosine")
 EXTRACTORS = ("auto", "inception", "randconv")
 # settings that do not change the trained weights: a checkpoint made with other values is resumed
 NOT_TRAINING = ("steps", "val_images", "samples", "sample_steps", "cfg_scale", "fid_extractor", "fid_reference",
@@ -27,6 +28,8 @@ class TrainConfig:
     lr: float = setting(3e-4, "AdamW learning rate", positive, "> 0")
     weight_decay: float = setting(0.01, "AdamW weight decay", at_least(0), ">= 0")
     warmup: int = setting(50, "linear learning-rate warm-up steps", at_least(0), ">= 0")
+    lr_schedule: str = setting("constant", "learning rate after the warm-up: constant, or cosine (decays to 0 at the "
+                                           "last step, so --steps then changes what is learnt)", choices=LR_SCHEDULES)
     grad_clip: float = setting(1.0, "gradient norm clip", positive, "> 0")
     ema: float = setting(0.999, "EMA decay of the scored weights", lambda v: 0 <= v < 1, "in [0, 1)")
     timesteps: str = setting("logit_normal", "training timestep distribution", choices=TIMESTEPS)
@@ -55,6 +58,23 @@ class TrainConfig:
     device: str = setting("cpu", "torch device (cpu, cuda, ...)")
     threads: int | None = setting(None, "torch intra-op threads while training (None: leave torch's setting)",
                                    lambda v: v is None or v >= 1, ">= 1")
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of training step `step` (0-based): linear warm-up, then the schedule."""
+        import math
+
+        lr = self.lr * min(1.0, (step + 1) / max(1, self.warmup))
+        if self.lr_schedule == "cosine" and step >= self.warmup:
+            lr *= 0.5 * (1 + math.cos(math.pi * (step - self.warmup) / max(1, self.steps - self.warmup)))
+        return lr
+
+    def training_identity(self) -> dict:
+        """The settings a checkpoint must share to be resumed: all that change the trained weights (the
+        step count too when the learning rate decays towards the last step)."""
+        from dataclasses import asdict
+
+        keep = ("steps",) if self.lr_schedule != "constant" else ()
+        return {k: v for k, v in asdict(self).items() if k not in NOT_TRAINING or k in keep}
 
     def validate(self) -> None:
         """Every setting in its range (one line naming the first that is not), and the device usable."""

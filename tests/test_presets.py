@@ -54,6 +54,7 @@ def test_a_preset_file_of_ones_own(tmp_path):
     ("p:\n  steps: 3\n", "p: image_size: required"),
     ("p:\n  image_size: 16\n  seed: 3\n", "p: seed: not a preset setting"),
     ("p:\n  image_size: 16\n  timesteps: cosine\n", "p: timesteps: 'cosine' is not one of"),
+    ("p:\n  image_size: 16\n  lr_schedule: linear\n", "p: lr_schedule: 'linear' is not one of"),
     ("p: [1, 2]\n", "p: a preset must be a mapping"),
     ("- a\n- b\n", "a presets file must be a mapping"),
     ("p: {image_size: 16\n", "invalid YAML"),

@@ -182,6 +182,21 @@ def test_checkpoint_from_other_settings_is_refused(arch, data, tmp_path):
         T.train(arch, data, T.TrainConfig(**{**TINY_TRAIN.__dict__, "steps": 2, "lr": 1e-3}), out=tmp_path)
 
 
+def test_cosine_schedule_warms_up_then_decays_to_zero_at_the_last_step(arch, data, tmp_path):
+    t = T.TrainConfig(steps=10, warmup=2, lr=1.0, lr_schedule="cosine")
+    lrs = [t.lr_at(s) for s in range(10)]
+    assert lrs[:3] == pytest.approx([0.5, 1.0, 1.0])  # warm-up, then the cosine starts at the peak
+    assert all(a > b for a, b in zip(lrs[2:], lrs[3:])) and 0 < lrs[-1] < 0.05
+    assert [T.TrainConfig(steps=10, warmup=2, lr=1.0).lr_at(s) for s in (0, 5, 9)] == [0.5, 1.0, 1.0]
+    # with a decay, the step count changes what is learnt: a checkpoint of a shorter run is not extended
+    cosine = {**TINY_TRAIN.__dict__, "lr_schedule": "cosine"}
+    T.train(arch, data, T.TrainConfig(**{**cosine, "steps": 2}), out=tmp_path)
+    with pytest.raises(ArchlabError, match="other settings"):
+        T.train(arch, data, T.TrainConfig(**cosine), out=tmp_path)
+    # and it trains differently from the constant rate
+    assert T.train(arch, data, T.TrainConfig(**cosine)).val_loss != T.train(arch, data, TINY_TRAIN).val_loss
+
+
 def test_nan_loss_ends_the_run_as_diverged(arch, data, monkeypatch):
     real = T.flow_loss
     calls = []
