@@ -173,7 +173,7 @@ def _by_seed(per: list[dict], score: str) -> tuple[list[list[float | None]], lis
 
 def analyse(settings: FidelitySettings, designs: list[Design], results: list[dict], boot: int = 2000) -> dict:
     """The benchmark's numbers (the shape of `reports/proxy_fidelity.json`)."""
-    from archlab.stats import noise_to_spread, rank_agreement
+    from archlab.stats import kendall, noise_to_spread, rank_agreement
 
     runs = _runs(results)
     names = [d.name for d in designs]
@@ -202,6 +202,8 @@ def analyse(settings: FidelitySettings, designs: list[Design], results: list[dic
                 vs_val = [i for i in have if ref["val_loss"][names[i]] is not None]
                 agree_val = rank_agreement([means[i] for i in vs_val], [ref["val_loss"][names[i]] for i in vs_val],
                                            boot=boot)
+                score["kendall_tau_per_seed"] = [kendall([by_design[i][k] for i in have], [ref[s][names[i]] for i in have])
+                                                 for k in common]  # a preset with fewer seeds is compared seed to seed
                 score.update(kendall_tau=agree["kendall_tau"], kendall_tau_ci=agree["kendall_tau_ci"],
                              spearman_rho=agree["spearman_rho"], spearman_rho_ci=agree["spearman_rho_ci"],
                              kendall_tau_vs_reference_val_loss=agree_val["kendall_tau"],
@@ -382,7 +384,8 @@ def markdown(a: dict, settings: FidelitySettings, command: str) -> str:
         pr, e = proxies[p], a["presets"][p]
         t = pr.train_config()
         ext = ", ".join(e["extractors"]) or t.fid_extractor
-        lines.append(f"| `{p}` | {pr.image_size} | x{t.width_mult} | {t.steps} x {t.batch} | {pr.compute:,} | {t.lr:g} | "
+        lr = f"{t.lr:g}" + ("" if t.lr_schedule == "constant" else f", {t.lr_schedule}")
+        lines.append(f"| `{p}` | {pr.image_size} | x{t.width_mult} | {t.steps} x {t.batch} | {pr.compute:,} | {lr} | "
                      f"{t.val_images} | {t.samples} ({t.sample_steps}) | {ext} | {', '.join(e['hardware']) or '-'} | "
                      f"{_f(e['cpu_minutes_per_design'], '.1f')} |")
     lines += ["", "CPU-minutes: median over the preset's trainings of (training + scoring seconds) x torch threads; each "
@@ -402,19 +405,22 @@ def markdown(a: dict, settings: FidelitySettings, command: str) -> str:
               "sure order across its range at this many seeds. Seed vs seed tau: Kendall tau between two single seeds' "
               "rankings, averaged over pairs of seeds: how reproducible the preset's ranking is, whatever the reference "
               "says (high here but low against the reference: the proxy ranks another way than the long training, "
-              "not by noise). Ladder tau vs paper: Kendall tau of the ladder rows' ranking against the paper's FID "
+              "not by noise). Each seed's tau: Kendall tau of one seed's ranking against the reference, seed by seed "
+              "(seed k gives every preset with the same batch the same batches, noise and initial weights, so a "
+              "preset ranked on fewer seeds compares with another seed for seed). Ladder tau vs paper: Kendall tau of the ladder rows' ranking against the paper's FID "
               "(8 rows). Ladder steps as reference: of the ladder's row-to-row changes, how many go the same way "
               "under the preset (mean over seeds) as under the reference: the ablation report's question, asked of "
               "the proxy.", "",
-              "| preset | score | Kendall tau [95% CI] | Spearman rho | tau vs ref val loss | seed vs seed tau | "
-              "noise / spread | tells apart | ladder steps as reference | ladder tau vs paper FID |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "| preset | score | Kendall tau [95% CI] | each seed's tau | Spearman rho | tau vs ref val loss | "
+              "seed vs seed tau | noise / spread | tells apart | ladder steps as reference | ladder tau vs paper FID |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in presets_used:
         for s in ALL_SCORES:
             e = a["presets"][p]["scores"][s]
             tau = "1 (itself)" if p == reference else f"{_f(e.get('kendall_tau'))} {_ci(e.get('kendall_tau_ci'))}"
             nts = "noise only" if e.get("reliability") == 0 else _f(e.get("noise_to_spread"))
-            lines.append(f"| `{p}` | {LABELS[s]} | {tau} | {_f(e.get('spearman_rho'))} | "
+            each = ", ".join(_f(v) for v in e.get("kendall_tau_per_seed") or []) or "-"
+            lines.append(f"| `{p}` | {LABELS[s]} | {tau} | {each} | {_f(e.get('spearman_rho'))} | "
                          f"{_f(e.get('kendall_tau_vs_reference_val_loss'))} | {_f(e.get('seed_vs_seed_tau'))} | {nts} | "
                          f"{_f(e.get('distinguishable'), '.1f')} | {_steps(e.get('ladder_steps_as_reference'))} | "
                          f"{_f(e.get('ladder_kendall_tau_vs_paper_fid'))} |")

@@ -66,6 +66,7 @@ def test_fidelity_trains_analyses_reports_and_resumes(lab, tmp_path):
             assert sc["noise"] > 0 and sc["designs"] == 4 and len(sc["means"]) == 4
             assert sc["ladder_kendall_tau_vs_paper_fid"] is not None and -1 <= sc["seed_vs_seed_tau"] <= 1
             assert sc["ladder_steps_as_reference"][1] == 2  # the tiny ladder's 3 rows: 2 changes
+            assert len(sc["kendall_tau_per_seed"]) == 2 and all(-1 <= t <= 1 for t in sc["kendall_tau_per_seed"])
     r = json.loads(files[0].read_text())
     assert r["hardware"] and r["threads"] == 1 and r["score_seconds"] > 0 and len(r["val_loss_t"]) == 8
     paths = fidelity.write_report(a, s, out, "archlab fidelity ...")
@@ -207,7 +208,7 @@ def test_rankings_compare_means_over_the_seeds_every_design_has():
     out = analyse(settings, designs, results, boot=10)["presets"]
     val = out["cpu"]["scores"]["val_loss"]
     assert val["seeds_ranked"] == 1 and val["means"] == {"a": 1.0, "b": 2.0, "c": 3.0}
-    assert val["kendall_tau"] == pytest.approx(1.0)
+    assert val["kendall_tau"] == pytest.approx(1.0) and val["kendall_tau_per_seed"] == [pytest.approx(1.0)]
     assert out["reference"]["scores"]["val_loss"]["means"] == {"a": 1.0, "b": 2.0, "c": 3.0}
 
 
