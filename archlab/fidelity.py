@@ -102,7 +102,12 @@ def identity(settings: FidelitySettings, designs: list[Design]) -> dict:
     data = {k: v for k, v in settings.data.items() if k != "resolution"}
     if data.get("spec") != "synthetic":
         data["spec"] = Path(data["spec"]).name  # the same folder mounted elsewhere is the same data
-    return {"panel": panel_digest(designs), "data": data, "presets": {p.name: p.to_dict() for p in settings.proxies()}}
+    return {"panel": panel_digest(designs), "data": data, "presets": {p.name: _values(p.to_dict()) for p in settings.proxies()}}
+
+
+def _values(preset: dict) -> dict:
+    """What a preset trains with: its settings, not its description (rewording one keeps its results)."""
+    return {k: v for k, v in preset.items() if k != "description"}
 
 
 def jobs(settings: FidelitySettings, designs: list[Design], results: Path, work: Path) -> list[Job]:
@@ -134,10 +139,10 @@ def open_results(settings: FidelitySettings, designs: list[Design], results: Pat
             if theirs.get(key) != ours[key]:
                 raise ArchlabError(f"--results: {results} holds trainings made with another {key}; pick another folder")
         for name, values in ours["presets"].items():
-            if name in theirs.get("presets", {}) and theirs["presets"][name] != values:
+            if name in theirs.get("presets", {}) and _values(theirs["presets"][name]) != values:
                 raise ArchlabError(f"--results: {results} holds trainings of preset {name!r} made with other values; "
                                    "rename the preset or pick another folder")
-        ours["presets"] = {**theirs.get("presets", {}), **ours["presets"]}
+        ours["presets"] = {**{k: _values(v) for k, v in theirs.get("presets", {}).items()}, **ours["presets"]}
     write_atomic(saved, json.dumps({"identity": ours, "settings": asdict(settings)}, indent=1) + "\n")
 
 

@@ -163,6 +163,10 @@ def test_bad_settings_and_a_foreign_results_folder_are_refused(lab, tmp_path):
     with pytest.raises(ArchlabError, match="preset 'quick' made with other values"):
         fidelity.run(_settings(lab, presets=[f"{changed}:quick", f"{pfile}:slow"]), tmp_path / "r", tmp_path / "w",
                      only=[])
+    reworded = tmp_path / "reworded.yaml"  # a new description trains the same: its results stand
+    reworded.write_text(yaml.safe_dump({**PRESETS, "quick": {**PRESETS["quick"], "description": "new words"}}))
+    fidelity.run(_settings(lab, presets=[f"{reworded}:quick", f"{pfile}:slow"]), tmp_path / "r", tmp_path / "w",
+                 only=[])
     added = tmp_path / "added.yaml"  # a preset new to the folder is welcome
     added.write_text(yaml.safe_dump({**PRESETS, "other": {**PRESETS["quick"], "batch": 2}}))
     fidelity.run(_settings(lab, presets=[f"{added}:other", f"{pfile}:slow"]), tmp_path / "r", tmp_path / "w", only=[])
