@@ -232,6 +232,9 @@ def _build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--table", required=True, help="the fitted table")
     ev.add_argument("--heldout", help="table of held-out measurements (default <table>.heldout.csv; resumes)")
     ev.add_argument("--ladder", help="also measure and predict every row of this ladder")
+    ev.add_argument("--beside", action="append", default=[], metavar="TABLE",
+                    help="another evaluated table (e.g. another runtime on this device): its measured ladder ratios "
+                         "beside this table's (with --ladder)")
     ev.add_argument("--networks", type=int, default=50, metavar="N", help="held-out networks (default 50)")
     ev.add_argument("--seed", type=int, default=2, help="seed of the held-out sample (default 2)")
     ev.add_argument("--out", type=_folder, default="runs/latency-eval",
@@ -871,7 +874,7 @@ def cmd_latency_evaluate(args: argparse.Namespace) -> int:
     heldout = args.heldout or str(Path(args.table).with_suffix(".heldout.csv"))
     report = evaluate(load_space(args.space), args.table, heldout, Path("runs") / "bundles" / Path(heldout).stem,
                       n=args.networks, seed=args.seed, ladder=load_ladder(args.ladder) if args.ladder else None,
-                      progress=progress_bar("exporting", "model"))
+                      beside=args.beside, progress=progress_bar("exporting", "model"))
     command = "archlab " + " ".join(shlex.quote(a) for a in args.argv)
     js, md = write_report(report, args.out, command)
     if args.json:

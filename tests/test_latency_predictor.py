@@ -321,3 +321,31 @@ def test_reading_a_table_and_predicting_imports_neither_torch_nor_onnxruntime():
             "print(sorted(m for m in ('torch', 'onnxruntime') if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0 and r.stdout.strip() == "[]", (r.stdout, r.stderr[-2000:])
+
+
+def test_beside_ratios_and_fallback_ops_reach_the_report(tmp_path):
+    from archlab.latency import evaluate as E
+
+    cfgs = [tiny_cfg(f"v{i}", **v) for i, v in enumerate(VARIANTS[:3])]
+    blocks = list({s.signature: s for c in cfgs for s in decompose(c)}.values())
+    other = tmp_path / "other.csv"
+    write_synthetic(other, blocks, [])
+    with pytest.raises(ArchlabError, match="no held-out table"):
+        E.beside_ratios(other, cfgs)
+    write_synthetic(tmp_path / "other.heldout.csv", [], cfgs[:2])
+    with pytest.raises(ArchlabError, match="ladder row 'v2'"):
+        E.beside_ratios(other, cfgs)
+    write_synthetic(tmp_path / "other.heldout.csv", [], cfgs)
+    b = E.beside_ratios(other, cfgs)
+    truth = [0.5 + 1.1 * sum(truth_ms(s) for s in decompose(c)) for c in cfgs]
+    assert b["measured_ratio"] == pytest.approx([t / truth[0] for t in truth]) and b["measured_ratio"][0] == 1
+
+    rows = [dict(key=s.key, kind=s.kind, role="block") for s in blocks]
+    norm = next(s for s in blocks if s.kind == "res")
+    meta = {"undelegated": {norm.key: {"aten_native_group_norm_default": 2}}}
+    hmeta = {"undelegated": {network_key(cfgs[1]): {"aten_where_self": 1}}}
+    u = E.undelegated(rows, meta, hmeta, cfgs)
+    assert u["kinds"]["res"]["with_fallback"] == 1 and u["kinds"]["res"]["ops"] == {"aten_native_group_norm_default": 2}
+    assert u["kinds"]["res"]["blocks"] == sum(s.kind == "res" for s in blocks)
+    assert u["networks"] == 3 and u["networks_with_fallback"] == 1 and u["network_ops"] == ["aten_where_self"]
+    assert E.undelegated(rows, {}, {}, cfgs)["networks_with_fallback"] == 0

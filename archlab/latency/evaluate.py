@@ -16,6 +16,7 @@ import math
 import random
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -60,7 +61,10 @@ def throughput(pred: Predictor, space: SearchSpace, n: int = 2000, seed: int = 7
 
 
 def evaluate(space: SearchSpace, table: str | Path, heldout_table: str | Path, bundle: str | Path, *, n: int = 50,
-             seed: int = 2, ladder: Ladder | None = None, progress=None) -> dict:
+             seed: int = 2, ladder: Ladder | None = None, beside: Sequence[str | Path] = (), progress=None) -> dict:
+    """Predict and measure `n` held-out networks of `space` (and the `ladder`'s rows) on the table's device.
+    `beside`: other evaluated tables (e.g. another runtime on the same device) whose measured ladder ratios
+    the report shows next to this table's."""
     if n < 3:
         raise ArchlabError(f"--networks: {n}; an evaluation needs at least 3 held-out networks")
     table = Path(table)
@@ -124,6 +128,10 @@ def evaluate(space: SearchSpace, table: str | Path, heldout_table: str | Path, b
     }
     if ladder is not None:
         report["ladder"] = ladder_rows(pred, ladder, ladder_cfgs, *measured(ladder_cfgs)[:2])
+        report["beside"] = [beside_ratios(b, ladder_cfgs) for b in beside]
+    elif beside:
+        raise ArchlabError("--beside compares the ladder's measured ratios: give --ladder too")
+    report["undelegated"] = undelegated(table_rows, meta, hmeta, nets + ladder_cfgs)
     report["speed"] = speed(table, space, ladder_cfgs[-1] if ladder_cfgs else nets[0])
     return report
 
@@ -144,6 +152,43 @@ def ladder_rows(pred: Predictor, ladder: Ladder, cfgs: list[ArchConfig], meas: n
         pl, bl = r["paper_latency_ms"], base["paper_latency_ms"]
         r["paper_ratio"] = pl / bl if pl and bl else None
     return out
+
+
+def beside_ratios(table: str | Path, cfgs: list[ArchConfig]) -> dict:
+    """Another table's measured latency of the ladder rows over its baseline's, from its held-out table
+    (`archlab latency evaluate --ladder` measured them there)."""
+    meta, _ = read_checked_table(table)
+    heldout = Path(table).with_suffix(".heldout.csv")
+    if not heldout.is_file():
+        raise ArchlabError(f"--beside: {table} has no held-out table ({heldout}); run archlab latency evaluate --ladder on it")
+    hmeta, rows = read_checked_table(heldout)
+    by_key = {r["key"]: float(r[TARGET]) for r in rows}
+    missing = [c.name for c in cfgs if network_key(c) not in by_key]
+    if missing:
+        raise ArchlabError(f"--beside: {heldout} has no measurement of ladder row {missing[0]!r} at this resolution; "
+                           f"run archlab latency evaluate --ladder on {table}")
+    ms = [by_key[network_key(c)] for c in cfgs]
+    return {"table": str(table), "runtime": runtime(meta), "threads": meta.get("threads"),
+            "measured_ms": ms, "measured_ratio": [m / ms[0] for m in ms]}
+
+
+def undelegated(table_rows: list[dict], meta: dict, hmeta: dict, cfgs: list[ArchConfig]) -> dict:
+    """Where the runtime's accelerated path (a delegate, e.g. XNNPACK) left ops to its fallback kernels:
+    per block kind, how many of the table's blocks and which ops; and how many of the measured networks."""
+    left = {**meta.get("undelegated", {}), **hmeta.get("undelegated", {})}
+    kinds: dict = {}
+    for r in table_rows:
+        if r["role"] != "block":
+            continue
+        k = kinds.setdefault(r["kind"], {"blocks": 0, "with_fallback": 0, "ops": {}})
+        k["blocks"] += 1
+        if r["key"] in left:
+            k["with_fallback"] += 1
+            for op, count in left[r["key"]].items():
+                k["ops"][op] = k["ops"].get(op, 0) + count
+    nets = [left.get(network_key(c)) for c in cfgs]
+    return {"kinds": kinds, "networks": len(nets), "networks_with_fallback": sum(bool(x) for x in nets),
+            "network_ops": sorted({op for x in nets if x for op in x})}
 
 
 def speed(table: Path, space: SearchSpace, cfg: ArchConfig) -> dict:
@@ -239,10 +284,29 @@ def markdown(r: dict) -> str:
                      " except those marked (calibration)."),
                   "", "| # | row | predicted ms | measured ms | error | predicted / base | measured / base | paper / base |",
                   "|---|---|---:|---:|---:|---:|---:|---:|"]
-        for x in r["ladder"]:
+        others = r.get("beside") or []
+        lines[-2] = lines[-2].replace(" paper / base |", "".join(f" measured / base, {b['runtime']} |" for b in others)
+                                      + " paper / base |")
+        lines[-1] += "---:|" * len(others)
+        for i, x in enumerate(r["ladder"]):
             paper = "" if x["paper_ratio"] is None else f"{x['paper_ratio']:.3f}"
             lines.append(f"| {x['index']} | {x['name']}{' (calibration)' if x['in_calibration'] else ''} | {x['predicted_ms']:.1f} | {x['measured_ms']:.1f} | "
-                         f"{_pct(x['error'])} | {x['predicted_ratio']:.3f} | {x['measured_ratio']:.3f} | {paper} |")
+                         f"{_pct(x['error'])} | {x['predicted_ratio']:.3f} | {x['measured_ratio']:.3f} | "
+                         + "".join(f"{b['measured_ratio'][i]:.3f} | " for b in others) + f"{paper} |")
+        for b in others:
+            lines += ["", f"Beside: `{b['table']}` ({b['runtime']}, {b['threads']} thread(s)), the same rows measured "
+                          "end to end on the same device (its held-out table)."]
+    u = r.get("undelegated") or {}
+    if any(k["with_fallback"] for k in u.get("kinds", {}).values()) or u.get("networks_with_fallback"):
+        lines += ["", "## Ops outside the runtime's accelerated path", "",
+                  "Ops the delegate did not take run on the runtime's fallback kernels, and their time is in every "
+                  "number above (recorded per item at export; the table's metadata keeps them as `undelegated`). "
+                  f"{u['networks_with_fallback']} of the {u['networks']} measured networks have some: "
+                  f"{', '.join(u['network_ops']) or '-'}.", "",
+                  "| kind | blocks | with fallback ops | ops (count over those blocks) |", "|---|---:|---:|---|"]
+        for kind, k in sorted(u["kinds"].items()):
+            ops = ", ".join(f"{op} {c}" for op, c in sorted(k["ops"].items(), key=lambda x: -x[1])) or "-"
+            lines.append(f"| {kind} | {k['blocks']} | {k['with_fallback']} | {ops} |")
     sp = r["speed"]
     lines += ["", "## Speed", "",
               f"- one network query (`{sp['query_network']}`), loading the predictor from disk: "
