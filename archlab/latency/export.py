@@ -50,6 +50,40 @@ def _export(runtime: backends.Runtime, module: torch.nn.Module, inputs: tuple, f
     return file, extra
 
 
+def network_inputs(cfg: Config) -> tuple:
+    """A whole network's example inputs (fixed values): latent, timestep, context."""
+    g = torch.Generator().manual_seed(0)
+    res = cfg.latent.resolution
+    return (torch.randn(1, cfg.latent.channels, res, res, generator=g), torch.tensor([500.0]),
+            torch.randn(1, cfg.conditioning.context_len, cfg.conditioning.context_dim, generator=g))
+
+
+def _export_network(backend: str, config: dict, folder: str, opset: int) -> tuple[str, dict, dict]:
+    from archlab.config import arch_from_dict
+
+    cfg = arch_from_dict(config)
+    inputs = network_inputs(cfg)
+    file, extra = _export(backends.get(backend), build_model(cfg), inputs, Path(folder), opset)
+    return file, extra, {f"in{i}": list(t.shape) for i, t in enumerate(inputs)}
+
+
+def _export_network_apart(backend: str, cfg: Config, folder: Path, opset: int) -> tuple[str, dict, dict]:
+    """Export a whole network in a process of its own: a paper-scale network's export holds several copies
+    of its weights at once (ExecuTorch's lowering: tens of GB for a 3 GB UNet), and a process that exported
+    one does not give that memory back to the next."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:
+            return pool.submit(_export_network, backend, cfg.to_dict(), str(folder), opset).result()
+        except BrokenProcessPool:
+            shutil.rmtree(folder.with_name(f".{folder.name}.tmp"), ignore_errors=True)
+            raise ArchlabError(f"network {cfg.name}: its {backend} export process died (out of memory? exporting "
+                               "holds several copies of the weights)") from None
+
+
 def select(space: str | None = None, ladder: str | None = None, networks: int = 0, seed: int = 0,
            resolution: int = 32, ladder_networks: bool = False,
            networks_of: list[str] = ()) -> tuple[list[BlockSpec], list[Config]]:
@@ -125,20 +159,16 @@ def export_bundle(out_dir: str | Path, blocks: list[BlockSpec], networks: list[C
     todo += [(network_key(c), "network", "network", c) for c in networks]
     todo = [t for t in todo if t[0] not in done]
     for key, kind, role, obj in (progress(todo) if progress else todo):
+        folder = f"{runtime.folder}/{hashlib.sha1(key.encode()).hexdigest()[:16]}"
         if isinstance(obj, BlockSpec):
             module, inputs = obj.runnable(batch=1)
+            file, extra = _export(runtime, module, inputs, out / folder, opset)
+            shapes = {f"in{i}": list(t.shape) for i, t in enumerate(inputs)}
         else:
             cfg: Config = obj  # type: ignore[assignment]
             if cfg.latent.resolution != resolution:
                 raise ArchlabError(f"network {cfg.name}: latent resolution {cfg.latent.resolution}, bundle {resolution}")
-            module = build_model(cfg)
-            g = torch.Generator().manual_seed(0)
-            inputs = (torch.randn(1, cfg.latent.channels, resolution, resolution, generator=g),
-                      torch.tensor([500.0]),
-                      torch.randn(1, cfg.conditioning.context_len, cfg.conditioning.context_dim, generator=g))
-        folder = f"{runtime.folder}/{hashlib.sha1(key.encode()).hexdigest()[:16]}"
-        file, extra = _export(runtime, module, inputs, out / folder, opset)
-        shapes = {f"in{i}": list(t.shape) for i, t in enumerate(inputs)}
+            file, extra, shapes = _export_network_apart(backend, cfg, out / folder, opset)
         item = {"key": key, "kind": kind, "role": role, "file": f"{folder}/{file}", "inputs": shapes, **extra}
         if role == "network":
             item["config"] = obj.to_dict()
