@@ -32,6 +32,16 @@ def _file(path: str) -> str:
     return path
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 1")
+    return value
+
+
 def _name(name: str) -> str:
     """A file-name stem: letters, digits, `_`, `-` and `.` only (no folders)."""
     if not name or not all(c.isalnum() or c in "_-." for c in name) or name.startswith("."):
@@ -179,6 +189,7 @@ def _build_parser() -> argparse.ArgumentParser:
     ex = lsub.add_parser("export", help="export blocks and networks to a bundle (to time on another device)")
     _selection_args(ex)
     _backend_arg(ex)
+    _export_jobs_arg(ex)
     ex.add_argument("--opset", type=int, default=20, help="ONNX opset (onnxruntime bundles)")
     ex.add_argument("--out", type=_folder, required=True, help="bundle folder (resumes if it exists)")
     ex.add_argument("--json", action="store_true", help="print the bundle's summary as JSON")
@@ -193,6 +204,7 @@ def _build_parser() -> argparse.ArgumentParser:
     ms = lsub.add_parser("measure", help="export and time here, in chunks (resumes; deletes timed model files)")
     _selection_args(ms)
     _backend_arg(ms)
+    _export_jobs_arg(ms)
     ms.add_argument("--out", type=_file, required=True, help="table CSV, e.g. latency_tables/<device>.csv (resumes)")
     ms.add_argument("--bundle", help="scratch bundle folder (default runs/bundles/<table name>)")
     ms.add_argument("--keep-onnx", action="store_true", help="keep the exported model files")
@@ -236,6 +248,7 @@ def _build_parser() -> argparse.ArgumentParser:
                     help="another evaluated table (e.g. another runtime on this device): its measured ladder ratios "
                          "beside this table's (with --ladder)")
     ev.add_argument("--networks", type=int, default=50, metavar="N", help="held-out networks (default 50)")
+    _export_jobs_arg(ev)
     ev.add_argument("--seed", type=int, default=2, help="seed of the held-out sample (default 2)")
     ev.add_argument("--out", type=_folder, default="runs/latency-eval",
                     help="folder for latency_eval.json and latency_eval.md (the lab's committed one: --out reports)")
@@ -301,6 +314,12 @@ def _selection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--networks-of", action="append", default=[], metavar="TABLE",
                    help="also the whole networks that TABLE timed (e.g. a measured device's, to transfer its predictor)")
     p.add_argument("--resolution", type=int, default=32, help="latent resolution (default 32 = 256 px)")
+
+
+def _export_jobs_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--export-jobs", type=_positive_int, default=1, metavar="N",
+                   help="whole networks exported at once, each in its own process (default 1; exporting is mostly "
+                        "single-threaded, but each holds several copies of a network's weights: mind the memory)")
 
 
 def _backend_arg(p: argparse.ArgumentParser) -> None:
@@ -701,7 +720,7 @@ def cmd_latency_export(args: argparse.Namespace) -> int:
 
     blocks, networks = _selection(args)
     manifest = export_bundle(args.out, blocks, networks, resolution=args.resolution, opset=args.opset,
-                             progress=progress_bar("exporting", "model"), backend=args.backend)
+                             progress=progress_bar("exporting", "model"), backend=args.backend, jobs=args.export_jobs)
     undelegated = sorted({op for it in manifest["items"] for op in it.get("undelegated", {})})
     if args.json:
         print(json.dumps({"out": args.out, "backend": args.backend, "models": len(manifest["items"]),
@@ -757,7 +776,7 @@ def cmd_latency_measure(args: argparse.Namespace) -> int:
     protocol = _timing(args)
     rows = measure(args.out, bundle, blocks=blocks, networks=networks, resolution=args.resolution, device=args.device,
                    protocol=protocol, opset=args.opset, keep_onnx=args.keep_onnx, redo_noisy=args.redo_noisy,
-                   progress=progress_bar("exporting", "model"), backend=args.backend)
+                   progress=progress_bar("exporting", "model"), backend=args.backend, export_jobs=args.export_jobs)
     _print_rows(args, rows, protocol.max_cv)
     return 0
 
@@ -874,7 +893,7 @@ def cmd_latency_evaluate(args: argparse.Namespace) -> int:
     heldout = args.heldout or str(Path(args.table).with_suffix(".heldout.csv"))
     report = evaluate(load_space(args.space), args.table, heldout, Path("runs") / "bundles" / Path(heldout).stem,
                       n=args.networks, seed=args.seed, ladder=load_ladder(args.ladder) if args.ladder else None,
-                      beside=args.beside, progress=progress_bar("exporting", "model"))
+                      beside=args.beside, progress=progress_bar("exporting", "model"), export_jobs=args.export_jobs)
     command = "archlab " + " ".join(shlex.quote(a) for a in args.argv)
     js, md = write_report(report, args.out, command)
     if args.json:

@@ -43,6 +43,19 @@ def test_export_resumes_without_redoing(bundle):
     assert {p.name: p.stat().st_mtime_ns for p in (out / "onnx").rglob("*.onnx")} == before
 
 
+def test_networks_export_in_parallel_processes_in_order(bundle, tmp_path):
+    _, cfg = bundle
+    nets = [cfg.with_values({"name": f"n{i}", "stages.*.ffn_ratio": 2 + i}) for i in range(2)]
+    manifest = export_bundle(tmp_path, [], nets, resolution=RES, name="tiny", jobs=2)
+    got = [it for it in manifest["items"] if it["role"] == "network"]
+    assert [it["key"] for it in got] == [network_key(c) for c in nets]  # the order asked, whatever finishes first
+    assert all((tmp_path / it["file"]).is_file() and it["config"]["name"] == c.name for it, c in zip(got, nets))
+    assert json.loads((tmp_path / "manifest.json").read_text())["items"] == manifest["items"]
+    r = subprocess.run([sys.executable, "-m", "archlab.cli", "latency", "export", "--ladder", "x.yaml",
+                        "--export-jobs", "0", "--out", str(tmp_path / "b")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--export-jobs: '0' is not an integer >= 1" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_run_resumes_and_keeps_finished_rows(bundle, tmp_path):
     out, _ = bundle
     table = tmp_path / "dev.csv"

@@ -76,3 +76,21 @@ def test_noise_to_spread():
     common = rng.normal(0, 1.0, 3)
     shifted = stats.noise_to_spread([list(m + common + rng.normal(0, 0.01, 3)) for m in means])
     assert shifted["noise"] > 0.5 and shifted["noise_paired"] < 0.05 and shifted["noise_to_spread"] < 0.1
+
+
+def test_bootstrap_rank_correlations_match_scipy_row_by_row():
+    """The bootstrap ranks thousands of resamples at once; each must be scipy's tau-b and rho (ties included)."""
+    from scipy import stats as ss
+
+    from archlab.stats import _rho, _tau_b
+
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 4, (300, 7)).astype(float)  # many ties, some rows all tied
+    y = rng.normal(size=(300, 7))
+    y[:, 1] = y[:, 0]
+    x[0] = 2.0
+    taus, rhos = _tau_b(x, y), _rho(x, y)
+    assert np.isnan(taus[0])
+    for k in range(1, 300):
+        assert taus[k] == pytest.approx(ss.kendalltau(x[k], y[k]).statistic, abs=1e-12)
+        assert rhos[k] == pytest.approx(ss.spearmanr(x[k], y[k]).statistic, abs=1e-12)

@@ -61,7 +61,8 @@ def throughput(pred: Predictor, space: SearchSpace, n: int = 2000, seed: int = 7
 
 
 def evaluate(space: SearchSpace, table: str | Path, heldout_table: str | Path, bundle: str | Path, *, n: int = 50,
-             seed: int = 2, ladder: Ladder | None = None, beside: Sequence[str | Path] = (), progress=None) -> dict:
+             seed: int = 2, ladder: Ladder | None = None, beside: Sequence[str | Path] = (), progress=None,
+             export_jobs: int = 1) -> dict:
     """Predict and measure `n` held-out networks of `space` (and the `ladder`'s rows) on the table's device.
     `beside`: other evaluated tables (e.g. another runtime on the same device) whose measured ladder ratios
     the report shows next to this table's."""
@@ -84,7 +85,7 @@ def evaluate(space: SearchSpace, table: str | Path, heldout_table: str | Path, b
     gate = protocol.max_cv
     measure(heldout_table, bundle, networks=nets + ladder_cfgs, resolution=res, device=meta["device"], protocol=protocol,
             opset=int(meta["opset"] or 20), reference_ms=float(meta["reference_ms"]), progress=progress,
-            backend=meta["backend"])
+            backend=meta["backend"], export_jobs=export_jobs)
     hmeta, hrows = read_checked_table(heldout_table, device=meta["device"], resolution=res)
     check_same_settings(hmeta, meta, heldout_table, table)
     by_key = {r["key"]: r for r in hrows}

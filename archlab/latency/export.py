@@ -67,21 +67,40 @@ def _export_network(backend: str, config: dict, folder: str, opset: int) -> tupl
     return file, extra, {f"in{i}": list(t.shape) for i, t in enumerate(inputs)}
 
 
-def _export_network_apart(backend: str, cfg: Config, folder: Path, opset: int) -> tuple[str, dict, dict]:
-    """Export a whole network in a process of its own: a paper-scale network's export holds several copies
-    of its weights at once (ExecuTorch's lowering: tens of GB for a 3 GB UNet), and a process that exported
-    one does not give that memory back to the next."""
+IN_PROCESS_PARAMS = 50_000_000  # networks smaller than this export in the calling process (a process costs seconds)
+
+
+def _params(cfg: Config) -> int:
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        return sum(p.numel() for p in build_model(cfg).parameters())
+
+
+def _export_networks(backend: str, items: list[tuple[Config, Path]], opset: int, jobs: int, progress=None):
+    """Export whole networks, each in a process of its own, `jobs` at a time; yields (file, extra, input
+    shapes) per item, in order. A paper-scale network's export holds several copies of its weights at once
+    (ExecuTorch's lowering: several times a 3 GB UNet), and a process that exported one does not give that
+    memory back to the next. The exports are single-threaded Python for the most part, so on a machine
+    with cores and memory to spare `jobs` > 1 divides their time."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
 
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        try:
-            return pool.submit(_export_network, backend, cfg.to_dict(), str(folder), opset).result()
-        except BrokenProcessPool:
-            shutil.rmtree(folder.with_name(f".{folder.name}.tmp"), ignore_errors=True)
-            raise ArchlabError(f"network {cfg.name}: its {backend} export process died (out of memory? exporting "
-                               "holds several copies of the weights)") from None
+    if not items:
+        return
+    if jobs == 1 and all(_params(cfg) < IN_PROCESS_PARAMS for cfg, _ in items):  # small (tests, proxies): no process
+        for cfg, folder in (progress(items) if progress else items):
+            yield _export_network(backend, cfg.to_dict(), str(folder), opset)
+        return
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1) as pool:
+        futures = [(cfg, folder, pool.submit(_export_network, backend, cfg.to_dict(), str(folder), opset))
+                   for cfg, folder in items]
+        for cfg, folder, fut in (progress(futures) if progress else futures):
+            try:
+                yield fut.result()
+            except BrokenProcessPool:
+                shutil.rmtree(folder.with_name(f".{folder.name}.tmp"), ignore_errors=True)
+                raise ArchlabError(f"network {cfg.name}: its {backend} export process died (out of memory? exporting "
+                                   "holds several copies of the weights; fewer --export-jobs)") from None
 
 
 def select(space: str | None = None, ladder: str | None = None, networks: int = 0, seed: int = 0,
@@ -128,9 +147,9 @@ def select(space: str | None = None, ladder: str | None = None, networks: int = 
 
 def export_bundle(out_dir: str | Path, blocks: list[BlockSpec], networks: list[Config] = (), *,
                   resolution: int, opset: int = DEFAULT_OPSET, name: str = "", progress=None,
-                  backend: str = "onnxruntime") -> dict:
-    """Export every block and network not yet in the bundle at `out_dir` for `backend`'s runner; returns
-    the manifest."""
+                  backend: str = "onnxruntime", jobs: int = 1) -> dict:
+    """Export every block and network not yet in the bundle at `out_dir` for `backend`'s runner (whole
+    networks `jobs` at a time, each in a process of its own); returns the manifest."""
     runtime = backends.get(backend)
     runtime.check()
     out = Path(out_dir)
@@ -154,26 +173,29 @@ def export_bundle(out_dir: str | Path, blocks: list[BlockSpec], networks: list[C
         if spec.hw[0] > resolution:
             raise ArchlabError(f"block {spec.key} is larger than the bundle's latent resolution {resolution}")
 
-    todo: list[tuple[str, str, str, object]] = [(ref.key, "res", "reference", ref)]
-    todo += [(s.key, s.kind, "block", s) for s in blocks]
-    todo += [(network_key(c), "network", "network", c) for c in networks]
-    todo = [t for t in todo if t[0] not in done]
-    for key, kind, role, obj in (progress(todo) if progress else todo):
-        folder = f"{runtime.folder}/{hashlib.sha1(key.encode()).hexdigest()[:16]}"
-        if isinstance(obj, BlockSpec):
-            module, inputs = obj.runnable(batch=1)
-            file, extra = _export(runtime, module, inputs, out / folder, opset)
-            shapes = {f"in{i}": list(t.shape) for i, t in enumerate(inputs)}
-        else:
-            cfg: Config = obj  # type: ignore[assignment]
-            if cfg.latent.resolution != resolution:
-                raise ArchlabError(f"network {cfg.name}: latent resolution {cfg.latent.resolution}, bundle {resolution}")
-            file, extra, shapes = _export_network_apart(backend, cfg, out / folder, opset)
-        item = {"key": key, "kind": kind, "role": role, "file": f"{folder}/{file}", "inputs": shapes, **extra}
-        if role == "network":
-            item["config"] = obj.to_dict()
+    def folder(key: str) -> str:
+        return f"{runtime.folder}/{hashlib.sha1(key.encode()).hexdigest()[:16]}"
+
+    def add(key: str, kind: str, role: str, file: str, shapes: dict, extra: dict, config: dict | None = None) -> None:
+        item = {"key": key, "kind": kind, "role": role, "file": f"{folder(key)}/{file}", "inputs": shapes, **extra}
+        if config is not None:
+            item["config"] = config
         manifest["items"].append(item)
         table.write_atomic(path, json.dumps(manifest, indent=1) + "\n")
+
+    specs = [s for s in [ref, *blocks] if s.key not in done]
+    for spec in (progress(specs) if progress else specs):
+        module, inputs = spec.runnable(batch=1)
+        file, extra = _export(runtime, module, inputs, out / folder(spec.key), opset)
+        add(spec.key, spec.kind, "reference" if spec is ref else "block", file,
+            {f"in{i}": list(t.shape) for i, t in enumerate(inputs)}, extra)
+    nets = [c for c in networks if network_key(c) not in done]
+    for cfg in nets:
+        if cfg.latent.resolution != resolution:
+            raise ArchlabError(f"network {cfg.name}: latent resolution {cfg.latent.resolution}, bundle {resolution}")
+    exported = _export_networks(backend, [(c, out / folder(network_key(c))) for c in nets], opset, jobs, progress)
+    for cfg, (file, extra, shapes) in zip(nets, exported):
+        add(network_key(cfg), "network", "network", file, shapes, extra, cfg.to_dict())
     here = Path(__file__).parent  # the device-side runner, and the protocol and table modules it runs with
     for code in (here / f"{runtime.runner}.py", here / "timing.py", here / "table.py"):
         table.write_atomic(out / code.name, code.read_text())

@@ -27,13 +27,14 @@ NETWORK_CHUNK = 4
 def measure(table: str | Path, bundle: str | Path, *, blocks: list[BlockSpec] = (), networks: list[Config] = (),
             resolution: int, device: str, protocol: Protocol = Protocol(), opset: int = 20, keep_onnx: bool = False,
             reference_ms: float | None = None, redo_noisy: bool = False, progress=None,
-            backend: str = "onnxruntime") -> list[dict]:
+            backend: str = "onnxruntime", export_jobs: int = 1) -> list[dict]:
     """Time every block and network not yet in `table` with `protocol` through `backend` (a runtime this
     machine can run); returns all rows of the table.
 
     `progress(items)` wraps the export loop (e.g. tqdm); the runner prints its own progress when
     `progress` is given. `reference_ms`, `redo_noisy` (re-time the listed blocks and networks whose
-    rows are above the noise gate): see `timing.run_bundle`.
+    rows are above the noise gate): see `timing.run_bundle`. `export_jobs`: whole networks exported at
+    once (exports only: nothing is timed while they run).
     """
     runtime = backends.get(backend)
     if not runtime.here:
@@ -41,13 +42,13 @@ def measure(table: str | Path, bundle: str | Path, *, blocks: list[BlockSpec] = 
                            f"{runtime.runner}.py where it can)")
     try:
         return _measure(Path(table), Path(bundle), blocks, networks, resolution, device, protocol, opset, keep_onnx,
-                        reference_ms, progress, redo_noisy, runtime)
+                        reference_ms, progress, redo_noisy, runtime, export_jobs)
     except RunnerError as e:  # a bad table, bundle or settings: one line for every caller
         raise ArchlabError(str(e)) from None
 
 
 def _measure(table, bundle, blocks, networks, resolution, device, protocol, opset, keep_onnx, reference_ms, progress,
-             redo_noisy, runtime) -> list[dict]:
+             redo_noisy, runtime, export_jobs) -> list[dict]:
     _, rows = read_table(table)
     redo = noisy_keys(rows, protocol.max_cv) if redo_noisy else set()
     backend = runtime.backend() if blocks or networks else None
@@ -60,7 +61,7 @@ def _measure(table, bundle, blocks, networks, resolution, device, protocol, opse
         if progress:
             print(f"chunk {n}/{len(chunks)}: {len(chunk_blocks)} blocks, {len(chunk_nets)} networks", flush=True)
         export_bundle(bundle, chunk_blocks, chunk_nets, resolution=resolution, opset=opset, name=table.stem,
-                      progress=progress, backend=runtime.name)
+                      progress=progress, backend=runtime.name, jobs=export_jobs)
         keys = {b.key for b in chunk_blocks} | {network_key(c) for c in chunk_nets}
         rows = timing.run_bundle(bundle, table, device, backend, protocol, progress=progress is not None,
                                  reference_ms=reference_ms, redo=redo & keys)
