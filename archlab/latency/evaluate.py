@@ -162,7 +162,7 @@ def beside_ratios(table: str | Path, cfgs: list[ArchConfig]) -> dict:
     heldout = Path(table).with_suffix(".heldout.csv")
     if not heldout.is_file():
         raise ArchlabError(f"--beside: {table} has no held-out table ({heldout}); run archlab latency evaluate --ladder on it")
-    hmeta, rows = read_checked_table(heldout)
+    _, rows = read_checked_table(heldout)
     by_key = {r["key"]: float(r[TARGET]) for r in rows}
     missing = [c.name for c in cfgs if network_key(c) not in by_key]
     if missing:

@@ -76,8 +76,8 @@ def _params(cfg: Config) -> int:
 
 
 def _export_networks(backend: str, items: list[tuple[Config, Path]], opset: int, jobs: int, progress=None):
-    """Export whole networks, each in a process of its own, `jobs` at a time; yields (file, extra, input
-    shapes) per item, in order. A paper-scale network's export holds several copies of its weights at once
+    """Export whole networks, each in a process of its own, `jobs` at a time (with one job, networks all
+    under IN_PROCESS_PARAMS in this process); yields (file, extra, input shapes) per item, in order. A paper-scale network's export holds several copies of its weights at once
     (ExecuTorch's lowering: several times a 3 GB UNet), and a process that exported one does not give that
     memory back to the next. The exports are single-threaded Python for the most part, so on a machine
     with cores and memory to spare `jobs` > 1 divides their time."""
@@ -149,7 +149,7 @@ def export_bundle(out_dir: str | Path, blocks: list[BlockSpec], networks: list[C
                   resolution: int, opset: int = DEFAULT_OPSET, name: str = "", progress=None,
                   backend: str = "onnxruntime", jobs: int = 1) -> dict:
     """Export every block and network not yet in the bundle at `out_dir` for `backend`'s runner (whole
-    networks `jobs` at a time, each in a process of its own); returns the manifest."""
+    networks `jobs` at a time, see `_export_networks`); returns the manifest."""
     runtime = backends.get(backend)
     runtime.check()
     out = Path(out_dir)
