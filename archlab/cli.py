@@ -278,6 +278,8 @@ def _train_args(p: argparse.ArgumentParser, threads: bool = False) -> None:
                        help=f"{s['help']} (default: the preset's)")
     p.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
+    p.add_argument("--checkpoint-every", type=int, metavar="STEPS",
+                   help="steps between a training's checkpoints, where a stopped run resumes (default 200)")
     if threads:  # search and ablate: a trial's threads are its --cpus-per-trial
         p.add_argument("--threads", type=int, default=1,
                        help="torch threads (default 1: these proxies gain little from more, and on a busy 2-core "
@@ -302,7 +304,8 @@ def _train_config(args: argparse.Namespace, threads: int):
     from archlab.train_config import preset_settings
 
     over = {name: getattr(args, name) for name in preset_settings()}
-    return _preset(args).train_config(**over, seed=args.seed, device=args.device, threads=threads)
+    return _preset(args).train_config(**over, seed=args.seed, device=args.device, threads=threads,
+                                      checkpoint_every=args.checkpoint_every)
 
 
 def _selection_args(p: argparse.ArgumentParser) -> None:

@@ -94,14 +94,14 @@ def test_an_ablation_killed_mid_row_resumes_that_training(tiny_lab, tmp_path):
     ladder, table = tiny_lab
     run = tmp_path / "run"
     argv = CLI + ["ablate", str(ladder), "--rows", "0", "--seeds", "1", "--table", str(table), "--measure", "none",
-                  "--out", str(run)] + TINY_TRAIN + ["--steps", "600"]  # a checkpoint every 200 steps
+                  "--out", str(run)] + TINY_TRAIN + ["--steps", "150", "--checkpoint-every", "30"]
     ckpt = run / "train" / "00-base" / "seed0" / "checkpoint.pt"
     kill_when(argv, ckpt.exists)
     assert not (run / "results" / "00-base" / "seed0.json").exists()
     done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     r = json.loads((run / "results" / "00-base" / "seed0.json").read_text())
-    assert r["status"] == "ok" and r["steps"] == 600 and 200 <= r["resumed_from"] < 600
+    assert r["status"] == "ok" and r["steps"] == 150 and 30 <= r["resumed_from"] < 150
 
 
 def test_real_ladder_two_rows_with_committed_latency(tmp_path):
