@@ -117,6 +117,25 @@ def test_same_seed_same_run(arch, data):
     assert c.val_loss != a.val_loss
 
 
+def test_a_training_after_others_in_one_process_equals_it_in_a_fresh_process(arch, data):
+    """Ray runs a search's trials one after another in one worker process (reuse_actors): what ran
+    before in that process must not change a training."""
+    import subprocess
+    import sys
+
+    T.train(_other(arch), data, T.TrainConfig(**{**TINY_TRAIN.__dict__, "seed": 3, "samples": 4, "sample_steps": 2,
+                                                 "fid_extractor": "randconv"}))
+    here = T.train(arch, data, TINY_TRAIN)
+    code = ("import json, sys; from archlab import train as T; from archlab.config import ArchConfig; "
+            "from archlab.data import DataConfig, load_dataset; a = json.loads(sys.argv[1]); "
+            "r = T.train(ArchConfig.from_dict(a['arch']), load_dataset(DataConfig(**a['data'])), T.TrainConfig(**a['train'])); "
+            "print(json.dumps([r.val_loss, r.history]))")
+    payload = json.dumps({"arch": arch.to_dict(), "data": dict(spec="synthetic", resolution=8, classes=3, per_class=12,
+                                                               val_per_class=6), "train": TINY_TRAIN.__dict__})
+    fresh = subprocess.run([sys.executable, "-c", code, payload], capture_output=True, text=True, check=True)
+    assert json.loads(fresh.stdout.strip().splitlines()[-1]) == json.loads(json.dumps([here.val_loss, here.history]))
+
+
 def _other(arch):
     """arch with a different design: no self-attention, separable convs."""
     return arch.with_values({"stages.1.self_attention": False, "stages.*.conv": "separable"}, where="test")
