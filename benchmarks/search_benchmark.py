@@ -84,6 +84,21 @@ def reference_jobs(args, runs: dict) -> dict:
     return jobs
 
 
+def shared_candidates(tpe_dir: Path, random_dir: Path) -> int:
+    """How many of the first candidates the two searches of one seed drew alike (TPE draws its first
+    10 with a RandomSampler of the same seed, so its start is the random search's start)."""
+    import pandas as pd
+
+    a, b = (pd.read_csv(d / "trials.csv").sort_values("number") for d in (tpe_dir, random_dir))
+    cols = [c for c in a.columns if c.startswith("param.")]
+    n = 0
+    for (_, x), (_, y) in zip(a[cols].iterrows(), b[cols].iterrows()):
+        if not x.equals(y):
+            break
+        n += 1
+    return n
+
+
 def best_so_far(df, objective: str) -> list[float | None]:
     """Best objective among the trials trained so far, after each trial that was trained or stopped."""
     out, best = [], None
@@ -133,12 +148,17 @@ def report(args, runs: dict, refs: dict, command: str) -> dict:
         summary["samplers"][sampler] = {
             key: [r[key] for r in rows] for key in ("seed", "best_val_loss", "reference_val_loss", "reference_fid",
                                                     "rejected_over_budget", "sampled")}
-    a, b = (summary["samplers"][s] for s in SAMPLERS)
+    seeds = sorted({seed for (_, seed) in runs if all((s, seed) in runs for s in SAMPLERS)})
+    a, b = ({key: [summary["searches"][f"{s}-s{k}"][key] for k in seeds]
+             for key in ("best_val_loss", "reference_val_loss", "reference_fid")} for s in SAMPLERS)
+    summary["paired_seeds"] = seeds
+    summary["shared_candidates"] = {k: shared_candidates(runs["tpe", k], runs["random", k]) for k in seeds}
     for key in ("best_val_loss", "reference_val_loss", "reference_fid"):
-        c = compare(a[key], b[key])  # random - tpe; seeds of the two samplers are unrelated: unpaired
-        iv = c.unpaired
-        summary[f"difference_{key}"] = {"random_minus_tpe": c.mean, "ci95": [iv.low, iv.high] if iv else None,
-                                        "seeds": c.seeds}
+        c = compare(a[key], b[key])  # random - tpe, seed by seed: seed k is both searches' sampler and training seed
+        summary[f"difference_{key}"] = {
+            "random_minus_tpe": None if c.seeds == 0 else c.mean, "seeds": c.seeds,
+            "ci95": [c.paired.low, c.paired.high] if c.paired else None,
+            "ci95_unpaired": [c.unpaired.low, c.unpaired.high] if c.unpaired else None}
     ax1.set_xlabel("trials run (trained, stopped or failed)")
     ax1.set_ylabel("best proxy validation loss so far")
     ax2.axvline(args.budget_ms, color="k", ls="--", lw=0.8, label=f"budget {args.budget_ms:g} ms")
@@ -159,6 +179,10 @@ def _f(v, fmt=".4f") -> str:
     return "-" if v is None else format(v, fmt)
 
 
+def _ci(ci) -> str:
+    return "-" if ci is None else f"[{ci[0]:+.4f}, {ci[1]:+.4f}]"
+
+
 def markdown(args, summary: dict) -> str:
     rows = [f"| {v['sampler']} | {v['seed']} | {v['sampled']} | {v['rejected_over_budget']} | {v['trained']} | "
             f"{v['stopped_early']} | {v['failed']} | {_f(v['best_val_loss'])} | {_f(v['best_predicted_ms'], '.0f')} | "
@@ -170,8 +194,17 @@ def markdown(args, summary: dict) -> str:
         ci = d["ci95"]
         verdict = "-" if ci is None else ("random is worse" if ci[0] > 0 else "TPE is worse" if ci[1] < 0 else
                                           "no difference outside the noise")
-        diffs.append(f"| {label} | {_f(d['random_minus_tpe'])} | "
-                     f"{'-' if ci is None else f'[{ci[0]:+.4f}, {ci[1]:+.4f}]'} | {verdict} |")
+        diffs.append(f"| {label} | {d['seeds']} | {_f(d['random_minus_tpe'])} | {_ci(ci)} | "
+                     f"{_ci(d['ci95_unpaired'])} | {verdict} |")
+    pending = [f"{s}-s{k}" for k in args.seeds for s in SAMPLERS if f"{s}-s{k}" not in summary["searches"]]
+    refs_pending = [k for k, v in summary["searches"].items() if v["reference_status"] != "ok"]
+    status = []
+    if pending or refs_pending:
+        status = ["**In progress.** " + "; ".join(filter(None, [
+            f"searches not finished yet: {', '.join(pending)}" if pending else "",
+            f"reference trainings of the picks not run yet: {', '.join(refs_pending)}" if refs_pending else ""]))
+            + ". The command below runs what is missing (finished searches and trainings are kept).", ""]
+    shared = ", ".join(f"seed {k}: {n}" for k, n in summary["shared_candidates"].items()) or "-"
     return "\n".join([
         "# Search benchmark: TPE vs random sampling, judged at reference scale", "",
         f"Space `{args.space}`, latency budget {args.budget_ms:g} ms predicted on `{args.table}` (paper-width networks "
@@ -179,15 +212,19 @@ def markdown(args, summary: dict) -> str:
         f"seeds {', '.join(map(str, args.seeds))} per sampler, objective: validation loss after the `{args.proxy}` proxy "
         f"preset on `{Path(args.dataset).name}`, ASHA early stopping on the training loss. Each search's best design "
         f"is then trained once with the `{args.reference}` preset (8x the compute, a seed no trial used): that is the "
-        "quality the search delivers.", "",
+        "quality the search delivers.", "", *status,
         "Regenerate (resumes the run folders in `runs/bench/` and trains only the reference runs "
         "`reference/` lacks):", "", "```", summary["command"], "```", "",
         "| sampler | seed | sampled | rejected over budget | trained | stopped early (ASHA) | failed | best proxy val "
         "loss | its predicted ms | its reference val loss | its reference FID |",
         "|---|---|---|---|---|---|---|---|---|---|---|", *rows, "",
-        "Random minus TPE, mean over seeds with Welch's 95% interval (the samplers' seeds share nothing, so the "
-        "comparison is unpaired):", "",
-        "| quantity | random - TPE | 95% interval | verdict |", "|---|---|---|---|", *diffs, "",
+        "Random minus TPE over the seeds both samplers finished, with the paired 95% t interval (seed k is both "
+        "searches' sampler seed and training seed: TPE draws its first 10 candidates with a RandomSampler of that "
+        f"seed, so the two searches start alike; first candidates drawn alike, {shared}; and every trial of seed k "
+        "trains on the same batches, timesteps and noise). The unpaired (Welch) interval is beside it; the verdict "
+        "is the paired one's.", "",
+        "| quantity | seeds | random - TPE | 95% interval (paired) | unpaired | verdict |", "|---|---|---|---|---|---|",
+        *diffs, "",
         "![best-so-far and trials](comparison.png)", "",
         "Every trained trial is within the budget by prediction (the searcher rejects the others before training). "
         "Per search: `<sampler>-s<seed>/trials.csv` (every candidate: params, predicted latency, state, scores, "
@@ -211,20 +248,29 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, default=2)
     p.add_argument("--runs", default="runs/bench", help="run folders (resumed if present)")
     p.add_argument("--report", default="reports/search-benchmark")
+    p.add_argument("--report-only", action="store_true",
+                   help="run and train nothing: write the comparison of the searches and reference trainings finished "
+                        "so far (the rest are listed as in progress)")
     args = p.parse_args()
     args.seeds = [int(s) for s in args.seeds.split(",")]
-    command = "python benchmarks/search_benchmark.py " + shlex.join(sys.argv[1:])
-    runs = {(s, k): run_search(args, s, k) for k in args.seeds for s in SAMPLERS}
+    command = "python benchmarks/search_benchmark.py " + shlex.join(a for a in sys.argv[1:] if a != "--report-only")
     from archlab.cluster import TrialSettings
-    from archlab.trials import run_jobs
+    from archlab.trials import read, run_jobs
 
-    jobs = reference_jobs(args, runs)
-    results = run_jobs(list(jobs.values()), TrialSettings(cpus_per_trial=args.cpus_per_trial,
-                                                          concurrency=args.concurrency), Path(args.runs), "reference")
+    if args.report_only:
+        runs = {(s, k): Path(args.report) / f"{s}-s{k}" for k in args.seeds for s in SAMPLERS
+                if (Path(args.report) / f"{s}-s{k}" / "summary.json").is_file()}
+        jobs = reference_jobs(args, runs)
+        results = [read(j.result) for j in jobs.values()]
+    else:
+        runs = {(s, k): run_search(args, s, k) for k in args.seeds for s in SAMPLERS}
+        jobs = reference_jobs(args, runs)
+        results = run_jobs(list(jobs.values()), TrialSettings(cpus_per_trial=args.cpus_per_trial,
+                                                              concurrency=args.concurrency), Path(args.runs), "reference")
     summary = report(args, runs, dict(zip(jobs, results)), command)
     for key in ("best_val_loss", "reference_val_loss"):
         d = summary[f"difference_{key}"]
-        print(f"{key}: random - tpe = {d['random_minus_tpe']:+.4f}, 95% interval {d['ci95']}")
+        print(f"{key}: random - tpe = {_f(d['random_minus_tpe'], '+.4f')}, paired 95% interval {d['ci95']}")
     return 0
 
 
