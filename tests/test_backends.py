@@ -1,6 +1,7 @@
 """The latency lab's runtime backends: bundles for onnxruntime, ExecuTorch-XNNPACK and Core ML, their
 runners, and tables that say which runtime made them."""
 
+import json
 import subprocess
 import sys
 import time
@@ -63,13 +64,17 @@ def test_executorch_bundle_runs_what_torch_runs_and_names_undelegated_ops(tmp_pa
     pytest.importorskip("executorch", reason="executorch is an optional extra: pip install -e '.[executorch]'")
     from executorch.runtime import Runtime
 
-    blocks = _blocks(2)
+    blocks = _blocks(3)
+    assert blocks[-1].kind == "transformer"
     out = tmp_path / "bundle"
     manifest = export_bundle(out, blocks, resolution=RES, backend="executorch-xnnpack")
     assert manifest["backend"] == "executorch-xnnpack" and manifest["opset"] is None
     assert {p.name for p in out.iterdir()} >= {"runner_executorch.py", "timing.py", "table.py", "pte"}
     items = {it["key"]: it for it in manifest["items"]}
     assert "aten_native_group_norm_default" in items[manifest["reference"]]["undelegated"]  # GroupNorm stays out
+    # attention lowered as batched matmuls: none of torch's masked-row guard or expand left to portable kernels
+    assert not {"aten_any_dim", "aten_where_self", "aten_logical_not_default", "aten_expand_copy_default"} & set(
+        items[blocks[-1].key]["undelegated"])
 
     for i, spec in enumerate(blocks):  # a .pte computes what its block computes
         module, inputs = spec.runnable()
@@ -82,13 +87,32 @@ def test_executorch_bundle_runs_what_torch_runs_and_names_undelegated_ops(tmp_pa
     table = tmp_path / "et.csv"
     rows = timing.run_bundle(out, table, "dev", backends.get("executorch-xnnpack").backend(), QUICK, progress=False)
     meta, _ = read_table(table)
-    assert len(rows) == 3 and all(float(r["median_ms"]) > 0 for r in rows)
-    assert (meta["backend"], meta["opset"], meta["backend_options"]) == ("executorch-xnnpack", None, {})
+    assert len(rows) == 4 and all(float(r["median_ms"]) > 0 for r in rows)
+    assert (meta["backend"], meta["opset"], meta["backend_options"]) == ("executorch-xnnpack", None, {"sdpa": "bmm"})
     assert meta["undelegated"][manifest["reference"]] == items[manifest["reference"]]["undelegated"]
     with pytest.raises(RunnerError, match="made with other settings: backend="):  # never mixed with onnxruntime rows
         ort_bundle = tmp_path / "ort"
         export_bundle(ort_bundle, blocks, resolution=RES)
         run_bundle(ort_bundle, table, "dev", QUICK, progress=False)
+
+
+@pytest.mark.parametrize("kv_heads,scale", [(4, None), (1, 0.3)])
+def test_attention_lowered_as_batched_matmuls_equals_torch_sdpa(kv_heads, scale):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 7, 8, generator=g) for h in (4, kv_heads, kv_heads))
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=kv_heads != 4)
+    torch.testing.assert_close(backends._sdpa_as_bmm(q, k, v, scale=scale, enable_gqa=kv_heads != 4), want)
+    with pytest.raises(ArchlabError, match="mask"):
+        backends._sdpa_as_bmm(q, q, q, attn_mask=torch.ones(7, 7, dtype=torch.bool))
+
+
+def test_a_bundle_lowered_otherwise_is_not_extended(tmp_path):
+    out = tmp_path / "bundle"
+    export_bundle(out, _blocks(1), resolution=RES)
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**manifest, "lowering": {"sdpa": "other"}}))
+    with pytest.raises(ArchlabError, match="lowering"):
+        export_bundle(out, _blocks(2), resolution=RES)
 
 
 def test_coreml_bundle_exports_and_its_table_round_trips(tmp_path, capsys):

@@ -5,8 +5,13 @@ beside it). Each runtime beyond onnxruntime is an optional extra (`pip install -
 - `onnxruntime`: ONNX (opset 20, dynamo exporter), timed by `runner.py`;
 - `executorch-xnnpack`: ExecuTorch with the XNNPACK delegate, the CPU path of Android and iOS apps:
   `torch.export` -> `to_edge_transform_and_lower(partitioner=[XnnpackPartitioner()])` -> `.pte`, timed by
-  `runner_executorch.py`. The ops XNNPACK does not take (they run on ExecuTorch's portable CPU
-  kernels) are recorded per item in the manifest and the table's metadata (`undelegated`);
+  `runner_executorch.py`. Attention is lowered as two batched matmuls and a softmax (`_sdpa_as_bmm`,
+  the table's `backend_options: {"sdpa": "bmm"}`), as an app would ship it: torch's own decomposition
+  of scaled_dot_product_attention guards fully masked rows (any/eq/where/logical_not/full_like over
+  the whole attention matrix) and broadcasts with expand, ops XNNPACK leaves to portable kernels; the
+  lab's attention has no mask, so the values are the same. The ops XNNPACK still does not take (they
+  run on ExecuTorch's portable CPU kernels) are recorded per item in the manifest and the table's
+  metadata (`undelegated`);
 - `coreml`: an ML program (`.mlpackage`) converted by coremltools (works on Linux), timed by
   `runner_coreml.py` with Core ML on macOS (the Mac's, or an attached device's compute units).
 """
@@ -35,6 +40,8 @@ class Runtime:
     extra: str  # the optional extra that installs it ("": a core dependency)
     export: Callable = field(repr=False, default=None)  # (module, inputs, folder, opset) -> (file in folder, item extras)
     here: bool = True  # can this machine (Linux) time it?
+    lowering: dict = field(default_factory=dict)  # how the exporter lowers what it could lower otherwise: part of a
+    # bundle's and a table's identity (the table's backend_options), so models lowered otherwise never mix
 
     def backend(self, **options):
         """The runner's Backend (imports the runtime)."""
@@ -68,6 +75,23 @@ def export_onnx(module, inputs: tuple, folder: Path, opset: int) -> tuple[str, d
     return "model.onnx", {}
 
 
+def _sdpa_as_bmm(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """scaled_dot_product_attention as softmax(q k^T * scale) v with batched matmuls over (batch x heads)."""
+    import math
+
+    import torch
+
+    if attn_mask is not None or is_causal or dropout_p:
+        raise ArchlabError("executorch-xnnpack export: attention with a mask, causal or dropout is not lowered here")
+    if enable_gqa:
+        k, v = (t.repeat_interleave(q.shape[-3] // t.shape[-3], -3) for t in (k, v))
+    *lead, n, d = q.shape
+    s = scale if scale is not None else 1.0 / math.sqrt(d)
+    q3, k3, v3 = q.reshape(-1, n, d), k.reshape(-1, k.shape[-2], d), v.reshape(-1, v.shape[-2], v.shape[-1])
+    out = torch.bmm(torch.softmax(torch.bmm(q3 * s, k3.transpose(1, 2)), dim=-1), v3)
+    return out.reshape(*lead, n, v.shape[-1])
+
+
 def export_pte(module, inputs: tuple, folder: Path, opset: int) -> tuple[str, dict]:
     """A `.pte` lowered to XNNPACK, and the ops left outside it ({op: count}; none when all delegate)."""
     import torch
@@ -76,7 +100,9 @@ def export_pte(module, inputs: tuple, folder: Path, opset: int) -> tuple[str, di
     from executorch.exir import to_edge_transform_and_lower
 
     with _quiet():
-        edge = to_edge_transform_and_lower(torch.export.export(module.eval(), inputs), partitioner=[XnnpackPartitioner()])
+        program = torch.export.export(module.eval(), inputs).run_decompositions(
+            {torch.ops.aten.scaled_dot_product_attention.default: _sdpa_as_bmm})
+        edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
         info = get_delegation_info(edge.exported_program().graph_module)
         program = edge.to_executorch()
     (folder / "model.pte").write_bytes(program.buffer)
@@ -105,7 +131,8 @@ def _names(inputs: tuple) -> list[str]:
 
 RUNTIMES: dict[str, Runtime] = {r.name: r for r in (
     Runtime("onnxruntime", "onnx", "runner", "OnnxRuntime", "onnxruntime", "", export_onnx),
-    Runtime("executorch-xnnpack", "pte", "runner_executorch", "ExecuTorchXnnpack", "executorch", "executorch", export_pte),
+    Runtime("executorch-xnnpack", "pte", "runner_executorch", "ExecuTorchXnnpack", "executorch", "executorch", export_pte,
+            lowering={"sdpa": "bmm"}),
     Runtime("coreml", "coreml", "runner_coreml", "CoreML", "coremltools", "coreml", export_coreml, here=False),
 )}
 

@@ -157,14 +157,16 @@ def export_bundle(out_dir: str | Path, blocks: list[BlockSpec], networks: list[C
     path = out / "manifest.json"
     ref = reference_block(resolution)
     manifest = {"format": FORMAT, "name": name or out.name, "backend": backend, "resolution": resolution,
-                "opset": opset if backend == "onnxruntime" else None, "reference": ref.key, "items": []}
+                "opset": opset if backend == "onnxruntime" else None, "lowering": runtime.lowering, "reference": ref.key,
+                "items": []}
     if path.exists():
         try:
             old = timing.load_manifest(out)
         except table.RunnerError as e:
             raise ArchlabError(str(e)) from None
         old.setdefault("backend", "onnxruntime")  # a bundle from before backends
-        for key in ("backend", "resolution", "opset", "reference"):
+        old.setdefault("lowering", {})  # or from before lowering choices
+        for key in ("backend", "resolution", "opset", "lowering", "reference"):
             if old[key] != manifest[key]:
                 raise ArchlabError(f"{out}: bundle was made with {key}={old[key]!r}, not {manifest[key]!r}")
         manifest["items"] = old["items"]

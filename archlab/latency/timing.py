@@ -112,7 +112,8 @@ def run_bundle(bundle: str | Path, out: str | Path, device: str, backend: Backen
     if made_for != backend.name:
         raise RunnerError(f"{bundle}: a bundle for {made_for}, not {backend.name}: export one with --backend {backend.name}")
     settings = {"device": device, "threads": p.threads, "opt_level": p.opt_level, "backend": backend.name,
-                "backend_options": dict(backend.options), "runtime_version": backend.version, "resolution": manifest["resolution"], "opset": manifest["opset"],
+                "backend_options": {**backend.options, **manifest.get("lowering", {})}, "runtime_version": backend.version,
+                "resolution": manifest["resolution"], "opset": manifest["opset"],
                 "bundle": manifest.get("name", bundle.name)}
     meta, rows = read_table(out)
     if meta:
