@@ -257,14 +257,15 @@ def main() -> int:
     from archlab.cluster import TrialSettings
     from archlab.trials import read, run_jobs
 
-    if args.report_only:
+    if args.report_only:  # the searches that finished, as they were kept
         runs = {(s, k): Path(args.report) / f"{s}-s{k}" for k in args.seeds for s in SAMPLERS
                 if (Path(args.report) / f"{s}-s{k}" / "summary.json").is_file()}
-        jobs = reference_jobs(args, runs)
-        results = [read(j.result) for j in jobs.values()]
     else:
         runs = {(s, k): run_search(args, s, k) for k in args.seeds for s in SAMPLERS}
-        jobs = reference_jobs(args, runs)
+    jobs = reference_jobs(args, runs)
+    if args.report_only:
+        results = [read(j.result) for j in jobs.values()]
+    else:
         results = run_jobs(list(jobs.values()), TrialSettings(cpus_per_trial=args.cpus_per_trial,
                                                               concurrency=args.concurrency), Path(args.runs), "reference")
     summary = report(args, runs, dict(zip(jobs, results)), command)

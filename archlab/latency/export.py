@@ -77,8 +77,9 @@ def _params(cfg: Config) -> int:
 
 def _export_networks(backend: str, items: list[tuple[Config, Path]], opset: int, jobs: int, progress=None):
     """Export whole networks, each in a process of its own, `jobs` at a time (with one job, networks all
-    under IN_PROCESS_PARAMS in this process); yields (file, extra, input shapes) per item, in order. A paper-scale network's export holds several copies of its weights at once
-    (ExecuTorch's lowering: several times a 3 GB UNet), and a process that exported one does not give that
+    under IN_PROCESS_PARAMS in this process); yields (file, extra, input shapes) per item, in order. A
+    paper-scale network's export holds several copies of its weights at once (ExecuTorch's lowering:
+    several times a 3 GB UNet), and a process that exported one does not give that
     memory back to the next. The exports are single-threaded Python for the most part, so on a machine
     with cores and memory to spare `jobs` > 1 divides their time."""
     import multiprocessing
