@@ -11,8 +11,9 @@
   Measured networks are looked up in the device's tables first (`<tables>/<device>*.csv` made with
   the same device, resolution and threads); missing ones are measured into
   `<tables>/<device>.ladder<res>-<threads>t.csv` and stay there, so a ladder is timed once per device.
-- `results/<row>/seed<k>.json`: one proxy training (FID, KID, validation loss) per row and seed, run
-  by the trials engine (`archlab.trials`) as Ray Tune trials, `concurrency` at a time. A finished
+- `results/<row>/seed<k>.json`: one proxy training (FID, KID, validation loss) per row and seed (in
+  `settings.results` instead when given: a small folder to commit beside the report, so the report
+  regenerates, and more seeds are added, without training again), run by the trials engine (`archlab.trials`) as Ray Tune trials, `concurrency` at a time. A finished
   (row, seed) is never trained again; an interrupted one continues from its checkpoint in
   `train/<row>/seed<k>/`. A run that diverges or raises is recorded with its status and reason, not
   dropped; one that raised is retried by the next invocation.
@@ -34,13 +35,11 @@ from archlab.errors import ArchlabError
 from archlab.io import write_atomic
 from archlab.ladder import Ladder, load_ladder
 from archlab.schema import at_least, build, require_mapping, setting
-from archlab.trials import Job, read, run_job, run_jobs
+from archlab.trials import RUN_ONLY, Job, read, run_job, run_jobs
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TABLE = "latency_tables/amd-epyc-2c.csv"
-# settings that do not change a training's result: a folder made with other values is still resumed
-RUN_ONLY = ("device", "threads", "report_every", "checkpoint_every")
 PACKAGES = ("torch", "onnxruntime", "onnx", "optuna", "ray", "torchmetrics", "fvcore", "numpy", "pandas")
 
 
@@ -52,6 +51,7 @@ class AblateSettings(TrialSettings):
     table: str = DEFAULT_TABLE  # predictor table; measured tables are looked up beside it
     measure: list[int] = field(default_factory=lambda: [32, 128])  # latent resolutions to time end to end
     threads: int | None = setting(None, valid=at_least(1), rule=">= 1")  # ORT threads for measuring (default: the table's)
+    results: str = ""  # per-training results folder (default: the run folder's results/)
     ladder_sha: str = ""
     command: str = ""
 
@@ -69,8 +69,13 @@ class AblateSettings(TrialSettings):
 
 
 def identity(values: dict) -> dict:
-    """What makes two folders' results comparable (the ladder aside): data and training settings."""
-    return {k: v for k, v in values.items() if k not in RUN_ONLY}
+    """What makes two folders' results comparable (the ladder aside): data and training settings,
+    less those that do not change what a training learns; the same dataset folder mounted elsewhere
+    is the same data."""
+    out = {k: v for k, v in values.items() if k not in RUN_ONLY}
+    if out.get("spec", "synthetic") != "synthetic":
+        out["spec"] = Path(out["spec"]).name
+    return out
 
 
 def read_settings(path: Path) -> tuple[AblateSettings, list[dict]]:
@@ -96,8 +101,12 @@ def row_dir(row) -> str:
     return f"{row.index:02d}-{row.name}"
 
 
-def result_path(run_dir: Path, row, seed: int) -> Path:
-    return run_dir / "results" / row_dir(row) / f"seed{seed}.json"
+def results_dir(settings: AblateSettings, run_dir: Path) -> Path:
+    return Path(settings.results) if settings.results else run_dir / "results"
+
+
+def result_path(results: Path, row, seed: int) -> Path:
+    return results / row_dir(row) / f"seed{seed}.json"
 
 
 def provenance(command: str = "") -> dict:
@@ -138,22 +147,36 @@ def open_run(settings: AblateSettings, run_dir: Path) -> tuple[AblateSettings, L
     saved, history = run_dir / "ablate.json", []
     if saved.is_file():
         old, history = read_settings(saved)
-        if old.ladder_sha != settings.ladder_sha:
-            raise ArchlabError(f"--out: {run_dir} holds results of another ladder ({old.ladder}, "
-                               f"sha {old.ladder_sha}); pick another folder")
-        for key in ("data", "train"):
-            ours, theirs = identity(getattr(settings, key)), identity(getattr(old, key))
-            if ours != theirs:
-                diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
-                raise ArchlabError(f"--out: {run_dir} holds results made with other {key} settings "
-                                   f"({', '.join(diff)}); pick another folder")
+        _same_study(old, settings, run_dir, "--out")
+        settings.results = settings.results or old.results  # a results folder given once is kept
         settings.seeds = max(settings.seeds, old.seeds)  # asking for fewer seeds keeps the others
         if settings.rows is not None:  # and another selection of rows adds to the earlier one
             settings.rows = None if old.rows is None else sorted(set(old.rows) | set(settings.rows))
+    if settings.results:
+        settings.results = str(Path(settings.results).resolve())
+    results = results_dir(settings, run_dir)
+    if settings.results and (results / "ablate.json").is_file():  # a results folder kept apart, e.g. committed
+        _same_study(read_settings(results / "ablate.json")[0], settings, results, "--results")
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(saved, json.dumps({**asdict(settings), "invocations": history + [provenance(settings.command)]},
-                                   indent=1) + "\n")
+    record = json.dumps({**asdict(settings), "invocations": history + [provenance(settings.command)]}, indent=1) + "\n"
+    write_atomic(saved, record)
+    if settings.results:
+        results.mkdir(parents=True, exist_ok=True)
+        write_atomic(results / "ablate.json", record)
     return settings, ladder
+
+
+def _same_study(old: AblateSettings, settings: AblateSettings, folder: Path, flag: str) -> None:
+    """Refuse a folder whose results were made with another ladder, dataset or training."""
+    if old.ladder_sha != settings.ladder_sha:
+        raise ArchlabError(f"{flag}: {folder} holds results of another ladder ({old.ladder}, "
+                           f"sha {old.ladder_sha}); pick another folder")
+    for key in ("data", "train"):
+        ours, theirs = identity(getattr(settings, key)), identity(getattr(old, key))
+        if ours != theirs:
+            diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+            raise ArchlabError(f"{flag}: {folder} holds results made with other {key} settings "
+                               f"({', '.join(diff)}); pick another folder")
 
 
 # ---- cost and latency ----------------------------------------------------------------------------
@@ -258,12 +281,12 @@ def latency_rows(selected, settings: AblateSettings, run_dir: Path, progress: bo
 
 def jobs(settings: AblateSettings, ladder: Ladder, run_dir: Path) -> list[Job]:
     """One training per selected row and seed: `results/<row>/seed<k>.json`, checkpoint in `train/`."""
-    out = []
+    out, results = [], results_dir(settings, run_dir)
     for r in settings.selected(ladder):
         for k in range(settings.seeds):
             train = {**settings.train, "seed": settings.train["seed"] + k}
             out.append(Job(key=f"{row_dir(r)}-seed{k}", arch=r.config.to_dict(), data=settings.data, train=train,
-                           result=str(result_path(run_dir, r, k)), workdir=str(run_dir / "train" / row_dir(r) / f"seed{k}"),
+                           result=str(result_path(results, r, k)), workdir=str(run_dir / "train" / row_dir(r) / f"seed{k}"),
                            meta={"index": r.index, "name": r.name, "seed": k, "train_seed": train["seed"]}))
     return out
 

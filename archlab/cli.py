@@ -136,7 +136,10 @@ def _build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--gpus-per-trial", type=float, default=0, help="GPUs per trial (with --device cuda; fractions share one)")
     ab.add_argument("--concurrency", type=int, default=1, help="trainings at once (Ray Tune trials)")
     ab.add_argument("--address", help="attach to a running Ray cluster (e.g. auto or HOST:6379)")
-    ab.add_argument("--out", type=_folder, help="results folder (default runs/ablate-<ladder name>); re-running resumes it")
+    ab.add_argument("--out", type=_folder, help="run folder: settings, cost, latency, checkpoints and (unless --results) results; default runs/ablate-<ladder name>; re-running resumes it")
+    ab.add_argument("--results", type=_folder,
+                    help="keep the per-training results here instead of OUT/results (small files: commit them "
+                         "beside the report, and it regenerates, or takes more seeds, without training again)")
     _dataset_args(ab)
     _train_args(ab)
     ab.add_argument("--json", action="store_true", help="print the runs' results as JSON")
@@ -584,6 +587,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         except ValueError:
             raise ArchlabError(f"--measure: {args.measure!r} is not a comma-separated list of resolutions") from None
     settings = AblateSettings(ladder=args.ladder, seeds=args.seeds, rows=rows, table=args.table, measure=measure,
+                              results=args.results or "",
                               threads=args.threads, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
                               concurrency=args.concurrency,
                               address=args.address, data=asdict(_data_config(args)),

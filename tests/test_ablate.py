@@ -152,6 +152,43 @@ def test_a_failed_training_is_reported_not_dropped(tiny_lab, tmp_path, monkeypat
     assert ablate.run_one(settings, 0, 0, tmp_path) == ok
 
 
+def test_results_kept_apart_regenerate_the_report_without_training(tiny_lab, tmp_path, monkeypatch):
+    """`--results`: the per-training results live in their own (committable) folder; a fresh run folder
+    and an empty cache given that folder train nothing, and the report reads them; a folder of
+    results made with another training is refused."""
+    from archlab import ablate, train
+    from archlab.errors import ArchlabError
+    from archlab.report import write_report
+
+    ladder, table = tiny_lab
+    kept = tmp_path / "kept"
+
+    def settings(steps=2):
+        return ablate.AblateSettings(
+            ladder=str(ladder), seeds=1, table=str(table), measure=[], results=str(kept),
+            data={"spec": "synthetic", "resolution": 8, "classes": 3, "per_class": 8, "val_per_class": 4, "seed": 0},
+            train={**dataclasses.asdict(train.TrainConfig(steps=steps, batch=4, width_mult=1.0, samples=0))})
+
+    first = tmp_path / "first"
+    s, lad = ablate.open_run(settings(), first)
+    done = [ablate.run_one(s, i, 0, first) for i in (0, 1)]
+    assert [p.relative_to(kept).as_posix() for p in sorted(kept.rglob("seed*.json"))] == \
+        ["00-base/seed0.json", "01-separable/seed0.json"]
+    assert not (first / "results").exists() and (kept / "ablate.json").is_file()
+
+    monkeypatch.setenv("ARCHLAB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(train, "train", lambda *a, **k: pytest.fail("trained again"))
+    second = tmp_path / "second"
+    s, lad = ablate.open_run(settings(), second)
+    ablate.cost_rows(lad, lad.rows, second)
+    ablate.latency_rows(lad.rows, s, second)
+    assert [ablate.run_one(s, i, 0, second)["val_loss"] for i in (0, 1)] == [r["val_loss"] for r in done]
+    rep = write_report(second, tmp_path / "report", command="test")
+    assert [r.scores["val_loss"].mean for r in rep["rows"]] == [r["val_loss"] for r in done]
+    with pytest.raises(ArchlabError, match="--results: .* other train settings .*steps"):
+        ablate.open_run(settings(steps=3), tmp_path / "third")
+
+
 def test_errors_are_one_line(tiny_lab, tmp_path):
     ladder, table = tiny_lab
     other = tmp_path / "other.yaml"
