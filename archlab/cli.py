@@ -271,10 +271,12 @@ def _dataset_args(p: argparse.ArgumentParser, image_size: bool = True) -> None:
 
 
 def _train_args(p: argparse.ArgumentParser, threads: bool = False) -> None:
-    p.add_argument("--proxy", metavar="PRESET",
-                   help="proxy preset: smoke, cpu (default) or reference (reports/proxy_fidelity.md has their measured "
-                        "fidelity), or FILE.yaml:NAME; the flags below override its values")
+    from archlab.presets import DEFAULT, presets
     from archlab.train_config import preset_settings
+
+    p.add_argument("--proxy", metavar="PRESET",
+                   help=f"proxy preset: {', '.join(presets())} (default {DEFAULT}; reports/proxy_fidelity.md has "
+                        "their measured fidelity), or FILE.yaml:NAME; the flags below override its values")
 
     for name, s in preset_settings().items():
         p.add_argument("--" + name.replace("_", "-"), type=s["type"], choices=s["choices"] or None,

@@ -10,6 +10,9 @@ Flags given beside `--proxy` override its values.
     smoke       the README's main job: checks the machinery in about a minute; not a quality verdict
     cpu         what a researcher on a laptop uses (the default)
     reference   the benchmark's long training (8x cpu's compute and more); on a GPU in minutes
+    cpu-long, cpu-b64, cpu-anneal
+                cpu with twice the steps, twice the batch, a learning rate annealed to zero: the
+                levers the fidelity benchmark measured (none ranks closer to the reference)
 """
 
 from __future__ import annotations
