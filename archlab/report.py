@@ -279,9 +279,11 @@ def markdown(run: dict, summary: list[dict], ch: list[dict], command: str, name:
              "Latency in ms, with the ratio to the first row in brackets. Paper FLOPs are the paper's (convention "
              "unconfirmed); ours are MACs as fvcore counts them (FLOPs = 2 x MACs). Predicted latency: from "
              f"`{lat['table']}` at {lat['predicted_resolution']}x{lat['predicted_resolution']} latent; measured: "
-             f"end to end in {_runtime_name(lat)} on `{lat['device']}` ({lat['threads']} thread{'s' if lat['threads'] > 1 else ''}) at "
-             + ", ".join(f"{r}x{r}" for r in res) + " latent. Scores: mean +- std over seeds; FID and KID with "
-             f"{', '.join(extractors) or 'no extractor'} features.", ""]
+             + (f"end to end in {_runtime_name(lat)} on `{lat['device']}` ({lat['threads']} thread"
+                f"{'s' if lat['threads'] > 1 else ''}) at " + ", ".join(f"{r}x{r}" for r in res) + " latent"
+                if res else "not in this run (`--measure none`)")
+             + f". Scores: mean +- std over seeds; FID and KID with {', '.join(extractors) or 'no extractor'} features.",
+             ""]
     quality, quality_label = paper_quality(summary)
     head = (["#", "row", f"paper {quality_label}", "paper params M", "paper FLOPs G", "paper latency"]
             + ["params M", "MACs G", "FLOPs G", f"predicted {lat['predicted_resolution']}^2"]
@@ -342,8 +344,8 @@ def markdown(run: dict, summary: list[dict], ch: list[dict], command: str, name:
               f"{', '.join(extractors) or '-'}",
               f"- latency: device `{lat['device']}` ({lat.get('cpu')}), {lat['threads']} thread(s); predictor table "
               f"`{lat['table']}` ({lat.get('runtime') or runtime(lat)}); measured tables: "
-              + ", ".join(sorted({f"`{m['table']}` ({m.get('runtime') or runtime(m)})"
-                                  for r in lat["rows"].values() for m in r["measured"].values()})),
+              + (", ".join(sorted({f"`{m['table']}` ({m.get('runtime') or runtime(m)})"
+                                   for r in lat["rows"].values() for m in r["measured"].values()})) or "none"),
               f"- training: {s.cpus_per_trial} CPU(s) per trial, {s.concurrency} at a time, on Ray Tune",
               f"- python {last.get('python')}; " + ", ".join(f"{k} {v}" for k, v in last.get("packages", {}).items() if v),
               "- made by these runs of `archlab ablate` (each resumes the folder; finished results are kept):"]

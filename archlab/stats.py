@@ -124,20 +124,23 @@ def compare(a: list[float | None], b: list[float | None], level: float = LEVEL) 
     return Comparison(k, float(d.mean()) if paired else mean, paired, unpaired, corr, sd_p, sd_u)
 
 
+def _ranks_something(x, y) -> bool:
+    """Both have two or more distinct values (np.std of equal floats can come out 1e-12, not 0)."""
+    return len(x) >= 2 and np.ptp(x) > 0 and np.ptp(y) > 0
+
+
 def kendall(x, y) -> float | None:
+    """Kendall's tau-b; None where either side is one value repeated (no ranking to compare)."""
     from scipy import stats
 
-    if len(x) < 2 or np.std(x) == 0 or np.std(y) == 0:
-        return None
-    return float(stats.kendalltau(x, y).statistic)
+    return float(stats.kendalltau(x, y).statistic) if _ranks_something(x, y) else None
 
 
 def spearman(x, y) -> float | None:
+    """Spearman's rho; None where either side is one value repeated."""
     from scipy import stats
 
-    if len(x) < 2 or np.std(x) == 0 or np.std(y) == 0:
-        return None
-    return float(stats.spearmanr(x, y).statistic)
+    return float(stats.spearmanr(x, y).statistic) if _ranks_something(x, y) else None
 
 
 def _tau_b(x: np.ndarray, y: np.ndarray) -> np.ndarray:

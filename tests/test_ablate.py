@@ -144,6 +144,7 @@ def test_a_failed_training_is_reported_not_dropped(tiny_lab, tmp_path, monkeypat
     md = (tmp_path / "report" / "ablation.md").read_text()
     assert "## Runs that did not finish" in md and "row 1 separable, seed 0: failed: RuntimeError: out of memory" in md
     assert "| 1 | separable |" in md and "| failed |" in md
+    assert "measured: not in this run (`--measure none`)." in md and "measured tables: none" in md  # measure=[]
     csv = pd.read_csv(tmp_path / "report" / "ablation.csv")
     assert list(csv["status"]) == ["ok", "failed"]
     assert rep["rows"][1].scores["val_loss"].mean is None

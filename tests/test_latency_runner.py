@@ -170,6 +170,49 @@ def test_timer_jitter_on_a_tiny_item_is_not_noise(bundle, tmp_path, monkeypatch)
     assert read_table(tmp_path / "dev.csv")[0]["sessions"][-1]["retries"] == 0
 
 
+class _Warmth:
+    """Stands in for the clock: any model runs in 3 ms when it runs right after another one (cold), 1 ms
+    when it runs again (warm), as the reference did at 2 onnxruntime threads."""
+
+    def __init__(self, monkeypatch):
+        from archlab.latency import timing
+
+        self.last = None
+        monkeypatch.setattr(timing, "_time", self.time)
+
+    def time(self, run, n):
+        out = []
+        for _ in range(n):
+            out.append(1.0 if run is self.last else 3.0)
+            self.last = run
+        return out
+
+
+def test_the_reference_is_timed_warm_and_an_old_table_keeps_its_protocol(bundle, tmp_path, monkeypatch):
+    out, _ = bundle
+    _Warmth(monkeypatch)
+    protocol = Protocol(threads=1, warmup=0, runs=4, rounds=2)
+    rows = run_bundle(out, tmp_path / "new.csv", "test-cpu", protocol, progress=False)
+    meta, _ = read_table(tmp_path / "new.csv")
+    assert meta["protocol"]["reference_warmup"] == 1 and meta["reference_ms"] == 1.0
+    assert {float(r["ref_ms"]) for r in rows} == {1.0}  # warm beside every item: norm_ms is the item's own median
+    assert all(float(r["norm_ms"]) == float(r["median_ms"]) for r in rows)
+
+    # a table made before the warm-up was recorded is extended as it was made: the reference cold
+    old = tmp_path / "old.csv"
+    run_bundle(out, old, "test-cpu", protocol, progress=False, limit=2)
+    meta_path = old.with_suffix(".meta.json")
+    meta = json.loads(meta_path.read_text())
+    del meta["protocol"]["reference_warmup"]
+    meta_path.write_text(json.dumps(meta))
+    assert Protocol.of_table(meta).reference_warmup == 0
+    rows = run_bundle(out, old, "test-cpu", protocol, progress=False)
+    assert [float(r["ref_ms"]) for r in rows[2:]] == [3.0] * 3
+    assert read_table(old)[0]["protocol"]["reference_warmup"] == 0
+    with pytest.raises(RunnerError, match="reference_warmup"):
+        Protocol(reference_warmup=-1).check()
+
+
 def test_a_missing_or_corrupt_model_is_one_line_naming_the_item(bundle, tmp_path):
     import shutil
 

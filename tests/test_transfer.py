@@ -41,6 +41,15 @@ def test_a_slower_device_is_learnt_from_a_few_networks(tmp_path):
     assert by_n[10]["tau"] == pytest.approx(by_n[0]["tau"], abs=0.02)  # a monotone change keeps the ranking
 
 
+def test_a_transfer_fitted_flat_ranks_nothing_rather_than_nan(tmp_path):
+    path, _ = _target(tmp_path, lambda ms: 5000.0 - ms)  # ranks the networks backwards: no line with a >= 0 fits
+    report = transfer.evaluate_tables(SOURCE, [path], [0, 3], draws=3)
+    by_n = {row["n"]: row for row in report["targets"][0]["by_n"]}
+    assert by_n[0]["tau"] < -0.5  # the source's ranking, reversed there
+    assert by_n[3]["tau"] == 0.0 and by_n[3]["tau_range"] == [0.0, 0.0]  # flat: one latency for all, no ranking
+    assert "ranks nothing" in transfer.markdown(report)
+
+
 def test_attention_and_the_rest_can_change_speed_differently(tmp_path):
     source = load_for_table(SOURCE)
     meta, rows = read_table(SOURCE)

@@ -6,7 +6,11 @@ A backend (`Backend`) says how to load one bundle item and run it once; the prot
 all of them. For a noisy machine: fixed threads, sequential execution, the same settings for blocks
 and whole networks; an untimed first run, then up to `warmup` more warm-up runs (fewer for slow items:
 about 1 s of them at most); then `rounds` rounds that each time the item k times and the bundle's
-reference model once, so every item has the reference timed right beside it. k is `runs // rounds`,
+reference model once, after `reference_warmup` untimed runs of it (default 1), so every item has the
+reference timed right beside it, and warm: run cold, right after another model, the reference read
+8-11% slow at 1 onnxruntime thread and 3x slow at 2 (median over 78 networks on the 2-core EPYC),
+which put that error into `norm_ms`. Tables made before the warm-up was recorded keep timing the
+reference cold when extended, so each table stays one protocol. k is `runs // rounds`,
 lowered for slow items so that one item takes about `budget_s` seconds (a whole network is not run 30
 times), never below 1. Recorded per item: median, min, mean, coefficient of variation, and the
 reference's median in the same rounds (`ref_ms`); `norm_ms` rescales the median by (session reference
@@ -130,6 +134,7 @@ def run_bundle(bundle: str | Path, out: str | Path, device: str, backend: Backen
     if not todo:
         return rows
     meta.setdefault("protocol", {}).update(max_cv=p.max_cv, retries=p.retries)
+    ref_warmup = meta["protocol"].setdefault("reference_warmup", p.reference_warmup if not rows else 0)
     session = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "timed": 0, "retimed": 0,
                "retries": 0, "above_gate": 0}
     meta.setdefault("sessions", []).append(session)
@@ -155,6 +160,7 @@ def run_bundle(bundle: str | Path, out: str | Path, device: str, backend: Backen
             times, ref_times = [], []
             for _ in range(p.rounds):
                 times += _time(run, per_round)
+                _time(ref, ref_warmup)
                 ref_times += _time(ref, 1)
             got = _row(it, times, ref_times, session_ref)
             if row is None or float(got["cv"]) < float(row["cv"]):

@@ -173,8 +173,9 @@ def evaluate(source: Predictor, cfgs: list[Config], measured: np.ndarray, pool: 
             t = fit_transfer(source, parts[pick], measured[pick])
             pred = t.apply(parts[held])
             err = np.abs(pred / measured[held] - 1)
+            tau = stats.kendall(pred, measured[held])  # None: one latency for every network, which ranks nothing
             runs.append({"method": t.method, "mape": float(err.mean()), "within_5": float((err <= 0.05).mean()),
-                         "within_10": float((err <= 0.10).mean()), "tau": stats.kendall(pred, measured[held])})
+                         "within_10": float((err <= 0.10).mean()), "tau": 0.0 if tau is None else tau})
         row = {"n": n, "methods": {m: sum(r["method"] == m for r in runs) for m in METHODS if any(r["method"] == m for r in runs)}}
         for k in ("mape", "within_5", "within_10", "tau"):
             v = np.array([r[k] for r in runs], dtype=float)
@@ -246,7 +247,8 @@ def markdown(r: dict) -> str:
              "N, N networks are drawn from the pool at random (20 draws unless the command says otherwise), a transfer "
              "is fitted (`archlab/latency/transfer.py`: ratio, line or block groups, chosen by leave-one-out error), "
              "and the held-out networks are predicted. Medians over the draws, [10th, 90th percentile] beside them; "
-             "N = 0 is the source's predictor unchanged.", "",
+             "N = 0 is the source's predictor unchanged. A transfer that predicts one latency for every network (a "
+             "line fitted flat) ranks nothing: its Kendall tau counts as 0.", "",
              "Regenerate:", "", "```", r.get("command", ""), "```", ""]
     for t in r["targets"]:
         lines += [f"## To `{t['device']}` ({t['cpu']}), {t['runtime']}, {t['threads']} thread(s)", "",
