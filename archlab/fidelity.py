@@ -34,8 +34,10 @@ from archlab.trials import Job, read
 
 SCORES = ("val_loss", "fid", "kid")
 # scores derived after training from what a run kept: the validation loss at low / high timesteps (from
-# its per-timestep values) and FID / KID of its saved samples with the small randconv extractor
-DERIVED = ("val_loss_low_t", "val_loss_high_t", "fid_randconv", "kid_randconv")
+# its per-timestep values), its training loss curve extrapolated to 4x its steps, and FID / KID of its
+# saved samples with the small randconv extractor
+DERIVED = ("val_loss_low_t", "val_loss_high_t", "train_loss_4x", "fid_randconv", "kid_randconv")
+EXTRAPOLATE = 4  # train_loss_4x: the fitted curve read at this many times the run's steps
 ALL_SCORES = SCORES + DERIVED
 REFERENCE_SEED = 1000  # the reference's seeds are not the presets': they share no batches, noise or init
 
@@ -278,9 +280,33 @@ def _score(result: dict, name: str) -> float | None:
     return result.get(name, result.get("derived", {}).get(name))
 
 
+def extrapolate(history: list, factor: float = EXTRAPOLATE) -> float | None:
+    """A run's training loss at `factor` x its steps, from the smoothed loss it logged every 25 steps:
+    L(s) = a + b (s / S)^-c (S its last step; a, b >= 0, c in [0.05, 5]) fitted by least squares on the
+    points after the first; None with fewer than 4 such points or no fit."""
+    import numpy as np
+    from scipy.optimize import curve_fit
+
+    h = np.asarray(history, dtype=float)[1:]
+    if len(h) < 4 or not np.isfinite(h).all():
+        return None
+    x, y = h[:, 0] / h[-1, 0], h[:, 1]
+
+    def curve(s, a, b, c):
+        return a + b * np.power(s, -c)
+
+    try:
+        (a, b, c), _ = curve_fit(curve, x, y, p0=[0.8 * y[-1], max(y[0] - y[-1], 1e-3), 1.0],
+                                 bounds=([0, 0, 0.05], [np.inf, np.inf, 5]), maxfev=20000)
+    except (RuntimeError, ValueError):
+        return None
+    return float(curve(factor, a, b, c))
+
+
 def derive(jobs_: list[Job]) -> int:
-    """Add the DERIVED scores to finished results that lack them (written back in place); returns how
-    many results gained them. Needs each run's folder (its samples.pt) for the randconv scores."""
+    """Add the DERIVED scores that finished results lack (written back in place; one that cannot be
+    computed from what the run kept is recorded as None); returns how many results changed. The randconv
+    scores need the run's folder (its samples.pt) and are left out when it is gone."""
     import torch
 
     from archlab.data import DataConfig, load_dataset
@@ -289,21 +315,23 @@ def derive(jobs_: list[Job]) -> int:
     data, n = {}, 0
     for j in jobs_:
         r = read(j.result)
-        if not r or r.get("status") != "ok" or "derived" in r:
+        if not r or r.get("status") != "ok":
             continue
-        d = {}
+        d = dict(r.get("derived", {}))
         vt = r.get("val_loss_t") or []
-        if vt:
+        if vt and "val_loss_low_t" not in d:
             d["val_loss_low_t"] = statistics.fmean(vt[:len(vt) // 2])  # t < 0.5: near the data
             d["val_loss_high_t"] = statistics.fmean(vt[len(vt) // 2:])  # t > 0.5: near the noise
+        if "train_loss_4x" not in d:
+            d["train_loss_4x"] = extrapolate(r.get("history") or [])
         samples = Path(j.workdir) / "samples.pt"
-        if samples.is_file():
+        if "fid_randconv" not in d and samples.is_file():
             key = json.dumps(j.data, sort_keys=True)
             if key not in data:
                 data[key] = load_dataset(DataConfig(**j.data))
             s = score_images(torch.load(samples), data[key], "randconv", TrainConfig(**j.train).fid_reference)
             d["fid_randconv"], d["kid_randconv"] = s["fid"], s["kid"]
-        if d:
+        if d != r.get("derived", {}):
             write_atomic(j.result, json.dumps({**r, "derived": d}, indent=1) + "\n")
             n += 1
     return n
@@ -347,7 +375,8 @@ def run(settings: FidelitySettings, results: str | Path, work: str | Path, only:
 # ---- report -------------------------------------------------------------------------------------
 
 LABELS = {"val_loss": "val loss", "fid": "FID", "kid": "KID", "val_loss_low_t": "val loss, t < 0.5",
-          "val_loss_high_t": "val loss, t > 0.5", "fid_randconv": "FID (randconv)", "kid_randconv": "KID (randconv)"}
+          "val_loss_high_t": "val loss, t > 0.5", "train_loss_4x": "train loss at 4x steps",
+          "fid_randconv": "FID (randconv)", "kid_randconv": "KID (randconv)"}
 
 
 def _f(v, fmt=".2f") -> str:
@@ -431,7 +460,9 @@ def markdown(a: dict, settings: FidelitySettings, command: str) -> str:
                          f"{_f(e.get('ladder_kendall_tau_vs_paper_fid'))} |")
     dflt = a["presets"][settings.default_preset]["scores"]["val_loss"]
     lines += ["", "Derived scores, computed after training from what each run kept (no retraining): the validation "
-              "loss at its 4 low (t < 0.5, near the data) and 4 high (t > 0.5, near the noise) timesteps, and FID / KID "
+              "loss at its 4 low (t < 0.5, near the data) and 4 high (t > 0.5, near the noise) timesteps; its smoothed "
+              "training loss, logged every 25 steps, fitted with a + b (s / S)^-c and read at 4x its steps S (a "
+              "learning-curve extrapolation: does the curve's shape say where a longer training ends?); and FID / KID "
               "of the run's own samples with the small fixed `randconv` extractor instead of Inception."]
     lines += ["", f"The default CPU preset `{settings.default_preset}` ranks by validation loss with Kendall tau "
               f"{_f(dflt.get('kendall_tau'))} {_ci(dflt.get('kendall_tau_ci'))} against the reference "

@@ -232,3 +232,11 @@ def test_the_reference_own_seed_noise_is_measured_where_it_has_two_seeds():
     noise = analyse(settings, designs, results, boot=10)["reference_noise"]
     assert noise["designs"] == 4 and noise["kendall_tau"] == pytest.approx(4 / 6)  # one of six pairs swapped
     assert noise["default_preset_vs_each_seed"] == [pytest.approx(1.0), pytest.approx(4 / 6)]
+
+
+def test_the_training_loss_curve_is_extrapolated_to_4x_its_steps():
+    steps = list(range(25, 201, 25))
+    curve = [[s, 0.25 + 0.5 * (s / 200) ** -0.8] for s in steps]
+    assert fidelity.extrapolate(curve) == pytest.approx(0.25 + 0.5 * 4 ** -0.8, rel=1e-4)
+    assert fidelity.extrapolate(curve[:4]) is None  # 3 points after the first: too few for 3 parameters
+    assert fidelity.extrapolate(curve[:-1] + [[200, float("nan")]]) is None
