@@ -180,7 +180,8 @@ def score_test(a: Score, b: Score, paired: bool) -> ScoreTest:
     c = stats.compare(a.seeds, b.seeds)
     iv = c.interval(paired)
     fields = dict(seeds=c.seeds, paired=paired, mean=c.mean, correlation=c.correlation, pairing_gain=c.pairing_gain,
-                  low=iv.low if iv else None, high=iv.high if iv else None, seeds_to_resolve=c.seeds_to_resolve(paired))
+                  low=iv.low if iv else None, high=iv.high if iv else None, seeds_to_resolve=c.seeds_to_resolve(paired),
+                  before=a.mean)
     if c.seeds < stats.MIN_SEEDS or iv is None:
         return ScoreTest(False, f"{c.seeds} seed(s) with results on both rows: a verdict needs at least "
                                 f"{stats.MIN_SEEDS}", **fields)
@@ -389,8 +390,12 @@ def _quality_section(summary: list[dict], ch: list[dict]) -> list[str]:
                 verdict = {Verdict.AGREE: "agrees", Verdict.DISAGREE: "disagrees", Verdict.NOISE: "cannot tell (within noise",
                            Verdict.NONE: "not measured"}[v]
                 if v is Verdict.NOISE:
-                    n = c[label].test.seeds_to_resolve
-                    verdict += (f"; a change this large would need about {n} seeds at the measured noise)" if n else
+                    t = c[label].test
+                    if t.low is not None and t.before:
+                        verdict += (f": the change lies within [{_pct(t.low / abs(t.before))}, "
+                                    f"{_pct(t.high / abs(t.before))}] of the row above")
+                    n = t.seeds_to_resolve
+                    verdict += (f"; resolving a change of the measured size would need about {n} seeds)" if n else
                                 "; the measured change is too small for its noise to resolve at any practical number "
                                 "of seeds)")
                 verdicts.append(f"{label} {verdict}")

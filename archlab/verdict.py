@@ -67,6 +67,7 @@ class ScoreTest(Noise):
     correlation: float | None = None
     pairing_gain: float | None = None
     seeds_to_resolve: int | None = None
+    before: float | None = None  # the row above's mean score, which a relative change is a share of
 
 
 @dataclass(frozen=True)

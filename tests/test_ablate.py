@@ -284,6 +284,7 @@ def test_a_score_verdict_comes_from_the_interval_over_seeds():
     assert m.test.seeds_to_resolve is None  # a mean change of 0.003 under 0.03 of noise: no practical number
     m = _score_change(a, [0.47, 0.56, 0.59])  # a mean change of -0.01 under 0.02 of paired noise
     assert m.verdict is Verdict.NOISE and 10 < m.test.seeds_to_resolve < 40
+    assert m.test.before == pytest.approx(0.55)  # the row above's mean: a relative bound is a share of it
 
 
 def test_fewer_than_three_seeds_give_no_score_verdict():
