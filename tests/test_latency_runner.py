@@ -125,7 +125,7 @@ def test_noise_gate_times_a_noisy_item_again_and_keeps_the_quiet_attempt(bundle,
     out, _ = bundle
     machine = _Machine(monkeypatch, quiet_after_pause=True)
     table = tmp_path / "dev.csv"
-    rows = run_bundle(out, table, "test-cpu", Protocol(threads=1, warmup=0, runs=4, rounds=2, max_cv=0.1, retries=2),
+    rows = run_bundle(out, table, "test-cpu", Protocol(threads=1, warmup=0, runs=4, rounds=2, max_cv=0.1, retries=2, settle_ms=0),
                       progress=False, limit=1)
     assert machine.quiet and float(rows[0]["cv"]) == 0 and float(rows[0]["median_ms"]) == 2.0
     meta, _ = read_table(table)
@@ -140,7 +140,7 @@ def test_rows_left_above_the_gate_are_kept_counted_and_redone_in_place(bundle, t
     out, _ = bundle
     machine = _Machine(monkeypatch, quiet_after_pause=False)
     table = tmp_path / "dev.csv"
-    rows = run_bundle(out, table, "test-cpu", Protocol(threads=1, warmup=0, runs=4, rounds=2, max_cv=0.1, retries=1),
+    rows = run_bundle(out, table, "test-cpu", Protocol(threads=1, warmup=0, runs=4, rounds=2, max_cv=0.1, retries=1, settle_ms=0),
                       progress=False)
     keys = [r["key"] for r in rows]
     assert len(rows) == 5 and noisy_keys(rows, 0.1) == set(keys)  # nothing dropped
@@ -150,7 +150,7 @@ def test_rows_left_above_the_gate_are_kept_counted_and_redone_in_place(bundle, t
 
     machine.quiet = True
     redo = set(keys[1:3])
-    rows = run_bundle(out, table, "test-cpu", Protocol(threads=1, warmup=0, runs=4, rounds=2, max_cv=0.1),
+    rows = run_bundle(out, table, "test-cpu", Protocol(threads=1, warmup=0, runs=4, rounds=2, max_cv=0.1, settle_ms=0),
                       progress=False, redo=redo)
     assert [r["key"] for r in rows] == keys  # replaced where they were, not appended
     assert noisy_keys(rows, 0.1) == set(keys) - redo
@@ -164,7 +164,7 @@ def test_timer_jitter_on_a_tiny_item_is_not_noise(bundle, tmp_path, monkeypatch)
 
     out, _ = bundle
     _Machine(monkeypatch, quiet_after_pause=False, scale_ms=MIN_SPREAD_MS / 2)
-    rows = run_bundle(out, tmp_path / "dev.csv", "test-cpu", Protocol(threads=1, warmup=0, runs=4, rounds=2, max_cv=0.1),
+    rows = run_bundle(out, tmp_path / "dev.csv", "test-cpu", Protocol(threads=1, warmup=0, runs=4, rounds=2, max_cv=0.1, settle_ms=0),
                       progress=False, limit=2)
     assert all(float(r["cv"]) > 0.1 and not is_noisy(r, 0.1) for r in rows)  # CV 50%, spread a quarter of the floor
     assert read_table(tmp_path / "dev.csv")[0]["sessions"][-1]["retries"] == 0
@@ -172,45 +172,56 @@ def test_timer_jitter_on_a_tiny_item_is_not_noise(bundle, tmp_path, monkeypatch)
 
 class _Warmth:
     """Stands in for the clock: any model runs in 3 ms when it runs right after another one (cold), 1 ms
-    when it runs again (warm), as the reference did at 2 onnxruntime threads."""
+    when it runs again (warm), as the reference did at 2 onnxruntime threads; and 2 ms more when it runs
+    with no pause after another one (the other's worker threads still spinning). Records the pauses."""
 
     def __init__(self, monkeypatch):
         from archlab.latency import timing
 
-        self.last = None
+        self.last, self.settled, self.pauses = None, False, []
         monkeypatch.setattr(timing, "_time", self.time)
+        monkeypatch.setattr(timing.time, "sleep", self.pause)
+
+    def pause(self, seconds):
+        self.pauses.append(seconds)
+        self.settled = True
 
     def time(self, run, n):
         out = []
         for _ in range(n):
-            out.append(1.0 if run is self.last else 3.0)
-            self.last = run
+            out.append((1.0 if run is self.last else 3.0) + (0.0 if self.settled or run is self.last else 2.0))
+            self.last, self.settled = run, False
         return out
 
 
-def test_the_reference_is_timed_warm_and_an_old_table_keeps_its_protocol(bundle, tmp_path, monkeypatch):
+def test_the_reference_is_timed_warm_and_settled_and_an_old_table_keeps_its_protocol(bundle, tmp_path, monkeypatch):
     out, _ = bundle
-    _Warmth(monkeypatch)
-    protocol = Protocol(threads=1, warmup=0, runs=4, rounds=2)
+    clock = _Warmth(monkeypatch)
+    protocol = Protocol(threads=1, warmup=0, runs=4, rounds=2, retries=0)  # the item is cold in each round: no retry
     rows = run_bundle(out, tmp_path / "new.csv", "test-cpu", protocol, progress=False)
     meta, _ = read_table(tmp_path / "new.csv")
-    assert meta["protocol"]["reference_warmup"] == 1 and meta["reference_ms"] == 1.0
+    assert meta["protocol"]["reference_warmup"] == 1 and meta["protocol"]["settle_ms"] == 100.0
+    assert meta["reference_ms"] == 1.0
     assert {float(r["ref_ms"]) for r in rows} == {1.0}  # warm beside every item: norm_ms is the item's own median
     assert all(float(r["norm_ms"]) == float(r["median_ms"]) for r in rows)
+    assert clock.pauses == [0.1] * (2 * 2 * len(rows))  # before the item and before the reference, each round
 
     # a table made before the warm-up was recorded is extended as it was made: the reference cold
     old = tmp_path / "old.csv"
     run_bundle(out, old, "test-cpu", protocol, progress=False, limit=2)
     meta_path = old.with_suffix(".meta.json")
     meta = json.loads(meta_path.read_text())
-    del meta["protocol"]["reference_warmup"]
+    del meta["protocol"]["reference_warmup"], meta["protocol"]["settle_ms"]
     meta_path.write_text(json.dumps(meta))
-    assert Protocol.of_table(meta).reference_warmup == 0
+    assert Protocol.of_table(meta).reference_warmup == 0 and Protocol.of_table(meta).settle_ms == 0
+    clock.pauses.clear()
     rows = run_bundle(out, old, "test-cpu", protocol, progress=False)
-    assert [float(r["ref_ms"]) for r in rows[2:]] == [3.0] * 3
-    assert read_table(old)[0]["protocol"]["reference_warmup"] == 0
-    with pytest.raises(RunnerError, match="reference_warmup"):
-        Protocol(reference_warmup=-1).check()
+    assert [float(r["ref_ms"]) for r in rows[2:]] == [5.0] * 3 and clock.pauses == []  # cold, no pause: as it was
+    kept = read_table(old)[0]["protocol"]
+    assert kept["reference_warmup"] == 0 and kept["settle_ms"] == 0
+    for bad in ("reference_warmup", "settle_ms"):
+        with pytest.raises(RunnerError, match=bad):
+            Protocol(**{bad: -1}).check()
 
 
 def test_a_missing_or_corrupt_model_is_one_line_naming_the_item(bundle, tmp_path):

@@ -38,6 +38,7 @@ class Protocol:
     max_cv: float = MAX_CV  # the noise gate
     retries: int = RETRIES
     reference_warmup: int = 1  # untimed reference runs before its timed one in each round
+    settle_ms: float = 100.0  # pause when the timing switches between the item and the reference
 
     def check(self) -> "Protocol":
         if self.opt_level not in OPT_LEVELS:
@@ -45,9 +46,9 @@ class Protocol:
         if self.threads < 1 or self.rounds < 1 or self.warmup < 0 or self.runs < self.rounds or self.budget_s <= 0:
             raise RunnerError(f"need threads >= 1, warmup >= 0, runs >= rounds >= 1 and budget_s > 0 (got "
                               f"{self.threads}, {self.warmup}, {self.runs}, {self.rounds}, {self.budget_s})")
-        if not self.max_cv > 0 or self.retries < 0 or self.reference_warmup < 0:
-            raise RunnerError(f"need max_cv > 0, retries >= 0 and reference_warmup >= 0 (got {self.max_cv}, "
-                              f"{self.retries}, {self.reference_warmup})")
+        if not self.max_cv > 0 or self.retries < 0 or self.reference_warmup < 0 or self.settle_ms < 0:
+            raise RunnerError(f"need max_cv > 0, retries >= 0, reference_warmup >= 0 and settle_ms >= 0 (got "
+                              f"{self.max_cv}, {self.retries}, {self.reference_warmup}, {self.settle_ms})")
         return self
 
     @classmethod
@@ -56,7 +57,8 @@ class Protocol:
         p = meta.get("protocol", {})
         return cls(int(meta["threads"]), meta["opt_level"], p.get("warmup", 5), p.get("runs", 30), p.get("rounds", 5),
                    p.get("budget_s", 10.0), p.get("max_cv", MAX_CV), p.get("retries", RETRIES),
-                   p.get("reference_warmup", 0))  # tables made before it was recorded timed the reference cold
+                   # tables made before these were recorded timed the reference cold, with no pause between models
+                   p.get("reference_warmup", 0), p.get("settle_ms", 0.0))
 
 
 def read_table(path: Path) -> tuple[dict, list[dict]]:
