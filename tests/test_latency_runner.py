@@ -178,7 +178,7 @@ class _Warmth:
     def __init__(self, monkeypatch):
         from archlab.latency import timing
 
-        self.last, self.settled, self.pauses = None, False, []
+        self.last, self.settled, self.pauses, self.calls = None, False, [], []
         monkeypatch.setattr(timing, "_time", self.time)
         monkeypatch.setattr(timing.time, "sleep", self.pause)
 
@@ -187,6 +187,7 @@ class _Warmth:
         self.settled = True
 
     def time(self, run, n):
+        self.calls.append(n)
         out = []
         for _ in range(n):
             out.append((1.0 if run is self.last else 3.0) + (0.0 if self.settled or run is self.last else 2.0))
@@ -200,26 +201,29 @@ def test_the_reference_is_timed_warm_and_settled_and_an_old_table_keeps_its_prot
     protocol = Protocol(threads=1, warmup=0, runs=4, rounds=2, retries=0)  # the item is cold in each round: no retry
     rows = run_bundle(out, tmp_path / "new.csv", "test-cpu", protocol, progress=False)
     meta, _ = read_table(tmp_path / "new.csv")
-    assert meta["protocol"]["reference_warmup"] == 1 and meta["protocol"]["settle_ms"] == 100.0
+    assert (meta["protocol"]["reference_warmup"],
+            meta["protocol"]["settle_ms"], meta["protocol"]["reference_runs"]) == (1, 100.0, 3)
     assert meta["reference_ms"] == 1.0
     assert {float(r["ref_ms"]) for r in rows} == {1.0}  # warm beside every item: norm_ms is the item's own median
     assert all(float(r["norm_ms"]) == float(r["median_ms"]) for r in rows)
     assert clock.pauses == [0.1] * (2 * 2 * len(rows))  # before the item and before the reference, each round
+    assert clock.calls.count(3) == 2 * len(rows)  # the reference timed 3 times in each round (items: 2 a round)
 
     # a table made before the warm-up was recorded is extended as it was made: the reference cold
     old = tmp_path / "old.csv"
     run_bundle(out, old, "test-cpu", protocol, progress=False, limit=2)
     meta_path = old.with_suffix(".meta.json")
     meta = json.loads(meta_path.read_text())
-    del meta["protocol"]["reference_warmup"], meta["protocol"]["settle_ms"]
+    del meta["protocol"]["reference_warmup"], meta["protocol"]["settle_ms"], meta["protocol"]["reference_runs"]
     meta_path.write_text(json.dumps(meta))
-    assert Protocol.of_table(meta).reference_warmup == 0 and Protocol.of_table(meta).settle_ms == 0
+    assert (Protocol.of_table(meta).reference_warmup, Protocol.of_table(meta).settle_ms,
+            Protocol.of_table(meta).reference_runs) == (0, 0, 1)
     clock.pauses.clear()
     rows = run_bundle(out, old, "test-cpu", protocol, progress=False)
     assert [float(r["ref_ms"]) for r in rows[2:]] == [5.0] * 3 and clock.pauses == []  # cold, no pause: as it was
     kept = read_table(old)[0]["protocol"]
-    assert kept["reference_warmup"] == 0 and kept["settle_ms"] == 0
-    for bad in ("reference_warmup", "settle_ms"):
+    assert (kept["reference_warmup"], kept["settle_ms"], kept["reference_runs"]) == (0, 0, 1)
+    for bad in ("reference_warmup", "settle_ms", "reference_runs"):
         with pytest.raises(RunnerError, match=bad):
             Protocol(**{bad: -1}).check()
 

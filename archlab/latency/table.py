@@ -39,6 +39,7 @@ class Protocol:
     retries: int = RETRIES
     reference_warmup: int = 1  # untimed reference runs before its timed one in each round
     settle_ms: float = 100.0  # pause when the timing switches between the item and the reference
+    reference_runs: int = 3  # timed reference runs in each round (ref_ms: their median over the rounds)
 
     def check(self) -> "Protocol":
         if self.opt_level not in OPT_LEVELS:
@@ -46,9 +47,11 @@ class Protocol:
         if self.threads < 1 or self.rounds < 1 or self.warmup < 0 or self.runs < self.rounds or self.budget_s <= 0:
             raise RunnerError(f"need threads >= 1, warmup >= 0, runs >= rounds >= 1 and budget_s > 0 (got "
                               f"{self.threads}, {self.warmup}, {self.runs}, {self.rounds}, {self.budget_s})")
-        if not self.max_cv > 0 or self.retries < 0 or self.reference_warmup < 0 or self.settle_ms < 0:
-            raise RunnerError(f"need max_cv > 0, retries >= 0, reference_warmup >= 0 and settle_ms >= 0 (got "
-                              f"{self.max_cv}, {self.retries}, {self.reference_warmup}, {self.settle_ms})")
+        if not self.max_cv > 0 or self.retries < 0 or self.reference_warmup < 0 or self.settle_ms < 0 \
+                or self.reference_runs < 1:
+            raise RunnerError(f"need max_cv > 0, retries >= 0, reference_warmup >= 0, settle_ms >= 0 and "
+                              f"reference_runs >= 1 (got {self.max_cv}, {self.retries}, {self.reference_warmup}, "
+                              f"{self.settle_ms}, {self.reference_runs})")
         return self
 
     @classmethod
@@ -57,8 +60,9 @@ class Protocol:
         p = meta.get("protocol", {})
         return cls(int(meta["threads"]), meta["opt_level"], p.get("warmup", 5), p.get("runs", 30), p.get("rounds", 5),
                    p.get("budget_s", 10.0), p.get("max_cv", MAX_CV), p.get("retries", RETRIES),
-                   # tables made before these were recorded timed the reference cold, with no pause between models
-                   p.get("reference_warmup", 0), p.get("settle_ms", 0.0))
+                   # tables made before these were recorded timed the reference once per round, cold, with no
+                   # pause between the models
+                   p.get("reference_warmup", 0), p.get("settle_ms", 0.0), p.get("reference_runs", 1))
 
 
 def read_table(path: Path) -> tuple[dict, list[dict]]:

@@ -2,24 +2,26 @@
 this file, `table.py` and its backend's runner (`runner.py` for onnxruntime, `runner_executorch.py`,
 `runner_coreml.py`), and the runner needs nothing else but its runtime.
 
-A backend (`Backend`) says how to load one bundle item and run it once; the protocol is the same for
-all of them. For a noisy machine: fixed threads, sequential execution, the same settings for blocks
-and whole networks; an untimed first run, then up to `warmup` more warm-up runs (fewer for slow items:
-about 1 s of them at most); then `rounds` rounds that each time the item k times and the bundle's
-reference model once, after `reference_warmup` untimed runs of it (default 1), so every item has the
-reference timed right beside it, and warm; and a pause of `settle_ms` (default 100 ms) whenever the
-timing switches from one model to the other. Both measured on the 2-core EPYC: run cold, right after
-another model, the reference read 8-11% slow at 1 onnxruntime thread and 3x slow at 2 (median over 78
-networks); with more than one thread, a session's worker threads keep spinning for a while after a
-run and take the cores from the next session's, so even warm, timed right after a network, the
-reference read 7.7 ms against 3.3 ms back to back (2 threads, medians of 8), and 3.4 ms after a 50 ms
-pause (10 ms was not enough); the network itself read 9% faster with the pause. Without them both
-errors went into `norm_ms`. Tables made before the warm-up or the pause was recorded keep their
-protocol when extended, so each table stays one protocol. k is `runs // rounds`,
-lowered for slow items so that one item takes about `budget_s` seconds (a whole network is not run 30
-times), never below 1. Recorded per item: median, min, mean, coefficient of variation, and the
-reference's median in the same rounds (`ref_ms`); `norm_ms` rescales the median by (session reference
-median / local reference median) to take out the machine's drift.
+A backend (`Backend`) says how to load one bundle item and run it once; the protocol is the same for all
+of them. For a noisy machine: fixed threads, sequential execution, the same settings for blocks and
+whole networks; an untimed first run, then up to `warmup` more warm-up runs (fewer for slow items: about
+1 s of them at most); then `rounds` rounds that each time the item k times and the bundle's reference
+model `reference_runs` times (default 3), after `reference_warmup` untimed runs of it (default 1), so
+every item has the reference timed right beside it, and warm; and a pause of `settle_ms` (default 100
+ms) whenever the timing switches from one model to the other. Both measured on the 2-core EPYC: run
+cold, right after another model, the reference read 8-11% slow at 1 onnxruntime thread and 3x slow at 2
+(median over 78 networks); with more than one thread, a session's worker threads keep spinning for a
+while after a run and take the cores from the next session's, so even warm, timed right after a network,
+the reference read 7.7 ms against 3.3 ms back to back (2 threads, medians of 8), and 3.4 ms after a 50
+ms pause (10 ms was not enough); the network itself read 9% faster with the pause. Without them both
+errors went into `norm_ms`. At 2 threads a single reference run still varies by about 11% (its CV as an
+item), so each round times it 3 times (15 runs per item, about 45 ms for this reference). Tables made
+before the warm-up, the pause or the reference's runs were recorded keep their protocol when extended,
+so each table stays one protocol. k is `runs // rounds`, lowered for slow items so that one item takes
+about `budget_s` seconds (a whole network is not run 30 times), never below 1. Recorded per item:
+median, min, mean, coefficient of variation, and the reference's median in the same rounds (`ref_ms`);
+`norm_ms` rescales the median by (session reference median / local reference median) to take out the
+machine's drift.
 
 Noise gate: an item whose run-to-run CV is above `max_cv` (and whose spread is above `MIN_SPREAD_MS`,
 so that timer jitter on a microsecond item does not count) was timed while something else ran (the
@@ -142,6 +144,7 @@ def run_bundle(bundle: str | Path, out: str | Path, device: str, backend: Backen
     ref_warmup = meta["protocol"].setdefault("reference_warmup", p.reference_warmup if not rows else 0)
     settle_s = meta["protocol"].setdefault("settle_ms", p.settle_ms if not rows else 0.0) / 1e3
     settle = (lambda: time.sleep(settle_s)) if settle_s else (lambda: None)
+    ref_runs = meta["protocol"].setdefault("reference_runs", p.reference_runs if not rows else 1)
     session = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "timed": 0, "retimed": 0,
                "retries": 0, "above_gate": 0}
     meta.setdefault("sessions", []).append(session)
@@ -170,7 +173,7 @@ def run_bundle(bundle: str | Path, out: str | Path, device: str, backend: Backen
                 times += _time(run, per_round)
                 settle()
                 _time(ref, ref_warmup)
-                ref_times += _time(ref, 1)
+                ref_times += _time(ref, ref_runs)
             got = _row(it, times, ref_times, session_ref)
             if row is None or float(got["cv"]) < float(row["cv"]):
                 row = got
