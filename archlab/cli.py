@@ -345,7 +345,8 @@ def _timing_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--opt", default="all", help="onnxruntime's graph optimisation level: disabled, basic, extended, all")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--runs", type=int, default=30, help="timed runs per item (fewer for slow items, see --budget-s)")
-    p.add_argument("--rounds", type=int, default=5, help="rounds; each also times the reference beside the item (3 runs, after a warm-up and a pause)")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="rounds; each also times the reference beside the item (3 runs, after a warm-up and a pause)")
     p.add_argument("--budget-s", type=float, default=10.0, help="about this many seconds per item")
     p.add_argument("--max-cv", type=float,
                    help="noise gate: time an item again when its run-to-run CV is above this (default 0.10)")
