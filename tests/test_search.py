@@ -195,8 +195,10 @@ def test_ctrl_c_says_how_to_resume(setup, tmp_path):
     run = tmp_path / "run"
     argv = [sys.executable, "-m", "archlab.cli", "search", "--space", str(space_path), "--table", str(table),
             "--budget-ms", str(every[-1]), "--trials", "3", "--dataset", "synthetic", "--image-size", "8", "--classes",
-            "3", "--per-class", "8", "--val-per-class", "4", "--steps", "400", "--batch", "4", "--width-mult", "1",
-            "--samples", "0", "--cpus-per-trial", "1", "--out", str(run)]
+            "3", "--per-class", "8", "--val-per-class", "4", "--steps", "20000", "--checkpoint-every", "20", "--batch", "4",
+            "--width-mult", "1", "--samples", "0", "--cpus-per-trial", "1", "--out", str(run)]
+    # long trials with early checkpoints: the first checkpoint means a trial is mid-training when Ctrl-C comes (with
+    # 400 steps a fast machine could finish every trial between the checkpoint and the signal)
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 240
