@@ -198,7 +198,8 @@ class _Warmth:
 def test_the_reference_is_timed_warm_and_settled_and_an_old_table_keeps_its_protocol(bundle, tmp_path, monkeypatch):
     out, _ = bundle
     clock = _Warmth(monkeypatch)
-    protocol = Protocol(threads=1, warmup=0, runs=4, rounds=2, retries=0)  # the item is cold in each round: no retry
+    # 2 threads: the pause between the models is on by default (the item is cold in each round: no retry)
+    protocol = Protocol(threads=2, warmup=0, runs=4, rounds=2, retries=0)
     rows = run_bundle(out, tmp_path / "new.csv", "test-cpu", protocol, progress=False)
     meta, _ = read_table(tmp_path / "new.csv")
     assert (meta["protocol"]["reference_warmup"],
@@ -208,6 +209,13 @@ def test_the_reference_is_timed_warm_and_settled_and_an_old_table_keeps_its_prot
     assert all(float(r["norm_ms"]) == float(r["median_ms"]) for r in rows)
     assert clock.pauses == [0.1] * (2 * 2 * len(rows))  # before the item and before the reference, each round
     assert clock.calls.count(3) == 2 * len(rows)  # the reference timed 3 times in each round (items: 2 a round)
+
+    # 1 thread: no pause by default (there it only made each round's first run slower)
+    clock.pauses.clear()
+    run_bundle(out, tmp_path / "one.csv", "test-cpu", Protocol(threads=1, warmup=0, runs=4, rounds=2, retries=0),
+               progress=False, limit=2)
+    assert clock.pauses == [] and read_table(tmp_path / "one.csv")[0]["protocol"]["settle_ms"] == 0.0
+    assert Protocol(threads=1, settle_ms=50.0).settle == 50.0  # unless asked for
 
     # a table made before the warm-up was recorded is extended as it was made: the reference cold
     old = tmp_path / "old.csv"

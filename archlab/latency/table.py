@@ -38,7 +38,9 @@ class Protocol:
     max_cv: float = MAX_CV  # the noise gate
     retries: int = RETRIES
     reference_warmup: int = 1  # untimed reference runs before its timed one in each round
-    settle_ms: float = 100.0  # pause when the timing switches between the item and the reference
+    # pause when the timing switches between the item and the reference; None: 100 ms with more than one
+    # thread (worker threads spin after a run), none at 1 (a pause there made each round's first run slower)
+    settle_ms: float | None = None
     reference_runs: int = 3  # timed reference runs in each round (ref_ms: their median over the rounds)
 
     def check(self) -> "Protocol":
@@ -47,12 +49,16 @@ class Protocol:
         if self.threads < 1 or self.rounds < 1 or self.warmup < 0 or self.runs < self.rounds or self.budget_s <= 0:
             raise RunnerError(f"need threads >= 1, warmup >= 0, runs >= rounds >= 1 and budget_s > 0 (got "
                               f"{self.threads}, {self.warmup}, {self.runs}, {self.rounds}, {self.budget_s})")
-        if not self.max_cv > 0 or self.retries < 0 or self.reference_warmup < 0 or self.settle_ms < 0 \
-                or self.reference_runs < 1:
+        if not self.max_cv > 0 or self.retries < 0 or self.reference_warmup < 0 or self.settle < 0 or self.reference_runs < 1:
             raise RunnerError(f"need max_cv > 0, retries >= 0, reference_warmup >= 0, settle_ms >= 0 and "
                               f"reference_runs >= 1 (got {self.max_cv}, {self.retries}, {self.reference_warmup}, "
-                              f"{self.settle_ms}, {self.reference_runs})")
+                              f"{self.settle}, {self.reference_runs})")
         return self
+
+    @property
+    def settle(self) -> float:
+        """The pause in ms (settle_ms, or its default for the threads)."""
+        return self.settle_ms if self.settle_ms is not None else (100.0 if self.threads > 1 else 0.0)
 
     @classmethod
     def of_table(cls, meta: dict) -> "Protocol":

@@ -7,14 +7,17 @@ of them. For a noisy machine: fixed threads, sequential execution, the same sett
 whole networks; an untimed first run, then up to `warmup` more warm-up runs (fewer for slow items: about
 1 s of them at most); then `rounds` rounds that each time the item k times and the bundle's reference
 model `reference_runs` times (default 3), after `reference_warmup` untimed runs of it (default 1), so
-every item has the reference timed right beside it, and warm; and a pause of `settle_ms` (default 100
-ms) whenever the timing switches from one model to the other. Both measured on the 2-core EPYC: run
-cold, right after another model, the reference read 8-11% slow at 1 onnxruntime thread and 3x slow at 2
-(median over 78 networks); with more than one thread, a session's worker threads keep spinning for a
-while after a run and take the cores from the next session's, so even warm, timed right after a network,
-the reference read 7.7 ms against 3.3 ms back to back (2 threads, medians of 8), and 3.4 ms after a 50
-ms pause (10 ms was not enough); the network itself read 9% faster with the pause. Without them both
-errors went into `norm_ms`. At 2 threads a single reference run still varies by about 11% (its CV as an
+every item has the reference timed right beside it, and warm; and, with more than one thread, a pause of
+`settle_ms` (default 100 ms) whenever the timing switches from one model to the other. Measured on the
+2-core EPYC: run cold, right after another model, the reference read 8-11% slow at 1 onnxruntime thread
+and 3x slow at 2 (median over 78 networks); with more than one thread, a session's worker threads keep
+spinning for a while after a run and take the cores from the next session's, so even warm, timed right
+after a network, the reference read 7.7 ms against 3.3 ms back to back (2 threads, medians of 8), and
+3.4 ms after a 50 ms pause (10 ms was not enough); the network itself read 9% faster with the pause.
+Without them both errors went into `norm_ms`. At 1 thread (no worker threads) the pause only hurt: it
+made each round's first run slower (first / rest 1.38 against 1.21 back to back) and raised the CV of
+11 of 13 blocks (median 1.45x; 13 blocks of the DiT table, 2 x 5 rounds each way, alone), so there it
+is 0 by default. At 2 threads a single reference run still varies by about 11% (its CV as an
 item), so each round times it 3 times (15 runs per item, about 45 ms for this reference). Tables made
 before the warm-up, the pause or the reference's runs were recorded keep their protocol when extended,
 so each table stays one protocol. k is `runs // rounds`, lowered for slow items so that one item takes
@@ -142,7 +145,7 @@ def run_bundle(bundle: str | Path, out: str | Path, device: str, backend: Backen
         return rows
     meta.setdefault("protocol", {}).update(max_cv=p.max_cv, retries=p.retries)
     ref_warmup = meta["protocol"].setdefault("reference_warmup", p.reference_warmup if not rows else 0)
-    settle_s = meta["protocol"].setdefault("settle_ms", p.settle_ms if not rows else 0.0) / 1e3
+    settle_s = meta["protocol"].setdefault("settle_ms", p.settle if not rows else 0.0) / 1e3
     settle = (lambda: time.sleep(settle_s)) if settle_s else (lambda: None)
     ref_runs = meta["protocol"].setdefault("reference_runs", p.reference_runs if not rows else 1)
     session = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "timed": 0, "retimed": 0,
