@@ -51,6 +51,7 @@ class AblateSettings(TrialSettings):
     table: str = DEFAULT_TABLE  # predictor table; measured tables are looked up beside it
     measure: list[int] = field(default_factory=lambda: [32, 128])  # latent resolutions to time end to end
     threads: int | None = setting(None, valid=at_least(1), rule=">= 1")  # ORT threads for measuring (default: the table's)
+    export_jobs: int = setting(1, valid=at_least(1), rule=">= 1")  # networks exported at once for measuring
     results: str = ""  # per-training results folder (default: the run folder's results/)
     ladder_sha: str = ""
     command: str = ""
@@ -269,7 +270,8 @@ def latency_rows(selected, settings: AblateSettings, run_dir: Path, progress: bo
             measure(table, cache_dir() / "bundles" / f"ablate-{device}{suffix}-{res}", networks=missing, resolution=res,
                     device=device, protocol=Protocol(threads=threads, warmup=0, runs=2, rounds=2, budget_s=10.0),
                     reference_ms=pred.settings.get("reference_ms") if res == pred.resolution else None,
-                    progress=progress_bar("exporting", "model") if progress else None, backend=backend)
+                    progress=progress_bar("exporting", "model") if progress else None, backend=backend,
+                    export_jobs=settings.export_jobs)
             hits = lookup()
         for row, k in zip(selected, keys):
             out["rows"][row.index]["measured"][str(res)] = hits[k]

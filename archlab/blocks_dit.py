@@ -44,12 +44,18 @@ def _untile(t: torch.Tensor, hw: tuple[int, int], block: int) -> torch.Tensor:
 
 def neighbourhoods(t: torch.Tensor, radius: int) -> torch.Tensor:
     """(B, h, nh, nw, T, d) tiles -> (B, h, nh, nw, (2r+1)^2 * T, d): each tile's neighbour tiles within
-    Chebyshev distance `radius`, zero-padded past the grid's border (mask those with `neighbourhoods`
-    of ones)."""
-    nh, nw = t.shape[2], t.shape[3]
-    padded = F.pad(t, (0, 0, 0, 0, radius, radius, radius, radius))
-    side = 2 * radius + 1
-    return torch.cat([padded[:, :, i:i + nh, j:j + nw] for i in range(side) for j in range(side)], dim=4)
+    Chebyshev distance `radius` (row by row), zero-padded past the grid's border (mask those with
+    `neighbourhoods` of ones). One gather by a fixed index over the padded grid: exported as one ONNX
+    Gather, where a slice per neighbour made (2r+1)^2 Slices per tensor, and the ONNX exporter's
+    optimiser pairs Slices in time quadratic in their number (a paper-scale DiT with ASSA: 7 minutes
+    to export at 32x32 latent, against 1 without the optimiser)."""
+    b, h, nh, nw, n, d = t.shape
+    side, pw = 2 * radius + 1, nw + 2 * radius
+    padded = F.pad(t, (0, 0, 0, 0, radius, radius, radius, radius)).flatten(2, 3)  # (B, h, (nh+2r)(nw+2r), T, d)
+    rows = torch.arange(nh).view(nh, 1, 1, 1) + torch.arange(side).view(1, 1, side, 1)
+    cols = torch.arange(nw).view(1, nw, 1, 1) + torch.arange(side).view(1, 1, 1, side)
+    index = (rows * pw + cols).flatten().to(t.device)  # tile (a, b)'s neighbour (i, j): padded tile (a+i, b+j)
+    return padded.index_select(2, index).reshape(b, h, nh, nw, side * side * n, d)
 
 
 def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hw: tuple[int, int], block: int,

@@ -132,6 +132,7 @@ def _build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--measure", default="32,128",
                     help="latent resolutions to measure end to end in ORT, comma-separated, or `none` (default 32,128)")
     ab.add_argument("--threads", type=int, help="ORT threads for measuring (default: the table's)")
+    _export_jobs_arg(ab)
     ab.add_argument("--cpus-per-trial", type=int, default=2)
     ab.add_argument("--gpus-per-trial", type=float, default=0, help="GPUs per trial (with --device cuda; fractions share one)")
     ab.add_argument("--concurrency", type=int, default=1, help="trainings at once (Ray Tune trials)")
@@ -591,7 +592,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
             raise ArchlabError(f"--measure: {args.measure!r} is not a comma-separated list of resolutions") from None
     settings = AblateSettings(ladder=args.ladder, seeds=args.seeds, rows=rows, table=args.table, measure=measure,
                               results=args.results or "",
-                              threads=args.threads, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
+                              threads=args.threads, export_jobs=args.export_jobs, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
                               concurrency=args.concurrency,
                               address=args.address, data=asdict(_data_config(args)),
                               train=asdict(_train_config(args, threads=args.cpus_per_trial)),

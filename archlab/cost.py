@@ -34,7 +34,7 @@ ELEMENTWISE_OPS = frozenset(
         "pow", "sqrt", "rsqrt", "mean", "sum", "softmax", "pad", "constant_pad_nd", "fill_", "zeros_like",
         "ones_like", "rand", "randn", "arange", "repeat_interleave", "repeat", "expand", "stack", "cat", "chunk",
         "split", "view", "reshape", "flatten", "transpose", "permute", "contiguous", "unsqueeze", "squeeze",
-        "to", "type_as", "index", "slice", "select", "clone", "floor_divide", "reciprocal",
+        "to", "type_as", "index", "index_select", "slice", "select", "clone", "floor_divide", "reciprocal",
     )
 )
 
