@@ -28,17 +28,18 @@ def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def _tiles(t: torch.Tensor, hw: tuple[int, int], block: int) -> torch.Tensor:
-    """(B, h, H*W, d) -> (B, h, H/block, W/block, block*block, d): the grid cut into tiles."""
+    """(B, h, H*W, d) -> (B, h, H/block, W/block, block*block, d): the grid cut into tiles (batch and heads
+    merged while permuting: 6 dims at most, XNNPACK's limit)."""
     b, h, _, d = t.shape
     nh, nw = hw[0] // block, hw[1] // block
-    t = t.reshape(b, h, nh, block, nw, block, d).permute(0, 1, 2, 4, 3, 5, 6)
+    t = t.reshape(b * h, nh, block, nw, block, d).permute(0, 1, 3, 2, 4, 5)
     return t.reshape(b, h, nh, nw, block * block, d)
 
 
 def _untile(t: torch.Tensor, hw: tuple[int, int], block: int) -> torch.Tensor:
     """The inverse of `_tiles`."""
     b, h, nh, nw, _, d = t.shape
-    t = t.reshape(b, h, nh, nw, block, block, d).permute(0, 1, 2, 4, 3, 5, 6)
+    t = t.reshape(b * h, nh, nw, block, block, d).permute(0, 1, 3, 2, 4, 5)
     return t.reshape(b, h, hw[0] * hw[1], d)
 
 

@@ -66,15 +66,15 @@ def test_executorch_bundle_runs_what_torch_runs_and_names_undelegated_ops(tmp_pa
 
     blocks = _blocks(3)
     assert blocks[-1].kind == "transformer"
+    up = next(s for s in decompose(arch_from_dict(tiny_dict(latent=dict(channels=4, resolution=RES)))) if s.kind == "up")
+    blocks.append(up)  # its nearest-neighbour upsample: an op XNNPACK does not take
     out = tmp_path / "bundle"
     manifest = export_bundle(out, blocks, resolution=RES, backend="executorch-xnnpack")
     assert manifest["backend"] == "executorch-xnnpack" and manifest["opset"] is None
     assert {p.name for p in out.iterdir()} >= {"runner_executorch.py", "timing.py", "table.py", "pte"}
     items = {it["key"]: it for it in manifest["items"]}
-    assert "aten_native_group_norm_default" in items[manifest["reference"]]["undelegated"]  # GroupNorm stays out
-    # attention lowered as batched matmuls: none of torch's masked-row guard or expand left to portable kernels
-    assert not {"aten_any_dim", "aten_where_self", "aten_logical_not_default", "aten_expand_copy_default"} & set(
-        items[blocks[-1].key]["undelegated"])
+    # GroupNorm (the reference res block's), LayerNorm, attention and chunk lowered to ops XNNPACK takes
+    assert {k: it["undelegated"] for k, it in items.items() if it["undelegated"]} == {up.key: {"aten_upsample_nearest2d_vec": 1}}
 
     for i, spec in enumerate(blocks):  # a .pte computes what its block computes
         module, inputs = spec.runnable()
@@ -87,23 +87,53 @@ def test_executorch_bundle_runs_what_torch_runs_and_names_undelegated_ops(tmp_pa
     table = tmp_path / "et.csv"
     rows = timing.run_bundle(out, table, "dev", backends.get("executorch-xnnpack").backend(), QUICK, progress=False)
     meta, _ = read_table(table)
-    assert len(rows) == 4 and all(float(r["median_ms"]) > 0 for r in rows)
-    assert (meta["backend"], meta["opset"], meta["backend_options"]) == ("executorch-xnnpack", None, {"sdpa": "bmm"})
-    assert meta["undelegated"][manifest["reference"]] == items[manifest["reference"]]["undelegated"]
+    assert len(rows) == 5 and all(float(r["median_ms"]) > 0 for r in rows)
+    assert (meta["backend"], meta["opset"], meta["backend_options"]) == (
+        "executorch-xnnpack", None, backends.get("executorch-xnnpack").lowering)
+    assert meta["undelegated"] == {up.key: items[up.key]["undelegated"]}  # the table says what ran outside XNNPACK
     with pytest.raises(RunnerError, match="made with other settings: backend="):  # never mixed with onnxruntime rows
         ort_bundle = tmp_path / "ort"
         export_bundle(ort_bundle, blocks, resolution=RES)
         run_bundle(ort_bundle, table, "dev", QUICK, progress=False)
 
 
-@pytest.mark.parametrize("kv_heads,scale", [(4, None), (1, 0.3)])
-def test_attention_lowered_as_batched_matmuls_equals_torch_sdpa(kv_heads, scale):
+@pytest.mark.parametrize("kv_heads,scale,mask", [(4, None, None), (1, 0.3, None), (4, None, "bool"), (2, None, "float")])
+def test_attention_lowered_as_batched_matmuls_equals_torch_sdpa(kv_heads, scale, mask):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, h, 7, 8, generator=g) for h in (4, kv_heads, kv_heads))
-    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=kv_heads != 4)
-    torch.testing.assert_close(backends._sdpa_as_bmm(q, k, v, scale=scale, enable_gqa=kv_heads != 4), want)
-    with pytest.raises(ArchlabError, match="mask"):
-        backends._sdpa_as_bmm(q, q, q, attn_mask=torch.ones(7, 7, dtype=torch.bool))
+    if mask == "bool":  # as ASSA's border: some keys masked, never all of a query's
+        mask = torch.rand(1, 4, 1, 7, generator=g) > 0.4
+        mask[..., 0] = True
+    elif mask == "float":
+        mask = torch.randn(7, 7, generator=g)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=kv_heads != 4)
+    got = backends._sdpa_as_bmm(q, k, v, attn_mask=mask, scale=scale, enable_gqa=kv_heads != 4)
+    torch.testing.assert_close(got, want)
+    with pytest.raises(ArchlabError, match="causal"):
+        backends._sdpa_as_bmm(q, q, q, is_causal=True)
+
+
+def test_xnnpack_lowering_computes_what_torch_computes():
+    """Each decomposition applied before lowering to XNNPACK equals the op it replaces."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 64, 5, 7, generator=g), torch.randn(2, 9, 32, generator=g)
+    w, b = torch.randn(64, generator=g), torch.randn(64, generator=g)
+    close = dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(backends._group_norm_by_means(x, 8, w, b, 1e-5), F.group_norm(x, 8, w, b, 1e-5), **close)
+    torch.testing.assert_close(backends._group_norm_by_means(x, 64), F.group_norm(x, 64), **close)
+    torch.testing.assert_close(backends._layer_norm_by_means(t, [32], w[:32], b[:32]), F.layer_norm(t, [32], w[:32], b[:32]), **close)
+    torch.testing.assert_close(backends._layer_norm_by_means(t, [9, 32]), F.layer_norm(t, [9, 32]), **close)
+    torch.testing.assert_close(backends._rms_norm_by_means(t, [32], w[:32], 1e-6), F.rms_norm(t, [32], w[:32], 1e-6), **close)
+    torch.testing.assert_close(backends._rms_norm_by_means(t, [32]), F.rms_norm(t, [32]), **close)
+    for dim in (0, 1, -1, None):
+        torch.testing.assert_close(backends._repeat_interleave_by_broadcast(t, 3, dim), t.repeat_interleave(3, dim))
+    for got, want in ((backends._chunk_by_slices(t, 3, -1), t.chunk(3, -1)), (backends._split_by_slices(t, 5, 1), t.split(5, 1)),
+                      (backends._split_with_sizes_by_slices(t, [4, 20, 8], 2), t.split([4, 20, 8], 2))):
+        assert len(got) == len(want)
+        for a, c in zip(got, want):
+            torch.testing.assert_close(a, c)
 
 
 def test_a_bundle_lowered_otherwise_is_not_extended(tmp_path):

@@ -5,12 +5,14 @@ beside it). Each runtime beyond onnxruntime is an optional extra (`pip install -
 - `onnxruntime`: ONNX (opset 20, dynamo exporter), timed by `runner.py`;
 - `executorch-xnnpack`: ExecuTorch with the XNNPACK delegate, the CPU path of Android and iOS apps:
   `torch.export` -> `to_edge_transform_and_lower(partitioner=[XnnpackPartitioner()])` -> `.pte`, timed by
-  `runner_executorch.py`. Attention is lowered as two batched matmuls and a softmax (`_sdpa_as_bmm`,
-  the table's `backend_options: {"sdpa": "bmm"}`), as an app would ship it: torch's own decomposition
-  of scaled_dot_product_attention guards fully masked rows (any/eq/where/logical_not/full_like over
-  the whole attention matrix) and broadcasts with expand, ops XNNPACK leaves to portable kernels; the
-  lab's attention has no mask, so the values are the same. The ops XNNPACK still does not take (they
-  run on ExecuTorch's portable CPU kernels) are recorded per item in the manifest and the table's
+  `runner_executorch.py`. Ops XNNPACK would leave to ExecuTorch's portable kernels are first rewritten
+  with ops it takes, as an app tuned for it would ship them (`_xnnpack_lowering`, named in the table's
+  `backend_options`): attention as two batched matmuls and a softmax (torch's own decomposition guards
+  fully masked rows with any/eq/where/logical_not over the whole attention matrix and broadcasts with
+  expand), GroupNorm, LayerNorm and RMSNorm with means over the last two dims of a 4D view (XNNPACK's
+  global average pooling), split and chunk as slices, GQA's repeat_interleave as a broadcast multiply.
+  Each undelegated GroupNorm cut the graph into another delegate: a paper-scale UNet lowered to ~100
+  delegates. What XNNPACK still does not take is recorded per item in the manifest and the table's
   metadata (`undelegated`);
 - `coreml`: an ML program (`.mlpackage`) converted by coremltools (works on Linux), timed by
   `runner_coreml.py` with Core ML on macOS (the Mac's, or an attached device's compute units).
@@ -76,20 +78,109 @@ def export_onnx(module, inputs: tuple, folder: Path, opset: int) -> tuple[str, d
 
 
 def _sdpa_as_bmm(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    """scaled_dot_product_attention as softmax(q k^T * scale) v with batched matmuls over (batch x heads)."""
+    """scaled_dot_product_attention as softmax(q k^T * scale + mask) v with batched matmuls over (batch x
+    heads). A boolean mask adds -inf where it is False (a query with every key masked gets NaN, where torch
+    gives 0: the lab's masks, ASSA's border, always keep a query's own tile)."""
     import math
 
     import torch
 
-    if attn_mask is not None or is_causal or dropout_p:
-        raise ArchlabError("executorch-xnnpack export: attention with a mask, causal or dropout is not lowered here")
+    if is_causal or dropout_p:
+        raise ArchlabError("executorch-xnnpack export: causal attention or dropout is not lowered here")
     if enable_gqa:
-        k, v = (t.repeat_interleave(q.shape[-3] // t.shape[-3], -3) for t in (k, v))
+        k, v = (_repeat_interleave_by_broadcast(t, q.shape[-3] // t.shape[-3], -3) for t in (k, v))
     *lead, n, d = q.shape
     s = scale if scale is not None else 1.0 / math.sqrt(d)
     q3, k3, v3 = q.reshape(-1, n, d), k.reshape(-1, k.shape[-2], d), v.reshape(-1, v.shape[-2], v.shape[-1])
-    out = torch.bmm(torch.softmax(torch.bmm(q3 * s, k3.transpose(1, 2)), dim=-1), v3)
+    scores = torch.bmm(q3 * s, k3.transpose(1, 2))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~attn_mask, -math.inf)
+        scores = (scores.reshape(*lead, n, -1) + attn_mask).reshape(scores.shape)
+    out = torch.bmm(torch.softmax(scores, dim=-1), v3)
     return out.reshape(*lead, n, v.shape[-1])
+
+
+def _means(x, eps):
+    """(x - mean) / sqrt(var + eps) over the last two dims of a 4D x, with means XNNPACK takes (keepdim means
+    over dims 2, 3 of a 4D tensor are its global average pooling)."""
+    import torch
+
+    d = x - x.mean((2, 3), keepdim=True)
+    return d * torch.rsqrt((d * d).mean((2, 3), keepdim=True) + eps)
+
+
+def _group_norm_by_means(x, num_groups, weight=None, bias=None, eps=1e-5, cudnn_enabled=True):
+    """aten.group_norm with `_means` (ExecuTorch's XNNPACK leaves native_group_norm to a portable kernel)."""
+    out = _means(x.reshape(x.shape[0], num_groups, x.shape[1] // num_groups, -1), eps).reshape(x.shape)
+    affine = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+    out = out * weight.reshape(affine) if weight is not None else out
+    return out + bias.reshape(affine) if bias is not None else out
+
+
+def _layer_norm_by_means(x, normalized_shape, weight=None, bias=None, eps=1e-5, cudnn_enable=True):
+    """aten.layer_norm with `_means` over a (1, rows, features, 1) view (native_layer_norm is not delegated)."""
+    features = 1
+    for n in normalized_shape:
+        features *= n
+    out = _means(x.reshape(1, -1, features, 1), eps).reshape(x.shape)
+    out = out * weight if weight is not None else out
+    return out + bias if bias is not None else out
+
+
+def _rms_norm_by_means(x, normalized_shape, weight=None, eps=None):
+    """aten.rms_norm with a mean XNNPACK takes (its mean over the last dim of a 4D tensor is not delegated)."""
+    import torch
+
+    features = 1
+    for n in normalized_shape:
+        features *= n
+    x4 = x.reshape(1, -1, features, 1)
+    eps = torch.finfo(x.dtype).eps if eps is None else eps
+    out = (x4 * torch.rsqrt((x4 * x4).mean((2, 3), keepdim=True) + eps)).reshape(x.shape)
+    return out * weight if weight is not None else out
+
+
+def _split_by_slices(x, split_size, dim=0):
+    """aten.split (and chunk) as slices: XNNPACK takes slice_copy, not split_with_sizes_copy."""
+    n = x.shape[dim]
+    return [x.narrow(dim, i, min(split_size, n - i)) for i in range(0, n, split_size)]
+
+
+def _split_with_sizes_by_slices(x, split_sizes, dim=0):
+    starts = [sum(split_sizes[:i]) for i in range(len(split_sizes))]
+    return [x.narrow(dim, i, n) for i, n in zip(starts, split_sizes)]
+
+
+def _chunk_by_slices(x, chunks, dim=0):
+    return _split_by_slices(x, -(-x.shape[dim] // chunks), dim)
+
+
+def _repeat_interleave_by_broadcast(x, repeats, dim=None, output_size=None):
+    """aten.repeat_interleave with an int count as a broadcast multiply by ones and reshapes (GQA's K/V
+    heads): its own decomposition is unsqueeze + expand, which XNNPACK leaves to portable kernels."""
+    import torch
+
+    if dim is None:
+        x, dim = x.reshape(-1), 0
+    dim %= x.dim()
+    shape = tuple(x.shape)
+    spread = x.reshape(shape[:dim + 1] + (1,) + shape[dim + 1:])
+    ones = torch.ones((1,) * (dim + 1) + (repeats,) + (1,) * (len(shape) - dim - 1), dtype=x.dtype, device=x.device)
+    return (spread * ones).reshape(shape[:dim] + (shape[dim] * repeats,) + shape[dim + 1:])
+
+
+def _xnnpack_lowering() -> dict:
+    """The decompositions applied before lowering to XNNPACK (the Runtime's `lowering` names them): each
+    computes what torch's op computes with ops XNNPACK delegates, as an app tuned for it would ship."""
+    import torch
+
+    aten = torch.ops.aten
+    return {aten.scaled_dot_product_attention.default: _sdpa_as_bmm, aten.group_norm.default: _group_norm_by_means,
+            aten.layer_norm.default: _layer_norm_by_means, aten.rms_norm.default: _rms_norm_by_means,
+            aten.split.Tensor: _split_by_slices,
+            aten.split_with_sizes.default: _split_with_sizes_by_slices, aten.chunk.default: _chunk_by_slices,
+            aten.repeat_interleave.self_int: _repeat_interleave_by_broadcast}
 
 
 def export_pte(module, inputs: tuple, folder: Path, opset: int) -> tuple[str, dict]:
@@ -100,8 +191,7 @@ def export_pte(module, inputs: tuple, folder: Path, opset: int) -> tuple[str, di
     from executorch.exir import to_edge_transform_and_lower
 
     with _quiet():
-        program = torch.export.export(module.eval(), inputs).run_decompositions(
-            {torch.ops.aten.scaled_dot_product_attention.default: _sdpa_as_bmm})
+        program = torch.export.export(module.eval(), inputs).run_decompositions(_xnnpack_lowering())
         edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
         info = get_delegation_info(edge.exported_program().graph_module)
         program = edge.to_executorch()
@@ -132,7 +222,7 @@ def _names(inputs: tuple) -> list[str]:
 RUNTIMES: dict[str, Runtime] = {r.name: r for r in (
     Runtime("onnxruntime", "onnx", "runner", "OnnxRuntime", "onnxruntime", "", export_onnx),
     Runtime("executorch-xnnpack", "pte", "runner_executorch", "ExecuTorchXnnpack", "executorch", "executorch", export_pte,
-            lowering={"sdpa": "bmm"}),
+            lowering={"sdpa": "bmm", "norms": "means", "split": "slices", "repeat_interleave": "broadcast"}),
     Runtime("coreml", "coreml", "runner_coreml", "CoreML", "coremltools", "coreml", export_coreml, here=False),
 )}
 
