@@ -172,6 +172,18 @@ def test_snapgenpp_ladder_costs_like_the_paper_or_says_why():
     assert [ch.verdict.value for ch in rows[3].changes] == ["agree", "none"]  # params; the paper gives no FLOPs
 
 
+def test_the_enhancements_ladder_splits_the_last_snapgenpp_step():
+    """snapgenpp_enhancements.yaml starts at the main ladder's ASSA row and ends at its enhanced row, one
+    change a row, so its trainings pair with the main ladder's."""
+    from conftest import ROOT
+
+    main = load_ladder(ROOT / "search_spaces" / "snapgenpp_ablation.yaml")
+    steps = load_ladder(ROOT / "search_spaces" / "snapgenpp_enhancements.yaml")
+    assert steps.rows[0].config.digest() == main.row("assa").config.digest()
+    assert steps.rows[-1].config.digest() == main.row("enhanced").config.digest()
+    assert len({r.config.digest() for r in steps.rows}) == len(steps.rows) == 5
+
+
 def test_search_runs_end_to_end_on_a_dit_space(tmp_path):
     """`archlab search` on a DiT space: candidates costed by a (synthetic) table of DiT blocks, trained on
     Ray, the best exported as a DiT config."""
