@@ -11,8 +11,7 @@ beside it). Each runtime beyond onnxruntime is an optional extra (`pip install -
   fully masked rows with any/eq/where/logical_not over the whole attention matrix and broadcasts with
   expand), GroupNorm, LayerNorm and RMSNorm with means over the last two dims of a 4D view (XNNPACK's
   global average pooling), split and chunk as slices, GQA's repeat_interleave as a broadcast multiply.
-  Each undelegated GroupNorm cut the graph into another delegate: a paper-scale UNet lowered to ~100
-  delegates. What XNNPACK still does not take is recorded per item in the manifest and the table's
+  Each op left out cuts the graph into another delegate. What XNNPACK still does not take is recorded per item in the manifest and the table's
   metadata (`undelegated`);
 - `coreml`: an ML program (`.mlpackage`) converted by coremltools (works on Linux), timed by
   `runner_coreml.py` with Core ML on macOS (the Mac's, or an attached device's compute units).
@@ -24,6 +23,7 @@ import contextlib
 import importlib
 import io
 import logging
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,8 +81,6 @@ def _sdpa_as_bmm(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=
     """scaled_dot_product_attention as softmax(q k^T * scale + mask) v with batched matmuls over (batch x
     heads). A boolean mask adds -inf where it is False (a query with every key masked gets NaN, where torch
     gives 0: the lab's masks, ASSA's border, always keep a query's own tile)."""
-    import math
-
     import torch
 
     if is_causal or dropout_p:
@@ -120,10 +118,7 @@ def _group_norm_by_means(x, num_groups, weight=None, bias=None, eps=1e-5, cudnn_
 
 def _layer_norm_by_means(x, normalized_shape, weight=None, bias=None, eps=1e-5, cudnn_enable=True):
     """aten.layer_norm with `_means` over a (1, rows, features, 1) view (native_layer_norm is not delegated)."""
-    features = 1
-    for n in normalized_shape:
-        features *= n
-    out = _means(x.reshape(1, -1, features, 1), eps).reshape(x.shape)
+    out = _means(x.reshape(1, -1, math.prod(normalized_shape), 1), eps).reshape(x.shape)
     out = out * weight if weight is not None else out
     return out + bias if bias is not None else out
 
@@ -132,10 +127,7 @@ def _rms_norm_by_means(x, normalized_shape, weight=None, eps=None):
     """aten.rms_norm with a mean XNNPACK takes (its mean over the last dim of a 4D tensor is not delegated)."""
     import torch
 
-    features = 1
-    for n in normalized_shape:
-        features *= n
-    x4 = x.reshape(1, -1, features, 1)
+    x4 = x.reshape(1, -1, math.prod(normalized_shape), 1)
     eps = torch.finfo(x.dtype).eps if eps is None else eps
     out = (x4 * torch.rsqrt((x4 * x4).mean((2, 3), keepdim=True) + eps)).reshape(x.shape)
     return out * weight if weight is not None else out
