@@ -67,13 +67,17 @@ def test_executorch_bundle_runs_what_torch_runs_and_names_undelegated_ops(tmp_pa
     blocks = _blocks(3)
     assert blocks[-1].kind == "transformer"
     up = next(s for s in decompose(arch_from_dict(tiny_dict(latent=dict(channels=4, resolution=RES)))) if s.kind == "up")
-    blocks.append(up)  # its nearest-neighbour upsample: an op XNNPACK does not take
+    rope = arch_from_dict(tiny_dict(latent=dict(channels=4, resolution=RES), attention=dict(head_dim=16, qk_norm=True, rope=True),
+                                    stages=[dict(channels=32), dict(channels=64, transformer_depth=1, kv_heads="mqa")]))
+    rope = next(s for s in decompose(rope) if s.kind == "transformer")
+    assert "rope=1" in rope.key and "kv_heads=1" in rope.key  # its angles (constants) and strided slices, GQA's broadcast
+    blocks += [rope, up]  # up: its nearest-neighbour upsample, an op XNNPACK does not take
     out = tmp_path / "bundle"
     manifest = export_bundle(out, blocks, resolution=RES, backend="executorch-xnnpack")
     assert manifest["backend"] == "executorch-xnnpack" and manifest["opset"] is None
     assert {p.name for p in out.iterdir()} >= {"runner_executorch.py", "timing.py", "table.py", "pte"}
     items = {it["key"]: it for it in manifest["items"]}
-    # GroupNorm (the reference res block's), LayerNorm, attention and chunk lowered to ops XNNPACK takes
+    # GroupNorm (the reference res block's), LayerNorm, RMSNorm, attention, RoPE and chunk lowered to ops XNNPACK takes
     assert {k: it["undelegated"] for k, it in items.items() if it["undelegated"]} == {up.key: {"aten_upsample_nearest2d_vec": 1}}
 
     for i, spec in enumerate(blocks):  # a .pte computes what its block computes
@@ -87,7 +91,7 @@ def test_executorch_bundle_runs_what_torch_runs_and_names_undelegated_ops(tmp_pa
     table = tmp_path / "et.csv"
     rows = timing.run_bundle(out, table, "dev", backends.get("executorch-xnnpack").backend(), QUICK, progress=False)
     meta, _ = read_table(table)
-    assert len(rows) == 5 and all(float(r["median_ms"]) > 0 for r in rows)
+    assert len(rows) == 6 and all(float(r["median_ms"]) > 0 for r in rows)
     assert (meta["backend"], meta["opset"], meta["backend_options"]) == (
         "executorch-xnnpack", None, backends.get("executorch-xnnpack").lowering)
     assert meta["undelegated"] == {up.key: items[up.key]["undelegated"]}  # the table says what ran outside XNNPACK
@@ -134,6 +138,9 @@ def test_xnnpack_lowering_computes_what_torch_computes():
         assert len(got) == len(want)
         for a, c in zip(got, want):
             torch.testing.assert_close(a, c)
+    for dim, start, end, step in ((-1, 0, None, 2), (-1, 1, None, 2), (1, 2, -1, 3), (0, -5, 7, 4), (2, 30, 40, 2), (1, 1, 8, 1)):
+        want = t[(slice(None),) * (dim % 3) + (slice(start, end, step),)]  # RoPE's pairs; a step that leaves a tail
+        torch.testing.assert_close(backends._strided_slice_by_views(t, dim, start, end, step), want)
 
 
 def test_a_bundle_lowered_otherwise_is_not_extended(tmp_path):

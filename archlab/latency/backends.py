@@ -148,6 +148,27 @@ def _chunk_by_slices(x, chunks, dim=0):
     return _split_by_slices(x, -(-x.shape[dim] // chunks), dim)
 
 
+def _strided_slice_by_views(x, dim=0, start=None, end=None, step=1):
+    """A slice with a step (RoPE's x[..., 1::2]) as a reshape that gives the step a dimension of its own and a
+    unit slice of it: XNNPACK's static slice takes step 1 only."""
+    import torch
+
+    slice_copy = torch.ops.aten.slice_copy.Tensor
+    n = x.shape[dim]
+    start, end, _ = slice(start, end).indices(n)  # python's clamping of the bounds
+    if step == 1:
+        return slice_copy(x, dim, start, end)
+    dim %= x.dim()
+    count = max(0, -(-(end - start) // step))
+    lo = min(start, n - count * step)  # groups of `step` from lo; ours is column start - lo (< step)
+    if lo < 0:  # count * step > n: pad the tail (never for RoPE's even widths)
+        x = torch.cat([x, x.new_zeros(x.shape[:dim] + (-lo,) + x.shape[dim + 1:])], dim)
+        lo = 0
+    grouped = slice_copy(x, dim, lo, lo + count * step).reshape(x.shape[:dim] + (count, step) + x.shape[dim + 1:])
+    col = start - lo
+    return slice_copy(grouped, dim + 1, col, col + 1).reshape(grouped.shape[:dim + 1] + grouped.shape[dim + 2:])
+
+
 def _repeat_interleave_by_broadcast(x, repeats, dim=None, output_size=None):
     """aten.repeat_interleave with an int count as a broadcast multiply by ones and reshapes (GQA's K/V
     heads): its own decomposition is unsqueeze + expand, which XNNPACK leaves to portable kernels."""
@@ -172,7 +193,7 @@ def _xnnpack_lowering() -> dict:
             aten.layer_norm.default: _layer_norm_by_means, aten.rms_norm.default: _rms_norm_by_means,
             aten.split.Tensor: _split_by_slices,
             aten.split_with_sizes.default: _split_with_sizes_by_slices, aten.chunk.default: _chunk_by_slices,
-            aten.repeat_interleave.self_int: _repeat_interleave_by_broadcast}
+            aten.repeat_interleave.self_int: _repeat_interleave_by_broadcast, aten.slice.Tensor: _strided_slice_by_views}
 
 
 def export_pte(module, inputs: tuple, folder: Path, opset: int) -> tuple[str, dict]:
@@ -181,9 +202,11 @@ def export_pte(module, inputs: tuple, folder: Path, opset: int) -> tuple[str, di
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.devtools.backend_debug import get_delegation_info
     from executorch.exir import to_edge_transform_and_lower
+    from executorch.exir.passes.constant_prop_pass import constant_prop_pass
 
     with _quiet():
         program = torch.export.export(module.eval(), inputs).run_decompositions(_xnnpack_lowering())
+        program = constant_prop_pass(program)  # what depends on no input (RoPE's angles, ASSA's gathers) computed once
         edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
         info = get_delegation_info(edge.exported_program().graph_module)
         program = edge.to_executorch()
@@ -214,7 +237,8 @@ def _names(inputs: tuple) -> list[str]:
 RUNTIMES: dict[str, Runtime] = {r.name: r for r in (
     Runtime("onnxruntime", "onnx", "runner", "OnnxRuntime", "onnxruntime", "", export_onnx),
     Runtime("executorch-xnnpack", "pte", "runner_executorch", "ExecuTorchXnnpack", "executorch", "executorch", export_pte,
-            lowering={"sdpa": "bmm", "norms": "means", "split": "slices", "repeat_interleave": "broadcast"}),
+            lowering={"sdpa": "bmm", "norms": "means", "split": "slices", "repeat_interleave": "broadcast",
+                      "strided_slice": "views", "constants": "folded"}),
     Runtime("coreml", "coreml", "runner_coreml", "CoreML", "coremltools", "coreml", export_coreml, here=False),
 )}
 
