@@ -75,6 +75,8 @@ def test_executorch_bundle_runs_what_torch_runs_and_names_undelegated_ops(tmp_pa
     out = tmp_path / "bundle"
     manifest = export_bundle(out, blocks, resolution=RES, backend="executorch-xnnpack")
     assert manifest["backend"] == "executorch-xnnpack" and manifest["opset"] is None
+    from executorch.exir.backend.utils import is_same_node
+    assert is_same_node.cache_info().currsize == 0  # no lowered graph kept alive after its export
     assert {p.name for p in out.iterdir()} >= {"runner_executorch.py", "timing.py", "table.py", "pte"}
     items = {it["key"]: it for it in manifest["items"]}
     # GroupNorm (the reference res block's), LayerNorm, RMSNorm, attention, RoPE and chunk lowered to ops XNNPACK takes

@@ -10,7 +10,8 @@ beside it). Each runtime beyond onnxruntime is an optional extra (`pip install -
   `backend_options`): attention as two batched matmuls and a softmax (torch's own decomposition guards
   fully masked rows with any/eq/where/logical_not over the whole attention matrix and broadcasts with
   expand), GroupNorm, LayerNorm and RMSNorm with means over the last two dims of a 4D view (XNNPACK's
-  global average pooling), split and chunk as slices, GQA's repeat_interleave as a broadcast multiply.
+  global average pooling), split and chunk as slices, GQA's repeat_interleave as a broadcast multiply,
+  strided slices (RoPE's pairs) as a reshape and a unit slice; what depends on no input is folded first.
   Each op left out cuts the graph into another delegate. What XNNPACK still does not take is recorded per item in the manifest and the table's
   metadata (`undelegated`);
 - `coreml`: an ML program (`.mlpackage`) converted by coremltools (works on Linux), timed by
@@ -202,14 +203,18 @@ def export_pte(module, inputs: tuple, folder: Path, opset: int) -> tuple[str, di
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.devtools.backend_debug import get_delegation_info
     from executorch.exir import to_edge_transform_and_lower
+    from executorch.exir.backend.utils import is_same_node
     from executorch.exir.passes.constant_prop_pass import constant_prop_pass
 
-    with _quiet():
-        program = torch.export.export(module.eval(), inputs).run_decompositions(_xnnpack_lowering())
-        program = constant_prop_pass(program)  # what depends on no input (RoPE's angles, ASSA's gathers) computed once
-        edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
-        info = get_delegation_info(edge.exported_program().graph_module)
-        program = edge.to_executorch()
+    try:
+        with _quiet():
+            program = torch.export.export(module.eval(), inputs).run_decompositions(_xnnpack_lowering())
+            program = constant_prop_pass(program)  # what depends on no input (RoPE's angles) computed once
+            edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+            info = get_delegation_info(edge.exported_program().graph_module)
+            program = edge.to_executorch()
+    finally:  # executorch 1.5's partitioner memoises node comparisons without bound, keeping every graph it
+        is_same_node.cache_clear()  # lowered alive (~2x its weights: 15 GB over a UNet table's 302 blocks)
     (folder / "model.pte").write_bytes(program.buffer)
     ops = info.get_operator_delegation_dataframe()
     left = {r.op_type: int(r.occurrences_in_non_delegated_graphs) for r in ops.itertuples()
