@@ -327,8 +327,9 @@ def _selection_args(p: argparse.ArgumentParser) -> None:
 
 def _export_jobs_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--export-jobs", type=_positive_int, default=1, metavar="N",
-                   help="whole networks exported at once, each in its own process (default 1; exporting is mostly "
-                        "single-threaded, but each holds several copies of a network's weights: mind the memory)")
+                   help="at most N whole networks exported at once, each in its own process (default 1; exporting "
+                        "is mostly single-threaded, but holds several copies of a network's weights: a network "
+                        "starts beside others only while their estimated peaks fit in 90%% of the memory available)")
 
 
 def _backend_arg(p: argparse.ArgumentParser) -> None:

@@ -56,6 +56,18 @@ def test_networks_export_in_parallel_processes_in_order(bundle, tmp_path):
     assert r.returncode == 2 and "--export-jobs: '0' is not an integer >= 1" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_network_exports_start_together_only_while_their_memory_fits(bundle):
+    from archlab.latency.export import export_peak, fits
+
+    _, cfg = bundle
+    assert fits([], 100.0, budget=10.0, jobs=2)  # alone, whatever its size
+    assert fits([4.0], 6.0, budget=10.0, jobs=2) and not fits([5.0], 6.0, budget=10.0, jobs=2)
+    assert not fits([1.0], 1.0, budget=100.0, jobs=1) and not fits([1.0, 1.0], 1.0, budget=100.0, jobs=2)
+    small, big = cfg, cfg.with_values({"stages.*.ffn_ratio": 6})
+    assert 1e9 < export_peak("onnxruntime", small) < export_peak("onnxruntime", big)
+    assert export_peak("executorch-xnnpack", big) > export_peak("onnxruntime", big)  # ExecuTorch's lowering copies more
+
+
 def test_run_resumes_and_keeps_finished_rows(bundle, tmp_path):
     out, _ = bundle
     table = tmp_path / "dev.csv"

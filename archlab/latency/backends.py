@@ -45,6 +45,8 @@ class Runtime:
     here: bool = True  # can this machine (Linux) time it?
     lowering: dict = field(default_factory=dict)  # how the exporter lowers what it could lower otherwise: part of a
     # bundle's and a table's identity (the table's backend_options), so models lowered otherwise never mix
+    export_copies: float = 3.0  # a network's export peaks near this many copies of its float32 weights (plus a
+    # process's own ~1 GB; this default is not measured): how many exports `--export-jobs` runs at once
 
     def backend(self, **options):
         """The runner's Backend (imports the runtime)."""
@@ -243,7 +245,8 @@ RUNTIMES: dict[str, Runtime] = {r.name: r for r in (
     Runtime("onnxruntime", "onnx", "runner", "OnnxRuntime", "onnxruntime", "", export_onnx),
     Runtime("executorch-xnnpack", "pte", "runner_executorch", "ExecuTorchXnnpack", "executorch", "executorch", export_pte,
             lowering={"sdpa": "bmm", "norms": "means", "split": "slices", "repeat_interleave": "broadcast",
-                      "strided_slice": "views", "constants": "folded"}),
+                      "strided_slice": "views", "constants": "folded"},
+            export_copies=3.5),  # measured once (2026-12-03): a 771M-parameter UNet peaked at 10.5 GB (3.1 copies)
     Runtime("coreml", "coreml", "runner_coreml", "CoreML", "coremltools", "coreml", export_coreml, here=False),
 )}
 

@@ -75,15 +75,18 @@ def _params(cfg: Config) -> int:
         return sum(p.numel() for p in build_model(cfg).parameters())
 
 
-def _export_networks(backend: str, items: list[tuple[Config, Path]], opset: int, jobs: int, progress=None):
-    """Export whole networks, each in a process of its own, `jobs` at a time (with one job, networks all
+def _export_networks(backend: str, items: list[tuple[Config, Path]], opset: int, jobs: int, progress=None,
+                     memory: int | None = None):
+    """Export whole networks, each in a process of its own, at most `jobs` at a time (with one job, networks all
     under IN_PROCESS_PARAMS in this process); yields (file, extra, input shapes) per item, in order. A
-    paper-scale network's export holds several copies of its weights at once (ExecuTorch's lowering:
-    several times a 3 GB UNet), and a process that exported one does not give that
-    memory back to the next. The exports are single-threaded Python for the most part, so on a machine
-    with cores and memory to spare `jobs` > 1 divides their time."""
+    paper-scale network's export holds several copies of its weights at once (the runtime's `export_copies`:
+    ExecuTorch's lowering peaks near 11 GB for a 3 GB UNet), and a process that exported one does not give that
+    memory back to the next. So a network starts beside others only while the exports' estimated peaks fit in
+    `memory` (default: 90% of the memory available now); one too big for that runs alone. The exports are
+    single-threaded Python for the most part, so on a machine with cores and memory to spare `jobs` > 1
+    divides their time."""
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
 
     if not items:
@@ -92,16 +95,47 @@ def _export_networks(backend: str, items: list[tuple[Config, Path]], opset: int,
         for cfg, folder in (progress(items) if progress else items):
             yield _export_network(backend, cfg.to_dict(), str(folder), opset)
         return
+    budget = memory if memory is not None else 0.9 * available_memory()
+    peaks = [export_peak(backend, cfg) for cfg, _ in items]
+    waiting, running, finished = list(range(len(items))), {}, {}
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1) as pool:
-        futures = [(cfg, folder, pool.submit(_export_network, backend, cfg.to_dict(), str(folder), opset))
-                   for cfg, folder in items]
-        for cfg, folder, fut in (progress(futures) if progress else futures):
+        for i, (cfg, folder) in enumerate(progress(items) if progress else items):
+            while i not in finished:
+                while waiting and fits([peaks[j] for j in running], peaks[waiting[0]], budget, jobs):
+                    j = waiting.pop(0)
+                    running[j] = pool.submit(_export_network, backend, items[j][0].to_dict(), str(items[j][1]), opset)
+                wait(running.values(), return_when=FIRST_COMPLETED)
+                finished.update({j: running.pop(j) for j in [j for j, f in running.items() if f.done()]})
             try:
-                yield fut.result()
+                yield finished.pop(i).result()
             except BrokenProcessPool:
                 shutil.rmtree(folder.with_name(f".{folder.name}.tmp"), ignore_errors=True)
                 raise ArchlabError(f"network {cfg.name}: its {backend} export process died (out of memory? exporting "
                                    "holds several copies of the weights; fewer --export-jobs)") from None
+
+
+def fits(running: list[float], peak: float, budget: float, jobs: int) -> bool:
+    """May an export of estimated `peak` bytes start beside exports of `running` peaks? Under `jobs` of them
+    and within `budget` bytes; alone, always."""
+    return not running or (len(running) < jobs and sum(running) + peak <= budget)
+
+
+def export_peak(backend: str, cfg: Config) -> float:
+    """Estimated peak memory (bytes) of exporting `cfg` in a process of its own: the runtime's `export_copies`
+    of its float32 weights plus the process's own ~1 GB (torch and the runtime imported)."""
+    return 1e9 + backends.get(backend).export_copies * 4 * _params(cfg)
+
+
+def available_memory() -> float:
+    """Bytes of memory available to new processes (Linux's MemAvailable; elsewhere the physical memory)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
 def select(space: str | None = None, ladder: str | None = None, networks: int = 0, seed: int = 0,
