@@ -231,6 +231,16 @@ def test_evaluate_measures_heldout_networks_and_reports(measured, tmp_path, caps
     assert not held & {k.split("#")[1] for k in calib}  # disjoint architectures
     assert report["speed"]["per_s_from_configs"] > 0
     assert "latency evaluate" in (tmp_path / "latency_eval.md").read_text()
+    meta_file = table.with_suffix(".meta.json")
+    meta = meta_file.read_text()
+    try:  # a table measured on another CPU: its held-out networks are not timed here
+        meta_file.write_text(json.dumps({**json.loads(meta), "cpu": "Other CPU 9000"}))
+        capsys.readouterr()
+        assert cli.main(argv[:-2] + ["--out", str(tmp_path / "other")]) == 2
+        assert "measured on a Other CPU 9000, and this machine is a" in capsys.readouterr().err
+        assert not (tmp_path / "other").exists()
+    finally:
+        meta_file.write_text(meta)
 
 
 def test_fitted_blocks_survive_the_json_round_trip(synthetic, tmp_path):

@@ -79,6 +79,10 @@ def test_run_resumes_and_keeps_finished_rows(bundle, tmp_path):
     keys = [r["key"] for r in rows]
     assert len(keys) == 5 == len(set(keys))  # the rest was added, nothing timed twice
     assert [r["key"] for r in rows[:2]] == [r["key"] for r in saved]
+    meta_file = table.with_name(table.stem + ".meta.json")
+    meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), "cpu": "Other CPU 9000"}))
+    with pytest.raises(RunnerError, match="cpu='Other CPU 9000' \\(this machine: "):  # one device's times per table
+        run_bundle(out, table, "test-cpu", Protocol(threads=1, warmup=1, runs=4, rounds=2), progress=False)
     with table.open() as f:
         for r in csv.DictReader(f):
             assert float(r["median_ms"]) > 0 and float(r["min_ms"]) <= float(r["median_ms"]) and int(r["runs"]) == 4

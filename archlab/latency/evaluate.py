@@ -23,10 +23,11 @@ import numpy as np
 from archlab.config import ArchConfig
 from archlab.errors import ArchlabError
 from archlab.io import write_atomic
+from archlab.latency import backends
 from archlab.latency.export import network_key
 from archlab.latency.measure import measure
 from archlab.latency.predictor import TARGET, Predictor, load_for_table, predictor_path, read_checked_table
-from archlab.latency.table import Protocol, noisy_keys, runtime
+from archlab.latency.table import Protocol, cpu_model, noisy_keys, runtime
 from archlab.ladder import Ladder
 from archlab.space import SearchSpace
 
@@ -78,6 +79,9 @@ def evaluate(space: SearchSpace, table: str | Path, heldout_table: str | Path, b
     ladder_cfgs = ladder.configs(res) if ladder is not None else []
     for cfg in nets + ladder_cfgs:  # anything the predictor cannot cover fails now, not after measuring
         pred.predict(cfg)
+    if meta.get("cpu") and meta["cpu"] != cpu_model() and backends.get(meta["backend"]).here:
+        raise ArchlabError(f"{table}: measured on a {meta['cpu']}, and this machine is a {cpu_model()}: time its "
+                           "held-out networks on the table's device")
     if Path(heldout_table).is_file():  # and a held-out table from other settings too
         check_same_settings(read_checked_table(heldout_table)[0], meta, heldout_table, table)
 
@@ -211,8 +215,8 @@ def write_report(report: dict, out_dir: str | Path, command: str) -> tuple[Path,
 
 
 def check_same_settings(hmeta: dict, meta: dict, heldout: str | Path, table: Path) -> None:
-    clash = [k for k in ("device", "threads", "opt_level", "backend", "backend_options", "runtime_version", "resolution",
-                         "opset", "reference_ms")
+    clash = [k for k in ("device", "cpu", "threads", "opt_level", "backend", "backend_options", "runtime_version",
+                         "resolution", "opset", "reference_ms")
              if hmeta.get(k) != meta.get(k)]
     if clash:
         raise ArchlabError(f"{heldout}: made with other {', '.join(clash)} than {table}; use a new held-out table")
