@@ -22,6 +22,18 @@ def memory_bytes() -> int | None:
         return None
 
 
+def available_memory_bytes() -> int | None:
+    """Memory available to new processes now (Linux's MemAvailable; elsewhere the physical memory)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return memory_bytes()
+
+
 def progress_bar(desc: str, unit: str = "item") -> Callable[[Iterable], Iterable]:
     """Wrap a loop in a tqdm bar on stderr, shown only when stderr is a terminal."""
     import sys

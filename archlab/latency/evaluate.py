@@ -79,8 +79,9 @@ def evaluate(space: SearchSpace, table: str | Path, heldout_table: str | Path, b
     ladder_cfgs = ladder.configs(res) if ladder is not None else []
     for cfg in nets + ladder_cfgs:  # anything the predictor cannot cover fails now, not after measuring
         pred.predict(cfg)
-    if meta.get("cpu") and meta["cpu"] != cpu_model() and backends.get(meta["backend"]).here:
-        raise ArchlabError(f"{table}: measured on a {meta['cpu']}, and this machine is a {cpu_model()}: time its "
+    here = cpu_model()
+    if meta.get("cpu", here) != here and backends.get(meta["backend"]).here:
+        raise ArchlabError(f"{table}: measured on a {meta['cpu']}, and this machine is a {here}: time its "
                            "held-out networks on the table's device")
     if Path(heldout_table).is_file():  # and a held-out table from other settings too
         check_same_settings(read_checked_table(heldout_table)[0], meta, heldout_table, table)

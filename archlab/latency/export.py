@@ -20,6 +20,7 @@ import torch
 from archlab.config import Config
 from archlab.decompose import BlockSpec
 from archlab.errors import ArchlabError
+from archlab.io import available_memory_bytes
 from archlab.latency import backends, table, timing
 from archlab.models import build_model
 
@@ -76,7 +77,7 @@ def _params(cfg: Config) -> int:
 
 
 def _export_networks(backend: str, items: list[tuple[Config, Path]], opset: int, jobs: int, progress=None,
-                     memory: int | None = None):
+                     memory: float | None = None):
     """Export whole networks, each in a process of its own, at most `jobs` at a time (with one job, networks all
     under IN_PROCESS_PARAMS in this process); yields (file, extra, input shapes) per item, in order. A
     paper-scale network's export holds several copies of its weights at once (the runtime's `export_copies`:
@@ -95,7 +96,7 @@ def _export_networks(backend: str, items: list[tuple[Config, Path]], opset: int,
         for cfg, folder in (progress(items) if progress else items):
             yield _export_network(backend, cfg.to_dict(), str(folder), opset)
         return
-    budget = memory if memory is not None else 0.9 * available_memory()
+    budget = memory if memory is not None else 0.9 * (available_memory_bytes() or float("inf"))
     peaks = [export_peak(backend, cfg) for cfg, _ in items]
     waiting, running, finished = list(range(len(items))), {}, {}
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1) as pool:
@@ -124,18 +125,6 @@ def export_peak(backend: str, cfg: Config) -> float:
     """Estimated peak memory (bytes) of exporting `cfg` in a process of its own: the runtime's `export_copies`
     of its float32 weights plus the process's own ~1 GB (torch and the runtime imported)."""
     return 1e9 + backends.get(backend).export_copies * 4 * _params(cfg)
-
-
-def available_memory() -> float:
-    """Bytes of memory available to new processes (Linux's MemAvailable; elsewhere the physical memory)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return float(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
 def select(space: str | None = None, ladder: str | None = None, networks: int = 0, seed: int = 0,

@@ -132,8 +132,9 @@ def run_bundle(bundle: str | Path, out: str | Path, device: str, backend: Backen
     meta, rows = read_table(out)
     if meta:
         clash = [f"{k}={meta.get(k)!r} (now {settings[k]!r})" for k in SETTINGS if meta.get(k) != settings[k]]
-        if meta.get("cpu", cpu_model()) != cpu_model():  # a table holds one device's times
-            clash.append(f"cpu={meta['cpu']!r} (this machine: {cpu_model()!r})")
+        here = cpu_model()
+        if meta.get("cpu", here) != here:  # a table holds one device's times
+            clash.append(f"cpu={meta['cpu']!r} (this machine: {here!r})")
         if clash:
             raise RunnerError(f"{out}: made with other settings: {', '.join(clash)}; write to another table")
     else:
