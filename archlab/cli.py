@@ -224,6 +224,9 @@ def _build_parser() -> argparse.ArgumentParser:
                          "writes TABLE's predictor. Repeat with --measure to evaluate several devices")
     tf.add_argument("--measure", help="evaluate instead: comma-separated N (e.g. 0,3,5,10,20); fits on N of the "
                                       "target's networks that the source calibrated on, scores the target's others")
+    tf.add_argument("--blocks", default="0", metavar="K,...",
+                    help="with --measure: also with K blocks timed on the target, e.g. 0,10,40 (the K that carry most "
+                         "of the pool's time: `archlab latency measure --blocks-of SOURCE --top-blocks K`)")
     tf.add_argument("--draws", type=int, default=20, help="random sets of N networks per N (with --measure)")
     tf.add_argument("--out", type=_folder, default="reports", help="with --measure: where latency_transfer.{md,json} go")
     tf.add_argument("--json", action="store_true")
@@ -322,6 +325,10 @@ def _selection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ladder-networks", action="store_true", help="also every ladder row as a whole network")
     p.add_argument("--networks-of", action="append", default=[], metavar="TABLE",
                    help="also the whole networks that TABLE timed (e.g. a measured device's, to transfer its predictor)")
+    p.add_argument("--blocks-of", action="append", default=[], metavar="TABLE",
+                   help="also the --top-blocks blocks that carry most of TABLE's calibration networks' time (fitted "
+                        "TABLE; timed on a new device, they let `archlab latency transfer` rescale each block kind)")
+    p.add_argument("--top-blocks", type=int, default=40, metavar="K", help="how many blocks --blocks-of takes (default 40)")
     p.add_argument("--resolution", type=int, default=32, help="latent resolution (default 32 = 256 px)")
 
 
@@ -724,7 +731,8 @@ def _selection(args: argparse.Namespace) -> tuple[list, list]:
     from archlab.latency.export import select
 
     return select(space=args.space, ladder=args.ladder, networks=args.networks, seed=args.seed,
-                  resolution=args.resolution, ladder_networks=args.ladder_networks, networks_of=args.networks_of)
+                  resolution=args.resolution, ladder_networks=args.ladder_networks, networks_of=args.networks_of,
+                  blocks_of=args.blocks_of, top_blocks=args.top_blocks)
 
 
 def cmd_latency_export(args: argparse.Namespace) -> int:
@@ -793,6 +801,16 @@ def cmd_latency_measure(args: argparse.Namespace) -> int:
     return 0
 
 
+def _counts(flag: str, text: str) -> list[int]:
+    try:
+        out = [int(n) for n in text.split(",")]
+    except ValueError:
+        out = [-1]
+    if min(out) < 0:
+        raise ArchlabError(f"{flag}: {text!r} is not a comma-separated list of integers >= 0")
+    return out
+
+
 def cmd_latency_transfer(args: argparse.Namespace) -> int:
     import shlex
 
@@ -806,20 +824,16 @@ def cmd_latency_transfer(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({"predictor": str(path), **t}, indent=2))
         else:
-            print(f"{path}: {args.source} transferred by {t['method']} from {t['n']} networks "
+            blocks = pred.settings.get("blocks_timed", {}).get("n", 0)
+            print(f"{path}: {args.source} transferred by {t['method']} from {t['n']} networks and {blocks} blocks "
                   f"(attention x{t['factors']['attention']:.3f}, rest x{t['factors']['rest']:.3f}, "
                   f"+{t['intercept_ms']:.2f} ms)")
         return 0
-    try:
-        ns = [int(n) for n in args.measure.split(",")]
-    except ValueError:
-        ns = [-1]
-    if min(ns) < 0:
-        raise ArchlabError(f"--measure: {args.measure!r} is not a comma-separated list of integers >= 0")
+    ns, ks = _counts("--measure", args.measure), _counts("--blocks", args.blocks)
     if args.draws < 1:
         raise ArchlabError(f"--draws: must be >= 1, got {args.draws}")
     report = transfer.evaluate_tables(args.source, args.targets, ns, args.draws,
-                                      command="archlab " + shlex.join(args.argv))
+                                      command="archlab " + shlex.join(args.argv), ks=ks)
     js, md = transfer.write_report(report, args.out)
     print(json.dumps(report, indent=2) if args.json else f"wrote {md} and {js}")
     return 0

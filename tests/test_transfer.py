@@ -122,3 +122,90 @@ def test_a_target_table_brings_its_held_out_table(tmp_path):
     write_table(tmp_path / "dev.heldout.csv", {**hmeta, "device": "dev", "threads": 4}, hrows)
     with pytest.raises(transfer.ArchlabError, match="other threads"):
         transfer.target_networks(target, source)
+
+
+KIND_SPEED = {"transformer": 1.0, "res": 3.0}  # the new device: residual blocks 3x slower, attention not, the rest 1.2x
+
+
+def _kind_target(tmp_path, k_blocks):
+    """A device whose every block of a kind runs KIND_SPEED times (1.2 for other kinds) its source time and
+    whose networks take 3 ms + their blocks' sum, with the source's `k_blocks` busiest blocks timed on it."""
+    source = load_for_table(SOURCE)
+    meta, rows = read_table(SOURCE)
+    hmeta, hrows = read_table(HELDOUT)
+    configs = {**meta["networks"], **hmeta["networks"]}
+    out = []
+    for r in rows + hrows:
+        if r["role"] != "network":
+            continue
+        p = source.predict(transfer.arch_from_dict(configs[r["key"]]))
+        ms = 3.0 + sum(KIND_SPEED.get(b.kind, 1.2) * b.ms for b in p.blocks)
+        out.append({**r, "median_ms": f"{ms:.6f}", "norm_ms": f"{ms:.6f}", "mean_ms": f"{ms:.6f}"})
+    cal = [transfer.arch_from_dict(meta["networks"][key]) for key in source.calibration.networks]
+    keys = transfer.key_blocks(source, cal, k_blocks)
+    by_key = {r["key"]: r for r in rows}
+    for key in keys:
+        ms = KIND_SPEED.get(key.split("(")[0], 1.2) * source.measured[key]
+        out.append({**by_key[key], "median_ms": f"{ms:.6f}", "norm_ms": f"{ms:.6f}", "mean_ms": f"{ms:.6f}"})
+    path = tmp_path / "kinds.csv"
+    write_table(path, {**meta, "device": "kinds", "networks": configs}, out)
+    return path, source, cal, keys
+
+
+def test_the_busiest_blocks_of_each_kind_come_first():
+    source = load_for_table(SOURCE)
+    meta, _ = read_table(SOURCE)
+    cal = [transfer.arch_from_dict(meta["networks"][key]) for key in source.calibration.networks]
+    keys = transfer.key_blocks(source, cal, 40)
+    kinds = [key.split("(")[0] for key in keys]
+    used = {b.kind for c in cal for b in source.predict(c).blocks}
+    assert len(keys) == len(set(keys)) == 40 and set(kinds) == used  # every kind the networks use is timed
+    share = {}
+    for c in cal:
+        for b in source.predict(c).blocks:
+            share[b.key] = share.get(b.key, 0.0) + b.ms
+    rest = keys[len(used):]
+    assert [share[k] for k in rest] == sorted((share[k] for k in rest), reverse=True)
+    assert min(share[k] for k in rest) >= max(share[k] for k in share if k not in keys)  # then the busiest
+    assert transfer.key_blocks(source, cal, 3) == keys[:3]
+
+
+def test_a_few_blocks_timed_on_the_target_learn_how_each_kind_changes_speed(tmp_path):
+    path, source, _, keys = _kind_target(tmp_path, 40)
+    report = transfer.evaluate_tables(SOURCE, [path], [0, 10], draws=3, ks=[0, 40])
+    got = {(row["k"], row["n"]): row for row in report["targets"][0]["by_n"]}
+    assert got[(0, 10)]["mape"] > 0.015  # attention / rest cannot say that res and the other kinds moved apart
+    assert got[(40, 10)]["mape"] < 1e-6 and got[(40, 10)]["within_5"] == 1.0  # the kinds' ratios, then groups
+    assert got[(40, 0)]["mape"] < got[(0, 0)]["mape"]
+    start = transfer.with_blocks(source, transfer.target_blocks(path))
+    assert start.settings["blocks_timed"]["kinds"]["transformer"] == pytest.approx(1.0)
+    assert start.settings["blocks_timed"]["kinds"]["res"] == pytest.approx(3.0)
+    assert start.measured[keys[0]] == pytest.approx(transfer.target_blocks(path)[keys[0]])
+
+    assert cli.main(["latency", "transfer", "--from", str(SOURCE), "--to", str(path)]) == 0  # fits with the blocks
+    pred = load_for_table(path)
+    meta, rows = read_table(path)
+    for r in rows:
+        if r["role"] == "network":
+            cfg = transfer.arch_from_dict(meta["networks"][r["key"]])
+            assert pred.predict(cfg).latency_ms == pytest.approx(float(r["norm_ms"]), rel=1e-6)
+
+
+def test_blocks_the_target_has_not_timed_are_named(tmp_path, capsys):
+    path, *_ = _kind_target(tmp_path, 10)
+    assert cli.main(["latency", "transfer", "--from", str(SOURCE), "--to", str(path), "--measure", "0",
+                     "--blocks", "0,20", "--out", str(tmp_path)]) == 2
+    assert "has not timed 10 of the 20 blocks" in capsys.readouterr().err
+    assert cli.main(["latency", "transfer", "--from", str(SOURCE), "--to", str(path), "--measure", "0",
+                     "--blocks", "x", "--out", str(tmp_path)]) == 2
+    assert "--blocks: 'x'" in capsys.readouterr().err
+
+
+def test_blocks_of_a_table_are_selected_to_time_on_a_new_device():
+    from archlab.latency.export import select
+
+    source = load_for_table(SOURCE)
+    meta, _ = read_table(SOURCE)
+    cal = [transfer.arch_from_dict(meta["networks"][key]) for key in source.calibration.networks]
+    blocks, nets = select(blocks_of=[str(SOURCE)], top_blocks=12, resolution=32)
+    assert nets == [] and [b.key for b in blocks] == transfer.key_blocks(source, cal, 12)

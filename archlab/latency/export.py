@@ -129,18 +129,23 @@ def export_peak(backend: str, cfg: Config) -> float:
 
 def select(space: str | None = None, ladder: str | None = None, networks: int = 0, seed: int = 0,
            resolution: int = 32, ladder_networks: bool = False,
-           networks_of: list[str] = ()) -> tuple[list[BlockSpec], list[Config]]:
+           networks_of: list[str] = (), blocks_of: list[str] = (), top_blocks: int = 40
+           ) -> tuple[list[BlockSpec], list[Config]]:
     """What a table measures: every block signature a search space (and a ladder's rows) can produce at
     `resolution`, plus `networks` whole networks sampled from the space (and the ladder's rows with
     `ladder_networks`), plus the whole networks other tables timed (`networks_of`: to time a measured
-    device's networks on a new one). Returns (blocks, networks)."""
+    device's networks on a new one), plus the `top_blocks` blocks that carry most of the calibration
+    networks' time in other tables' predictors (`blocks_of`: `transfer.key_blocks`). Returns (blocks,
+    networks)."""
     from archlab.config import arch_from_dict
     from archlab.decompose import decompose
     from archlab.ladder import load_ladder
+    from archlab.latency.predictor import load_for_table, read_checked_table
+    from archlab.latency.transfer import key_blocks
     from archlab.space import load_space
 
-    if not space and not ladder and not networks_of:
-        raise ArchlabError("give --space, --ladder, --networks-of or a combination")
+    if not space and not ladder and not networks_of and not blocks_of:
+        raise ArchlabError("give --space, --ladder, --networks-of, --blocks-of or a combination")
     if networks and not space:
         raise ArchlabError("--networks samples from a search space: give --space")
     blocks, nets = {}, []
@@ -154,8 +159,6 @@ def select(space: str | None = None, ladder: str | None = None, networks: int = 
             if ladder_networks:
                 nets.append(cfg)
     for path in networks_of:
-        from archlab.latency.predictor import read_checked_table
-
         meta, rows = read_checked_table(path)
         if int(meta["resolution"]) != resolution:
             raise ArchlabError(f"--networks-of: {path} timed its networks at latent {meta['resolution']}, not "
@@ -166,6 +169,16 @@ def select(space: str | None = None, ladder: str | None = None, networks: int = 
                 if r["key"] not in configs:
                     raise ArchlabError(f"--networks-of: {path}: network {r['key']} has no config in its metadata")
                 nets.append(arch_from_dict(configs[r["key"]], f"{path}: {r['key']}"))
+    for path in blocks_of:
+        source = load_for_table(path)
+        if source.resolution != resolution:
+            raise ArchlabError(f"--blocks-of: {path} was measured at latent {source.resolution}, not --resolution {resolution}")
+        if source.calibration is None:
+            raise ArchlabError(f"--blocks-of: {path} has no calibration networks whose busiest blocks to take")
+        meta, _ = read_checked_table(path)
+        cfgs = [arch_from_dict(meta["networks"][key], f"{path}: {key}") for key in source.calibration.networks]
+        for spec in map(BlockSpec.from_key, key_blocks(source, cfgs, top_blocks)):
+            blocks.setdefault(spec.signature, spec)
     return list(blocks.values()), list({network_key(c): c for c in nets}.values())  # a network listed twice: once
 
 

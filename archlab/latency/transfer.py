@@ -1,5 +1,12 @@
 """A new device from few measurements: a measured device's predictor adapted to another device (or
-runtime, or thread count) from N whole networks timed there, instead of a full block table (an hour).
+runtime, or thread count) from N whole networks timed there, and optionally K blocks, instead of a
+full block table (an hour).
+
+K blocks first (`with_blocks`, LitePred's idea at the lab's scale): the K block signatures that carry
+most of the source's calibration networks' time (`key_blocks`; a block takes seconds to time, a network
+minutes) are timed on the target; each kind's blocks are then scaled by the target/source ratio of its
+timed blocks (all timed blocks' ratio for a kind none of them has), and the timed blocks take their
+target times. That predictor is the source the N networks then adapt:
 
 The source predictor splits each network's latency into block groups (attention blocks, everything
 else), both as the source device times them. A transfer maps them to the target, fitted on the N target
@@ -31,6 +38,7 @@ import numpy as np
 
 from archlab import stats
 from archlab.config import Config, arch_from_dict
+from archlab.decompose import BlockSpec
 from archlab.errors import ArchlabError
 from archlab.latency.predictor import TARGET, Calibration, Predictor, read_checked_table
 
@@ -124,6 +132,63 @@ def transferred(source: Predictor, t: Transfer, settings: dict, parts: np.ndarra
                      measured, kinds, cal)
 
 
+# ---- K blocks timed on the target ------------------------------------------------------------------
+
+def key_blocks(source: Predictor, cfgs: Sequence[Config], k: int) -> list[str]:
+    """The keys of the `k` block signatures that carry most of `cfgs`' time as the source predicts it: the
+    busiest of each kind first (busiest kind first), then the busiest of the rest."""
+    share: dict[str, float] = {}
+    kind_of: dict[str, str] = {}
+    for cfg in cfgs:
+        for b in source.predict(cfg).blocks:
+            share[b.key] = share.get(b.key, 0.0) + b.ms
+            kind_of[b.key] = b.kind
+    ranked = sorted(share, key=lambda key: (-share[key], key))
+    firsts, kinds = [], set()
+    for key in ranked:  # each kind's busiest block, the busiest kind first
+        if kind_of[key] not in kinds:
+            kinds.add(kind_of[key])
+            firsts.append(key)
+    picked = firsts[:k]
+    return picked + [key for key in ranked if key not in picked][:k - len(picked)]
+
+
+def with_blocks(source: Predictor, timed: dict[str, float]) -> Predictor:
+    """The source predictor at the target's block speeds, from blocks timed on the target (`timed`: key ->
+    target ms, keys the source can predict): a kind's blocks scaled by target / source time summed over
+    its timed blocks (a kind with none timed: over all timed blocks), each timed block at its target time,
+    the calibration's slope kept and its intercept scaled by the overall ratio."""
+    if not timed:
+        return source
+    known = [key for key in timed if key.split("(", 1)[0] in source.kinds]  # a kind the source never timed: kept as is
+    src = {key: source.block(BlockSpec.from_key(key))[0] for key in known}
+    kinds: dict[str, list[str]] = {}
+    for key in known:
+        kinds.setdefault(key.split("(", 1)[0], []).append(key)
+    if not known:
+        raise ArchlabError(f"none of the {len(timed)} timed blocks is of a kind the source predicts")
+    overall = sum(timed[k] for k in known) / sum(src.values())
+    ratio = {kind: sum(timed[k] for k in keys) / sum(src[k] for k in keys) for kind, keys in kinds.items()}
+
+    def scale(kind: str) -> float:
+        return ratio.get(kind, overall)
+
+    models = {k: dataclasses.replace(m, coef=tuple(c * scale(k) for c in m.coef)) for k, m in source.kinds.items()}
+    measured = {key: ms * scale(key.split("(", 1)[0]) for key, ms in source.measured.items()}
+    measured.update(timed)
+    cal = source.calibration and dataclasses.replace(
+        source.calibration, intercept_ms=source.calibration.intercept_ms * overall,
+        raw_range=tuple(v * overall for v in source.calibration.raw_range))
+    settings = {**source.settings, "blocks_timed": {"n": len(timed), "overall": overall, "kinds": ratio}}
+    return Predictor(settings, measured, models, cal, source.table, source.table_sha256)
+
+
+def target_blocks(table: str | Path) -> dict[str, float]:
+    """key -> ms of the blocks (and reference) a target table timed."""
+    _, rows = read_checked_table(table)
+    return {r["key"]: float(r[TARGET]) for r in rows if r["role"] != "network"}
+
+
 # ---- evaluation ---------------------------------------------------------------------------------
 
 def target_networks(table: str | Path, source: Predictor) -> tuple[dict, list[Config], np.ndarray]:
@@ -153,59 +218,73 @@ def target_networks(table: str | Path, source: Predictor) -> tuple[dict, list[Co
 
 
 def evaluate(source: Predictor, cfgs: list[Config], measured: np.ndarray, pool: set[str],
-             ns: Sequence[int] = (0, 3, 5, 10, 20), draws: int = 20, seed: int = 0) -> dict:
+             ns: Sequence[int] = (0, 3, 5, 10, 20), draws: int = 20, seed: int = 0,
+             ks: Sequence[int] = (0,), blocks: dict[str, float] | None = None) -> dict:
     """Accuracy on the target's held-out networks (those not in `pool`, the digests of the networks a
-    transfer may be fitted on) as N grows: for each N, `draws` random sets of N networks from the pool."""
-    parts = np.array([split(source, c) for c in cfgs])
+    transfer may be fitted on) as N grows: for each N, `draws` random sets of N networks from the pool
+    (the same sets for every K). With K in `ks` > 0, the K `key_blocks` of the pool networks are also
+    timed on the target (their times from `blocks`, the target's block rows)."""
     in_pool = np.array([c.digest() in pool for c in cfgs])
     held = ~in_pool
     if held.sum() < 5:
         raise ArchlabError(f"only {int(held.sum())} held-out networks on the target (need 5): measure more")
-    rng = random.Random(seed)
     pool_idx = list(np.flatnonzero(in_pool))
-    out = {"held_out": int(held.sum()), "pool": len(pool_idx), "draws": draws, "by_n": []}
     for n in ns:
         if n > len(pool_idx):
             raise ArchlabError(f"--measure {n}: the target has only {len(pool_idx)} pool networks to fit on")
-        runs = []
-        for _ in range(1 if n == 0 else draws):
-            pick = rng.sample(pool_idx, n)
-            t = fit_transfer(source, parts[pick], measured[pick])
-            pred = t.apply(parts[held])
-            err = np.abs(pred / measured[held] - 1)
-            tau = stats.kendall(pred, measured[held])  # None: one latency for every network, which ranks nothing
-            runs.append({"method": t.method, "mape": float(err.mean()), "within_5": float((err <= 0.05).mean()),
-                         "within_10": float((err <= 0.10).mean()), "tau": 0.0 if tau is None else tau})
-        row = {"n": n, "methods": {m: sum(r["method"] == m for r in runs) for m in METHODS if any(r["method"] == m for r in runs)}}
-        for k in ("mape", "within_5", "within_10", "tau"):
-            v = np.array([r[k] for r in runs], dtype=float)
-            row[k] = float(np.median(v))
-            row[f"{k}_range"] = [float(np.percentile(v, 10)), float(np.percentile(v, 90))]
-        out["by_n"].append(row)
+    out = {"held_out": int(held.sum()), "pool": len(pool_idx), "draws": draws, "by_n": []}
+    for k in ks:
+        keys = key_blocks(source, [cfgs[i] for i in pool_idx], k) if k else []
+        missing = [key for key in keys if key not in (blocks or {})]
+        if missing:
+            raise ArchlabError(f"--blocks {k}: the target has not timed {len(missing)} of the {k} blocks, e.g. "
+                               f"{missing[0]} (time them with `archlab latency measure --blocks-of SOURCE --top-blocks {k}`)")
+        start = with_blocks(source, {key: blocks[key] for key in keys})
+        parts = np.array([split(start, c) for c in cfgs])
+        rng = random.Random(seed)
+        for n in ns:
+            runs = []
+            for _ in range(1 if n == 0 else draws):
+                pick = rng.sample(pool_idx, n)
+                t = fit_transfer(start, parts[pick], measured[pick])
+                pred = t.apply(parts[held])
+                err = np.abs(pred / measured[held] - 1)
+                tau = stats.kendall(pred, measured[held])  # None: one latency for every network, which ranks nothing
+                runs.append({"method": t.method, "mape": float(err.mean()), "within_5": float((err <= 0.05).mean()),
+                             "within_10": float((err <= 0.10).mean()), "tau": 0.0 if tau is None else tau})
+            row = {"k": k, "n": n, "methods": {m: sum(r["method"] == m for r in runs) for m in METHODS
+                                               if any(r["method"] == m for r in runs)}}
+            for name in ("mape", "within_5", "within_10", "tau"):
+                v = np.array([r[name] for r in runs], dtype=float)
+                row[name] = float(np.median(v))
+                row[f"{name}_range"] = [float(np.percentile(v, 10)), float(np.percentile(v, 90))]
+            out["by_n"].append(row)
     return out
 
 
 def fit_for_table(source_table: str | Path, target_table: str | Path) -> tuple[Predictor, Path]:
-    """Fit the transfer on every whole network of `target_table` and save the target's predictor beside it
-    (`<table>.predictor.json`: `archlab latency query/search --table TARGET` then use it)."""
+    """Fit the transfer on every whole network of `target_table` (and every block it timed) and save the
+    target's predictor beside it (`<table>.predictor.json`: `archlab latency query/search --table TARGET`
+    then use it)."""
     from archlab.latency.predictor import load_for_table, predictor_path, table_sha
 
     source = load_for_table(source_table)
     from archlab.latency.export import network_key
 
     meta, cfgs, measured = target_networks(target_table, source)
-    parts = np.array([split(source, c) for c in cfgs])
-    t = fit_transfer(source, parts, measured)
+    start = with_blocks(source, target_blocks(target_table))
+    parts = np.array([split(start, c) for c in cfgs])
+    t = fit_transfer(start, parts, measured)
     settings = {k: v for k, v in meta.items() if k not in ("networks", "sessions")}
-    pred = transferred(source, t, settings, parts, [network_key(c) for c in cfgs], [c.digest() for c in cfgs])
+    pred = transferred(start, t, settings, parts, [network_key(c) for c in cfgs], [c.digest() for c in cfgs])
     pred.table, pred.table_sha256 = str(target_table), table_sha(target_table)
     return pred, pred.save(predictor_path(target_table))
 
 
 def evaluate_tables(source_table: str | Path, targets: Sequence[str | Path], ns: Sequence[int], draws: int = 20,
-                    seed: int = 0, command: str = "") -> dict:
+                    seed: int = 0, command: str = "", ks: Sequence[int] = (0,)) -> dict:
     """`evaluate` for each target table: its pool is the networks the source calibrated on (timed on the
-    target too), its held-out set every other network it timed."""
+    target too), its held-out set every other network it timed, its K blocks among the blocks it timed."""
     from archlab.latency.predictor import load_for_table
     from archlab.latency.table import runtime
 
@@ -218,7 +297,7 @@ def evaluate_tables(source_table: str | Path, targets: Sequence[str | Path], ns:
                       "runtime": runtime(s), "threads": s.get("threads")}, "targets": [], "command": command}
     for path in targets:
         meta, cfgs, measured = target_networks(path, source)
-        res = evaluate(source, cfgs, measured, pool, ns, draws, seed)
+        res = evaluate(source, cfgs, measured, pool, ns, draws, seed, ks, target_blocks(path) if any(ks) else None)
         out["targets"].append({"table": str(path), "device": meta.get("device"), "cpu": meta.get("cpu"),
                                "runtime": runtime(meta), "threads": meta.get("threads"), **res})
     return out
@@ -242,23 +321,28 @@ def markdown(r: dict) -> str:
     s = r["source"]
     lines = ["# Latency transfer: a new device from N measurements", "",
              f"Source: `{s['table']}`, device `{s['device']}` ({s['cpu']}), {s['runtime']}, {s['threads']} thread(s): "
-             "its full block table and calibrated predictor. Each target timed whole networks only: the source's "
+             "its full block table and calibrated predictor. Each target timed whole networks: the source's "
              "calibration networks (the pool a transfer is fitted on) and held-out networks it is scored on. For each "
              "N, N networks are drawn from the pool at random (20 draws unless the command says otherwise), a transfer "
              "is fitted (`archlab/latency/transfer.py`: ratio, line or block groups, chosen by leave-one-out error), "
              "and the held-out networks are predicted. Medians over the draws, [10th, 90th percentile] beside them; "
              "N = 0 is the source's predictor unchanged. A transfer that predicts one latency for every network (a "
-             "line fitted flat) ranks nothing: its Kendall tau counts as 0.", "",
+             "line fitted flat) ranks nothing: its Kendall tau counts as 0. K > 0: the K blocks that carry most of the "
+             "pool networks' time on the source were also timed on the target (their rows in its table); each "
+             "block kind is scaled by its timed blocks' target/source ratio before the N networks are fitted "
+             "(the same N-network draws for every K).", "",
              "Regenerate:", "", "```", r.get("command", ""), "```", ""]
     for t in r["targets"]:
         lines += [f"## To `{t['device']}` ({t['cpu']}), {t['runtime']}, {t['threads']} thread(s)", "",
                   f"`{t['table']}`: {t['pool']} pool networks, {t['held_out']} held out.", "",
-                  "| N | transfer (draws) | MAPE | within 5% | within 10% | Kendall tau |", "|---|---|---|---|---|---|"]
+                  "| K blocks | N networks | transfer (draws) | MAPE | within 5% | within 10% | Kendall tau |",
+                  "|---|---|---|---|---|---|---|"]
         for row in t["by_n"]:
             methods = ", ".join(f"{m} {k}" for m, k in row["methods"].items())
-            lines.append(f"| {row['n']} | {methods} | {_pct(row['mape'])} [{_pct(row['mape_range'][0])}, "
-                         f"{_pct(row['mape_range'][1])}] | {_pct(row['within_5'])} | {_pct(row['within_10'])} | "
-                         f"{row['tau']:.3f} [{row['tau_range'][0]:.3f}, {row['tau_range'][1]:.3f}] |")
+            lines.append(f"| {row.get('k', 0)} | {row['n']} | {methods} | {_pct(row['mape'])} "
+                         f"[{_pct(row['mape_range'][0])}, {_pct(row['mape_range'][1])}] | {_pct(row['within_5'])} | "
+                         f"{_pct(row['within_10'])} | {row['tau']:.3f} [{row['tau_range'][0]:.3f}, "
+                         f"{row['tau_range'][1]:.3f}] |")
         lines.append("")
     lines += ["Anchors: HELP reaches rank correlation 0.93 on unseen devices from 10 measurements; LitePred "
               "transfers in under an hour of profiling (90.5% within 5%, 98.9% within 10%).", ""]
