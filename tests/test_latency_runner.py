@@ -186,6 +186,49 @@ def test_timer_jitter_on_a_tiny_item_is_not_noise(bundle, tmp_path, monkeypatch)
     assert read_table(tmp_path / "dev.csv")[0]["sessions"][-1]["retries"] == 0
 
 
+class _Neighbour:
+    """Stands in for the clock: every item runs in 2 ms and the reference in 1 ms, except while the
+    `busy`-th item is timed: then something runs beside it for the whole item, which leaves the item's
+    time and CV alone but reads the reference at 2 ms (until a pause, with `quiet_after_pause`)."""
+
+    def __init__(self, monkeypatch, busy: int, quiet_after_pause: bool):
+        from archlab.latency import timing
+
+        self.ref, self.items, self.busy, self.quiet = None, [], busy, False
+        monkeypatch.setattr(timing, "_time", self.time)
+        monkeypatch.setattr(timing.time, "sleep", self.pause if quiet_after_pause else lambda s: None)
+
+    def pause(self, seconds):
+        self.quiet = True
+
+    def time(self, run, n):
+        self.ref = self.ref or run  # the runner loads the reference first
+        if run is not self.ref and run not in self.items:
+            self.items.append(run)
+        busy = len(self.items) == self.busy and not self.quiet
+        return [(2.0 if busy else 1.0) if run is self.ref else 2.0] * n
+
+
+def test_an_item_timed_while_its_reference_was_slowed_is_timed_again(bundle, tmp_path, monkeypatch):
+    out, _ = bundle
+    protocol = Protocol(threads=1, warmup=0, runs=4, rounds=2, max_cv=0.1, retries=2, settle_ms=0)
+    _Neighbour(monkeypatch, busy=5, quiet_after_pause=True)
+    rows = run_bundle(out, tmp_path / "a.csv", "test-cpu", protocol, progress=False)
+    assert [float(r["ref_ms"]) for r in rows] == [1.0] * 5 and float(rows[4]["cv"]) == 0  # the quiet attempt kept
+    session = read_table(tmp_path / "a.csv")[0]["sessions"][-1]
+    assert session["retries"] == 1 and session["above_gate"] == 0 and "reference_jumps" not in session
+
+    _Neighbour(monkeypatch, busy=5, quiet_after_pause=False)  # busy through every attempt: kept, and said
+    rows = run_bundle(out, tmp_path / "b.csv", "test-cpu", protocol, progress=False)
+    assert len(rows) == 5 and float(rows[4]["ref_ms"]) == 2.0 and float(rows[4]["norm_ms"]) == 1.0
+    session = read_table(tmp_path / "b.csv")[0]["sessions"][-1]
+    assert session["retries"] == 2 and session["above_gate"] == 1 and session["reference_jumps"] == [rows[4]["key"]]
+
+    _Neighbour(monkeypatch, busy=2, quiet_after_pause=False)  # too early in a session to know its reference
+    rows = run_bundle(out, tmp_path / "c.csv", "test-cpu", protocol, progress=False)
+    assert read_table(tmp_path / "c.csv")[0]["sessions"][-1]["retries"] == 0
+
+
 class _Warmth:
     """Stands in for the clock: any model runs in 3 ms when it runs right after another one (cold), 1 ms
     when it runs again (warm), as the reference did at 2 onnxruntime threads; and 2 ms more when it runs

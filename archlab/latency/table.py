@@ -16,6 +16,7 @@ FIELDS = ("key", "kind", "role", "median_ms", "min_ms", "mean_ms", "cv", "runs",
 SETTINGS = ("device", "threads", "opt_level", "backend", "backend_options", "runtime_version", "resolution", "opset")
 MAX_CV, RETRIES = 0.10, 2  # the noise gate: re-time an item whose run-to-run CV is above MAX_CV, up to RETRIES times
 MIN_SPREAD_MS = 0.1  # ... unless its spread (std) is below this: timer jitter on a tiny item, not a busy machine
+REF_JUMP = 0.25  # ... or the reference beside it ran this far off the session's recent reference (something ran beside)
 
 
 class RunnerError(ValueError):

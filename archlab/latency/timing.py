@@ -31,7 +31,12 @@ so that timer jitter on a microsecond item does not count) was timed while somet
 reference's drift then over- or under-corrects it too), so it is timed again, after a pause, up to
 `retries` more times; the attempt with the lowest CV is kept. An item still above the gate is kept
 with its CV (never dropped) and counted in the metadata's `sessions` log; `--redo-noisy` re-times the
-rows of an existing table that are above the gate, in place.
+rows of an existing table that are above the gate, in place. The reference guards the gate's blind
+spot: something running beside for the whole item leaves the item's CV low but its `norm_ms` wrong
+(a test run beside one whole network slowed the reference 1.8x and the network 3%, which put its
+`norm_ms` 45% low), so an attempt whose reference median is more than `REF_JUMP` (25%) off the
+median of the session's last 9 items' references (once 3 are timed) is retried too, and if every
+attempt is, its key is listed under `reference_jumps` in the session's log.
 
 The table is rewritten atomically (temp file + rename) after each item, so an interrupted run keeps
 every finished row; running again resumes. A table made with other settings (backend and its version,
@@ -51,12 +56,12 @@ from pathlib import Path
 from typing import Callable, Collection, Protocol as _Protocol
 
 try:  # in the lab
-    from archlab.latency.table import (MAX_CV, OPT_LEVELS, RETRIES, SETTINGS, Protocol, RunnerError, cpu_model,
-                                       is_noisy, noisy_keys, read_table, write_table)
+    from archlab.latency.table import (MAX_CV, OPT_LEVELS, REF_JUMP, RETRIES, SETTINGS, Protocol, RunnerError,
+                                       cpu_model, is_noisy, noisy_keys, read_table, write_table)
 except ImportError:  # in a bundle on a device: table.py beside this file
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from table import (MAX_CV, OPT_LEVELS, RETRIES, SETTINGS, Protocol, RunnerError, cpu_model,  # type: ignore
-                       is_noisy, noisy_keys, read_table, write_table)
+    from table import (MAX_CV, OPT_LEVELS, REF_JUMP, RETRIES, SETTINGS, Protocol, RunnerError,  # type: ignore
+                       cpu_model, is_noisy, noisy_keys, read_table, write_table)
 
 
 class Backend(_Protocol):
@@ -163,6 +168,14 @@ def run_bundle(bundle: str | Path, out: str | Path, device: str, backend: Backen
     _time(ref, p.warmup)
     session_ref = meta.setdefault("reference_ms", reference_ms or statistics.median(_time(ref, max(p.rounds, 5))))
 
+    recent: list[float] = []  # the references of this session's items, not disturbed
+
+    def disturbed(row: dict) -> bool:
+        if is_noisy(row, p.max_cv):
+            return True
+        base = statistics.median(recent[-9:]) if len(recent) >= 3 else None
+        return base is not None and abs(float(row["ref_ms"]) / base - 1) > REF_JUMP
+
     bar = _progress(len(todo), progress)
     for it in todo:
         run, first = load_item(backend, bundle, it, p.threads, p.opt_level)
@@ -181,11 +194,16 @@ def run_bundle(bundle: str | Path, out: str | Path, device: str, backend: Backen
                 _time(ref, ref_warmup)
                 ref_times += _time(ref, ref_runs)
             got = _row(it, times, ref_times, session_ref)
-            if row is None or float(got["cv"]) < float(row["cv"]):
+            if row is None or (disturbed(got), float(got["cv"])) < (disturbed(row), float(row["cv"])):
                 row = got
-            if not is_noisy(row, p.max_cv):
+            if not disturbed(row):
                 break
-        session["above_gate"] += is_noisy(row, p.max_cv)
+        if disturbed(row):
+            session["above_gate"] += 1
+            if not is_noisy(row, p.max_cv):
+                session.setdefault("reference_jumps", []).append(it["key"])
+        else:
+            recent.append(float(row["ref_ms"]))
         if it["key"] in position:  # a noisy row re-timed: replace it where it was
             rows[position[it["key"]]] = row
             session["retimed"] += 1
