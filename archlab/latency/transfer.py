@@ -184,8 +184,10 @@ def with_blocks(source: Predictor, timed: dict[str, float]) -> Predictor:
 
 
 def target_blocks(table: str | Path) -> dict[str, float]:
-    """key -> ms of the blocks (and reference) a target table timed."""
+    """key -> ms of the blocks a target table timed (with its reference block; none if it timed only that)."""
     _, rows = read_checked_table(table)
+    if not any(r["role"] == "block" for r in rows):
+        return {}
     return {r["key"]: float(r[TARGET]) for r in rows if r["role"] != "network"}
 
 
@@ -297,9 +299,11 @@ def evaluate_tables(source_table: str | Path, targets: Sequence[str | Path], ns:
                       "runtime": runtime(s), "threads": s.get("threads")}, "targets": [], "command": command}
     for path in targets:
         meta, cfgs, measured = target_networks(path, source)
-        res = evaluate(source, cfgs, measured, pool, ns, draws, seed, ks, target_blocks(path) if any(ks) else None)
+        blocks = target_blocks(path)
+        res = evaluate(source, cfgs, measured, pool, ns, draws, seed, ks if blocks else [0], blocks)
         out["targets"].append({"table": str(path), "device": meta.get("device"), "cpu": meta.get("cpu"),
-                               "runtime": runtime(meta), "threads": meta.get("threads"), **res})
+                               "runtime": runtime(meta), "threads": meta.get("threads"), "blocks_timed": len(blocks),
+                               **res})
     return out
 
 
@@ -334,7 +338,9 @@ def markdown(r: dict) -> str:
              "Regenerate:", "", "```", r.get("command", ""), "```", ""]
     for t in r["targets"]:
         lines += [f"## To `{t['device']}` ({t['cpu']}), {t['runtime']}, {t['threads']} thread(s)", "",
-                  f"`{t['table']}`: {t['pool']} pool networks, {t['held_out']} held out.", "",
+                  f"`{t['table']}`: {t['pool']} pool networks, {t['held_out']} held out, "
+                  + (f"{t['blocks_timed']} blocks timed." if t.get("blocks_timed") else "no blocks timed (K = 0 only)."),
+                  "",
                   "| K blocks | N networks | transfer (draws) | MAPE | within 5% | within 10% | Kendall tau |",
                   "|---|---|---|---|---|---|---|"]
         for row in t["by_n"]:
