@@ -199,6 +199,8 @@ def test_blocks_the_target_has_not_timed_are_named(tmp_path, capsys):
     assert cli.main(["latency", "transfer", "--from", str(SOURCE), "--to", str(path), "--measure", "0",
                      "--blocks", "x", "--out", str(tmp_path)]) == 2
     assert "--blocks: 'x'" in capsys.readouterr().err
+    with pytest.raises(transfer.ArchlabError, match="--blocks 5000: the pool networks have only"):
+        transfer.evaluate_tables(SOURCE, [path], [0], draws=1, ks=[5000])
     nets_only, _ = _target(tmp_path, lambda ms: 2.0 * ms)  # a target that timed whole networks only: K = 0 alone
     report = transfer.evaluate_tables(SOURCE, [nets_only], [0, 3], draws=2, ks=[0, 20])
     assert [(row["k"], row["n"]) for row in report["targets"][0]["by_n"]] == [(0, 0), (0, 3)]

@@ -174,8 +174,8 @@ def beside_ratios(table: str | Path, cfgs: list[ArchConfig]) -> dict:
         raise ArchlabError(f"--beside: {heldout} has no measurement of ladder row {missing[0]!r} at this resolution; "
                            f"run archlab latency evaluate --ladder on {table}")
     ms = [by_key[network_key(c)] for c in cfgs]
-    return {"table": str(table), "runtime": runtime(meta), "threads": meta.get("threads"),
-            "measured_ms": ms, "measured_ratio": [m / ms[0] for m in ms]}
+    return {"table": str(table), "runtime": runtime(meta), "threads": meta.get("threads"), "device": meta.get("device"),
+            "cpu": meta.get("cpu"), "measured_ms": ms, "measured_ratio": [m / ms[0] for m in ms]}
 
 
 def undelegated(table_rows: list[dict], meta: dict, hmeta: dict, cfgs: list[ArchConfig]) -> dict:
@@ -291,8 +291,9 @@ def markdown(r: dict) -> str:
                   "", "| # | row | predicted ms | measured ms | error | predicted / base | measured / base | paper / base |",
                   "|---|---|---:|---:|---:|---:|---:|---:|"]
         others = r.get("beside") or []
-        lines[-2] = lines[-2].replace(" paper / base |", "".join(f" measured / base, {b['runtime']} |" for b in others)
-                                      + " paper / base |")
+        lines[-2] = lines[-2].replace(" paper / base |", "".join(
+            f" measured / base, {b['runtime']}" + ("" if b.get("device") in (None, s["device"]) else f", {b['device']}")
+            + " |" for b in others) + " paper / base |")
         lines[-1] += "---:|" * len(others)
         for i, x in enumerate(r["ladder"]):
             paper = "" if x["paper_ratio"] is None else f"{x['paper_ratio']:.3f}"
@@ -300,8 +301,10 @@ def markdown(r: dict) -> str:
                          f"{_pct(x['error'])} | {x['predicted_ratio']:.3f} | {x['measured_ratio']:.3f} | "
                          + "".join(f"{b['measured_ratio'][i]:.3f} | " for b in others) + f"{paper} |")
         for b in others:
+            where = ("the same device" if (b.get("device"), b.get("cpu")) == (s["device"], s["cpu"])
+                     else f"device `{b.get('device')}` ({b.get('cpu')})")
             lines += ["", f"Beside: `{b['table']}` ({b['runtime']}, {b['threads']} thread(s)), the same rows measured "
-                          "end to end on the same device (its held-out table)."]
+                          f"end to end on {where} (its held-out table)."]
     u = r.get("undelegated") or {}
     if any(k["with_fallback"] for k in u.get("kinds", {}).values()) or u.get("networks_with_fallback"):
         lines += ["", "## Ops outside the runtime's accelerated path", "",

@@ -237,6 +237,8 @@ def evaluate(source: Predictor, cfgs: list[Config], measured: np.ndarray, pool: 
     out = {"held_out": int(held.sum()), "pool": len(pool_idx), "draws": draws, "by_n": []}
     for k in ks:
         keys = key_blocks(source, [cfgs[i] for i in pool_idx], k) if k else []
+        if len(keys) < k:
+            raise ArchlabError(f"--blocks {k}: the pool networks have only {len(keys)} block signatures")
         missing = [key for key in keys if key not in (blocks or {})]
         if missing:
             raise ArchlabError(f"--blocks {k}: the target has not timed {len(missing)} of the {k} blocks, e.g. "
