@@ -824,8 +824,7 @@ def cmd_latency_transfer(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({"predictor": str(path), **t}, indent=2))
         else:
-            blocks = pred.settings.get("blocks_timed", {}).get("n", 0)
-            print(f"{path}: {args.source} transferred by {t['method']} from {t['n']} networks and {blocks} blocks "
+            print(f"{path}: {args.source} transferred by {t['method']} from {t['n']} networks and {t['blocks']} blocks "
                   f"(attention x{t['factors']['attention']:.3f}, rest x{t['factors']['rest']:.3f}, "
                   f"+{t['intercept_ms']:.2f} ms)")
         return 0

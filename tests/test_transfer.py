@@ -170,7 +170,7 @@ def test_the_busiest_blocks_of_each_kind_come_first():
     assert transfer.key_blocks(source, cal, 3) == keys[:3]
 
 
-def test_a_few_blocks_timed_on_the_target_learn_how_each_kind_changes_speed(tmp_path):
+def test_a_few_blocks_timed_on_the_target_learn_how_each_kind_changes_speed(tmp_path, capsys):
     path, source, _, keys = _kind_target(tmp_path, 40)
     report = transfer.evaluate_tables(SOURCE, [path], [0, 10], draws=3, ks=[0, 40])
     got = {(row["k"], row["n"]): row for row in report["targets"][0]["by_n"]}
@@ -182,7 +182,8 @@ def test_a_few_blocks_timed_on_the_target_learn_how_each_kind_changes_speed(tmp_
     assert start.settings["blocks_timed"]["kinds"]["res"] == pytest.approx(3.0)
     assert start.measured[keys[0]] == pytest.approx(transfer.target_blocks(path)[keys[0]])
 
-    assert cli.main(["latency", "transfer", "--from", str(SOURCE), "--to", str(path)]) == 0  # fits with the blocks
+    assert cli.main(["latency", "transfer", "--from", str(SOURCE), "--to", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["blocks"] == len(keys)  # fitted with the target's blocks
     pred = load_for_table(path)
     meta, rows = read_table(path)
     for r in rows:

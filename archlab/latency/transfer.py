@@ -2,12 +2,6 @@
 runtime, or thread count) from N whole networks timed there, and optionally K blocks, instead of a
 full block table (an hour).
 
-K blocks first (`with_blocks`, LitePred's idea at the lab's scale): the K block signatures that carry
-most of the source's calibration networks' time (`key_blocks`; a block takes seconds to time, a network
-minutes) are timed on the target; each kind's blocks are then scaled by the target/source ratio of its
-timed blocks (all timed blocks' ratio for a kind none of them has), and the timed blocks take their
-target times. That predictor is the source the N networks then adapt:
-
 The source predictor splits each network's latency into block groups (attention blocks, everything
 else), both as the source device times them. A transfer maps them to the target, fitted on the N target
 networks by least squares on relative error:
@@ -21,6 +15,12 @@ The most flexible transfer the N networks allow is a candidate only if it wins b
 on them (from N >= 5); N = 0 is the source predictor unchanged (its ranking is still the source's). Any
 transfer is the source predictor with each block's latency scaled by its group's factor and a new
 calibration line, so the result is an ordinary predictor file for the target.
+
+K blocks first, optionally (`with_blocks`, LitePred's idea at the lab's scale): the K block signatures
+that carry most of the source's calibration networks' time (`key_blocks`; a block takes seconds to time,
+a network minutes) are timed on the target; each kind's blocks are then scaled by the target/source
+ratio of its timed blocks (all timed blocks' ratio for a kind none of them has), and the timed blocks
+take their target times. That predictor is the source the N networks then adapt.
 
 Anchors: HELP adapts to an unseen device from 10 measurements (rank correlation 0.93); LitePred
 transfers in under an hour of profiling.
@@ -127,7 +127,8 @@ def transferred(source: Predictor, t: Transfer, settings: dict, parts: np.ndarra
     raw = t.apply(parts) - t.intercept_ms  # the scaled block sums of the networks it was fitted on
     cal = Calibration(t.intercept_ms, 1.0, t.n, tuple(keys), tuple(digests), loo_mape=t.loo_mape,
                       raw_range=(float(raw.min()), float(raw.max())) if len(raw) else (0.0, float("inf")))
-    return Predictor({**settings, "transfer": {"from": source.table, "method": t.method, "n": t.n,
+    blocks = source.settings.get("blocks_timed", {}).get("n", 0)  # timed on the target (`with_blocks`)
+    return Predictor({**settings, "transfer": {"from": source.table, "method": t.method, "n": t.n, "blocks": blocks,
                                                "factors": t.factors, "intercept_ms": t.intercept_ms}},
                      measured, kinds, cal)
 
@@ -161,12 +162,12 @@ def with_blocks(source: Predictor, timed: dict[str, float]) -> Predictor:
     if not timed:
         return source
     known = [key for key in timed if key.split("(", 1)[0] in source.kinds]  # a kind the source never timed: kept as is
+    if not known:
+        raise ArchlabError(f"none of the {len(timed)} timed blocks is of a kind the source predicts")
     src = {key: source.block(BlockSpec.from_key(key))[0] for key in known}
     kinds: dict[str, list[str]] = {}
     for key in known:
         kinds.setdefault(key.split("(", 1)[0], []).append(key)
-    if not known:
-        raise ArchlabError(f"none of the {len(timed)} timed blocks is of a kind the source predicts")
     overall = sum(timed[k] for k in known) / sum(src.values())
     ratio = {kind: sum(timed[k] for k in keys) / sum(src[k] for k in keys) for kind, keys in kinds.items()}
 
