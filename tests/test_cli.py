@@ -93,7 +93,7 @@ def test_bad_input_one_line_exit_2(tmp_path, content, expect):
     (["cost", str(LADDER), "--row", "nope"], "--row: 'nope'"),
     (["cost", str(LADDER), "--colour"], "unrecognized arguments: --colour"),
     (["frobnicate"], "invalid choice"),
-    (["latency", "export", "--out", "x"], "give --space, --ladder, --networks-of or a combination"),
+    (["latency", "export", "--out", "x"], "give --space, --ladder, --networks-of, --blocks-of or a combination"),
     (["latency", "run", "nowhere", "--out", "t.csv", "--device-name", "d"], "cannot read the bundle manifest"),
 ])
 def test_bad_flags_one_line_exit_2(args, expect):
