@@ -328,7 +328,7 @@ def _selection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--blocks-of", action="append", default=[], metavar="TABLE",
                    help="also the --top-blocks blocks that carry most of TABLE's calibration networks' time (fitted "
                         "TABLE; timed on a new device, they let `archlab latency transfer` rescale each block kind)")
-    p.add_argument("--top-blocks", type=int, default=40, metavar="K", help="how many blocks --blocks-of takes (default 40)")
+    p.add_argument("--top-blocks", type=_positive_int, default=40, metavar="K", help="how many blocks --blocks-of takes (default 40)")
     p.add_argument("--resolution", type=int, default=32, help="latent resolution (default 32 = 256 px)")
 
 

@@ -114,16 +114,23 @@ def fit_transfer(source: Predictor, parts: np.ndarray, measured: Sequence[float]
     return dataclasses.replace(_solve(best, parts, y, source), loo_mape=loo)
 
 
+def _kind(key: str) -> str:
+    """The block kind of a table key (`res(cin=...)@16x16` -> `res`)."""
+    return key.split("(", 1)[0]
+
+
+def _scaled(source: Predictor, scale) -> tuple[dict, dict]:
+    """(kind models, measured blocks) of `source` with each kind's latencies times `scale(kind)`."""
+    kinds = {k: dataclasses.replace(m, coef=tuple(c * scale(k) for c in m.coef)) for k, m in source.kinds.items()}
+    return kinds, {key: ms * scale(_kind(key)) for key, ms in source.measured.items()}
+
+
 def transferred(source: Predictor, t: Transfer, settings: dict, parts: np.ndarray, keys: Sequence[str] = (),
                 digests: Sequence[str] = ()) -> Predictor:
     """The source predictor with the transfer applied: an ordinary predictor of the target device. `parts`
     (rows of `split`), `keys` and `digests`: the target networks it was fitted on, which its calibration
     records (so held-out evaluations avoid them and predictions far outside them are flagged)."""
-    def scaled(kind: str) -> float:
-        return t.factors[group(kind)]
-
-    kinds = {k: dataclasses.replace(m, coef=tuple(c * scaled(k) for c in m.coef)) for k, m in source.kinds.items()}
-    measured = {key: ms * scaled(key.split("(", 1)[0]) for key, ms in source.measured.items()}
+    kinds, measured = _scaled(source, lambda kind: t.factors[group(kind)])
     raw = t.apply(parts) - t.intercept_ms  # the scaled block sums of the networks it was fitted on
     cal = Calibration(t.intercept_ms, 1.0, t.n, tuple(keys), tuple(digests), loo_mape=t.loo_mape,
                       raw_range=(float(raw.min()), float(raw.max())) if len(raw) else (0.0, float("inf")))
@@ -161,21 +168,17 @@ def with_blocks(source: Predictor, timed: dict[str, float]) -> Predictor:
     the calibration's slope kept and its intercept scaled by the overall ratio."""
     if not timed:
         return source
-    known = [key for key in timed if key.split("(", 1)[0] in source.kinds]  # a kind the source never timed: kept as is
+    known = [key for key in timed if _kind(key) in source.kinds]  # a kind the source never timed: kept as is
     if not known:
         raise ArchlabError(f"none of the {len(timed)} timed blocks is of a kind the source predicts")
     src = {key: source.block(BlockSpec.from_key(key))[0] for key in known}
     kinds: dict[str, list[str]] = {}
     for key in known:
-        kinds.setdefault(key.split("(", 1)[0], []).append(key)
+        kinds.setdefault(_kind(key), []).append(key)
     overall = sum(timed[k] for k in known) / sum(src.values())
     ratio = {kind: sum(timed[k] for k in keys) / sum(src[k] for k in keys) for kind, keys in kinds.items()}
 
-    def scale(kind: str) -> float:
-        return ratio.get(kind, overall)
-
-    models = {k: dataclasses.replace(m, coef=tuple(c * scale(k) for c in m.coef)) for k, m in source.kinds.items()}
-    measured = {key: ms * scale(key.split("(", 1)[0]) for key, ms in source.measured.items()}
+    models, measured = _scaled(source, lambda kind: ratio.get(kind, overall))
     measured.update(timed)
     cal = source.calibration and dataclasses.replace(
         source.calibration, intercept_ms=source.calibration.intercept_ms * overall,
