@@ -4,8 +4,9 @@ A `Kind` says what a block of that kind is made of (its hyper-parameters, in the
 key lists them), how to build it (the torch module, imported only when built), what it takes as
 example inputs (what cost accounting traces and the latency lab exports), how a network runs it
 (its `role`), and which cost features beyond the common ones (one call, MACs, weights, activation
-elements) its latency model is fitted on. The decomposition, the builder, the cost accounting, the
-ONNX export, the UNet and the latency predictor all read it from `KINDS`; a new kind is one entry.
+elements) its latency model is fitted on, and how its choices share weights in a supernet (its
+`Nesting`). The decomposition, the builder, the cost accounting, the ONNX export, the networks, the
+latency predictor and the supernet all read it from `KINDS`; a new kind is one entry.
 """
 
 from __future__ import annotations
@@ -22,6 +23,29 @@ Features = Callable[[dict, tuple[int, int]], dict[str, float]]
 
 
 @dataclass(frozen=True)
+class Nesting:
+    """How the blocks of one kind at one position of a supernet share weights (archlab.elastic).
+
+    A parameter is shared, under its name, by every variant of the position that has it. `sliced`
+    hyper-parameters change its shape, and a smaller value takes the leading slice of the largest
+    value's weight (the first K/V heads, the first hidden channels, the first heads and channels of a
+    narrower width); `shared` ones only add or remove sub-modules, or change no weight (self-attention
+    on/off, standard or separable convs, full attention or ASSA). Any other hyper-parameter gets its own
+    copy of the weights per value (a choice that does not nest: the patch size), and so do parameters
+    under an `own` prefix for the hyper-parameters listed (SnapGen++ keeps norms and modulation per
+    width). `halves(hp)` names parameters laid out as two concatenated halves (GEGLU's value and gate),
+    sliced half by half."""
+    sliced: tuple[str, ...] = ()
+    shared: tuple[str, ...] = ()
+    own: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    halves: Callable[[dict], tuple[str, ...]] = lambda hp: ()
+
+
+def _geglu(hp: dict) -> tuple[str, ...]:
+    return ("ff.proj_in.",) if hp["ffn_activation"] == "geglu" else ()
+
+
+@dataclass(frozen=True)
 class Kind:
     name: str
     hp: tuple[str, ...]  # the hyper-parameters, in the canonical order of keys and signatures
@@ -31,6 +55,7 @@ class Kind:
     # DiT: time, patchify, dit, resample, fuse, final
     bools: frozenset[str] = frozenset()  # hyper-parameters written 1/0 in keys
     features: Features | None = None
+    nesting: Nesting = Nesting()  # default: no choice nests (a copy of the weights per hyper-parameter value)
 
     def build(self, **hp: Any):
         module, _, factory = self.module.partition(":")
@@ -84,27 +109,34 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
          lambda p, hw, randn, rand: ((rand() * 1000,), {}), "time"),  # timesteps in [0, 1000)
     Kind("conv_in", ("cin", "cout"), _B + "conv_in", _map, "map"),
     Kind("res", ("cin", "cout", "temb_dim", "conv", "expansion", "groups"), _B + "ResBlock",
-         lambda p, hw, randn, rand: ((randn(p["cin"], *hw), randn(p["temb_dim"])), {}), "res"),
+         lambda p, hw, randn, rand: ((randn(p["cin"], *hw), randn(p["temb_dim"])), {}), "res",
+         nesting=Nesting(sliced=("expansion",), shared=("conv",))),
     Kind("attn_in", ("dim", "groups"), _B + "AttnIn", _map, "tokens_in"),
     Kind("transformer", ("dim", "heads", "kv_heads", "self_attention", "cross_attention", "context_dim", "context_len",
                          "ffn_ratio", "ffn_activation", "qk_norm", "rope"), _B + "transformer", _transformer_inputs,
-         "tokens", frozenset({"self_attention", "cross_attention", "qk_norm", "rope"}), _transformer_features),
+         "tokens", frozenset({"self_attention", "cross_attention", "qk_norm", "rope"}), _transformer_features,
+         Nesting(sliced=("kv_heads", "ffn_ratio"), shared=("self_attention", "cross_attention", "qk_norm", "rope"),
+                 halves=_geglu)),
     Kind("attn_out", ("dim",), _B + "AttnOut",
          lambda p, hw, randn, rand: ((randn(hw[0] * hw[1], p["dim"]), randn(p["dim"], *hw)), {}), "tokens_out"),
     Kind("down", ("channels",), _B + "Downsample", _map, "map"),
     Kind("up", ("channels",), _B + "Upsample", _map, "map"),
     Kind("conv_out", ("cin", "cout", "groups"), _B + "ConvOut", _map, "map"),
     # the DiT family (archlab.blocks_dit); `hw` of a token block is its token grid
-    Kind("patch_embed", ("cin", "dim", "patch"), _D + "PatchEmbed", _map, "patchify"),
+    Kind("patch_embed", ("cin", "dim", "patch"), _D + "PatchEmbed", _map, "patchify", nesting=Nesting(sliced=("dim",))),
     Kind("dit", ("dim", "heads", "kv_heads", "temb_dim", "context_dim", "context_len", "ffn_ratio", "ffn_activation",
                  "qk_norm", "rope", "attention", "block", "radius"), _D + "dit_block", _dit_inputs, "dit",
          frozenset({"qk_norm", "rope"}),
-         lambda p, hw: _attention_features(p, hw[0] * hw[1], _dit_keys_per_query(p, hw[0] * hw[1]), True)),
-    Kind("resample", ("dim_in", "dim_out", "direction", "factor"), _D + "TokenResample", _tokens("dim_in"), "resample"),
+         lambda p, hw: _attention_features(p, hw[0] * hw[1], _dit_keys_per_query(p, hw[0] * hw[1]), True),
+         Nesting(sliced=("dim", "heads", "kv_heads", "ffn_ratio"), shared=("qk_norm", "rope", "attention", "block", "radius"),
+                 own=(("modulation.", ("dim",)), ("norm2.", ("dim",))), halves=_geglu)),
+    Kind("resample", ("dim_in", "dim_out", "direction", "factor"), _D + "TokenResample", _tokens("dim_in"), "resample",
+         nesting=Nesting(sliced=("dim_in", "dim_out"))),
     Kind("fuse", ("cin", "cout"), _D + "fuse",
          lambda p, hw, randn, rand: ((randn(hw[0] * hw[1], p["cin"]),), {}), "fuse"),
     Kind("final", ("dim", "cout", "patch", "temb_dim"), _D + "FinalLayer",
-         lambda p, hw, randn, rand: ((randn(hw[0] * hw[1], p["dim"]), randn(p["temb_dim"])), {"hw": hw}), "final"),
+         lambda p, hw, randn, rand: ((randn(hw[0] * hw[1], p["dim"]), randn(p["temb_dim"])), {"hw": hw}), "final",
+         nesting=Nesting(sliced=("dim",), own=(("modulation.", ("dim",)),))),
 )}
 
 

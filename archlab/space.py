@@ -118,8 +118,29 @@ class SearchSpace:
         base = self.base.with_values({"latent.resolution": resolution}, where=self.path or self.name)
         return dataclasses.replace(self, base=base)
 
+    def to_dict(self) -> dict:
+        """The space as its YAML mapping (`space_from_dict` reads it back)."""
+        params = {p.path: dict(zip(("low", "high", "step"), p.int_range)) if p.int_range else list(p.choices)
+                  for p in self.params}
+        return {"name": self.name, "description": self.description, "base": self.base.to_dict(), "params": params}
+
     def block_signatures(self) -> list[BlockSpec]:
-        """Every distinct block (by signature) that any point of the space can produce, sorted by key.
+        """Every distinct block (by signature) that any point of the space can produce, sorted by key."""
+        found: dict[tuple, BlockSpec] = {}
+        for spec in self._stage_blocks():
+            found.setdefault(spec.signature, spec)
+        return sorted(found.values(), key=lambda s: s.key)
+
+    def block_variants(self) -> dict[str, list[BlockSpec]]:
+        """Every distinct block that some point of the space puts at each position (a block's `name`), in
+        forward order of first appearance: what a weight-shared supernet of the space must hold."""
+        found: dict[str, dict[tuple, BlockSpec]] = {}
+        for spec in self._stage_blocks():
+            found.setdefault(spec.name, {}).setdefault(spec.signature, spec)
+        return {name: list(v.values()) for name, v in found.items()}
+
+    def _stage_blocks(self):
+        """The blocks of enough points to see every block of the space at every position.
 
         Exact without enumerating the whole product: a block of stage i depends only on stage i's
         parameters, network-wide parameters, the channels of stages i-1 and i+1, and the channels
@@ -129,7 +150,6 @@ class SearchSpace:
         """
         first = {p.path: p.choices[0] for p in self.params}
         shared = [p for p in self.params if p.stage is None]
-        found: dict[tuple, BlockSpec] = {}
         for i in range(self.base.n_stages):
             local = [p for p in self.params if p.stage == i
                      or (p.stage in (0, i - 1, i + 1) and p.path.endswith(".channels"))]
@@ -142,8 +162,7 @@ class SearchSpace:
                 cfg = self.config({**first, **dict(zip((p.path for p in group), values))})
                 for spec in decompose(cfg):
                     if spec.stage in (i, -1):
-                        found.setdefault(spec.signature, spec)
-        return sorted(found.values(), key=lambda s: s.key)
+                        yield spec
 
 
 @dataclass(frozen=True)
@@ -163,14 +182,17 @@ class _Range:
 
 
 def load_space(path: str | Path) -> SearchSpace:
-    where = str(path)
-    data = read_yaml(path)
+    return space_from_dict(read_yaml(path), str(path))
+
+
+def space_from_dict(data: Any, where: str) -> SearchSpace:
+    """A search space from its YAML mapping (`where` names it in errors and is kept as its `path`)."""
     if not isinstance(data, dict):
         raise ArchlabError(f"{where}: a search space must be a mapping with `base` and `params`")
     spec = build(_SpaceSpec, data, where)
     base = arch_from_dict(spec.base, f"{where}: base")
     params = tuple(_param(path, choices, f"{where}: params.{path}") for path, choices in spec.params.items())
-    space = SearchSpace(spec.name or Path(path).stem, base, params, spec.description.strip(), where)
+    space = SearchSpace(spec.name or Path(where).stem, base, params, spec.description.strip(), where)
     for p in params:  # every path exists and every single choice is valid on the base
         for choice in p.choices:
             base.with_values({p.path: choice}, where=f"{where}: params.{p.path} = {choice!r}")

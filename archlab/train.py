@@ -85,13 +85,14 @@ class ProxyModel(nn.Module):
     shared initial weights of `init_seed`, stay as they were before the DiT family.
 
     `init_seed`: draw every module's initial weights from a generator of its own, seeded by
-    (init_seed, the module's path), instead of from the global generator in build order."""
+    (init_seed, the module's path), instead of from the global generator in build order. `net`: another
+    network taking (x, t, context) instead of `build_model(arch)` (a supernet, archlab.elastic)."""
 
-    def __init__(self, arch: Config, num_classes: int, init_seed: int | None = None):
+    def __init__(self, arch: Config, num_classes: int, init_seed: int | None = None, net: nn.Module | None = None):
         super().__init__()
         c = arch.conditioning
         self.arch, self.num_classes = arch, num_classes
-        self.unet = build_model(arch)
+        self.unet = build_model(arch) if net is None else net
         self.classes = nn.Embedding(num_classes + 1, c.context_len * c.context_dim)
         self._init_classes()
         if init_seed is not None:
@@ -250,7 +251,9 @@ def save_samples(images: torch.Tensor, out: Path, columns: int = 16) -> None:
             Image.fromarray(g.reshape(g.shape[0] * g.shape[1], -1, 3).numpy()).save(tmp)
 
 
-class _Checkpoint:
+class Checkpoint:
+    """A training's checkpoint file in `out` (none without one), refused when made with other `settings`."""
+
     def __init__(self, out: Path | None, settings: dict):
         self.path = None if out is None else out / "checkpoint.pt"
         self.settings = settings
@@ -288,12 +291,15 @@ def torch_threads(n: int | None):
 
 
 def train(arch: Config, data: ImageSet, t: TrainConfig, out: str | Path | None = None, *, progress: bool = False,
-          on_report: Callable[[int, dict], None] | None = None, with_scores: bool = True) -> TrainResult:
+          on_report: Callable[[int, dict], None] | None = None, with_scores: bool = True,
+          init: dict | None = None) -> TrainResult:
     """Train `arch` at proxy scale on `data` for `t.steps` steps, then score it.
 
     `out`: a folder for the checkpoint (resumed from if present, also to train a run for longer),
     `result.json` and the generated images (`samples.pt`, `samples.png`).
     `on_report(step, {"train_loss"})` is called every `t.report_every` steps (Ray Tune reports here).
+    `init`: start from these weights (a `ProxyModel` state dict, e.g. inherited from a supernet) instead
+    of fresh ones.
     """
     t.validate()
     if with_scores and t.samples:
@@ -301,24 +307,27 @@ def train(arch: Config, data: ImageSet, t: TrainConfig, out: str | Path | None =
 
         extractor(t.fid_extractor)  # a missing FID network fails now, not after training
     with torch_threads(t.threads):
-        return _train(arch, data, t, out, progress, on_report, with_scores)
+        return _train(arch, data, t, out, progress, on_report, with_scores, init)
 
 
-def _train(arch, data, t, out, progress, on_report, with_scores) -> TrainResult:
+def _train(arch, data, t, out, progress, on_report, with_scores, init) -> TrainResult:
     from tqdm import tqdm
 
     torch.manual_seed(t.seed)
     proxy = proxy_arch(arch, data.resolution, t)
     model = ProxyModel(proxy, data.num_classes, init_seed=t.seed if t.init == "shared" else None).to(t.device)
+    if init is not None:
+        model.load_state_dict(init)
     ema = copy.deepcopy(model).requires_grad_(False)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if p.dim() < 2 or name.startswith("classes") else decay).append(p)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=t.lr, betas=(0.9, 0.99))
-    settings = {"arch": proxy.to_dict(), "data": data.key,
-                "train": t.training_identity()}
-    ckpt = _Checkpoint(Path(out) if out else None, settings)
+    settings = {"arch": proxy.to_dict(), "data": data.key, "train": t.training_identity()}
+    if init is not None:  # a checkpoint resumes only the run that started from the same weights
+        settings["init"] = hashlib.sha256(b"".join(v.cpu().numpy().tobytes() for v in init.values())).hexdigest()[:16]
+    ckpt = Checkpoint(Path(out) if out else None, settings)
     step, history, smooth, before = 0, [], None, 0.0
     state = ckpt.load()
     resumed_from = 0 if state is None else state["step"]

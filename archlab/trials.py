@@ -34,12 +34,14 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Job:
     key: str  # unique within a batch (Ray's trial name)
-    arch: dict  # ArchConfig.to_dict()
+    arch: dict  # ArchConfig.to_dict() (a supernet job: {"space": the space's mapping})
     data: dict  # DataConfig fields
     train: dict  # TrainConfig fields
     result: str  # the result JSON
     workdir: str  # the checkpoint folder
     meta: dict = field(default_factory=dict)  # copied into the result (row, seed, preset, ...)
+    task: str = "train"  # train: archlab.train.train; supernet: archlab.supernet.train_supernet
+    options: dict = field(default_factory=dict)  # the task's own settings (a supernet's sampling rule, ...)
 
 
 def read(path: str | Path) -> dict | None:
@@ -73,7 +75,8 @@ def content_key(job: Job) -> str:
     if data.get("spec") != "synthetic":
         data["spec"] = str(Path(data["spec"]).resolve())
     train = {k: v for k, v in job.train.items() if k not in RUN_ONLY}
-    return hashlib.sha256(json.dumps([job.arch, data, train], sort_keys=True).encode()).hexdigest()[:24]
+    what = [job.arch, data, train] + ([job.task, job.options] if job.task != "train" else [])
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24]
 
 
 def cached(job: Job) -> Path:
@@ -102,8 +105,12 @@ def run_job(job: Job, on_report: Callable[[int, dict], None] | None = None) -> d
             "finished_at": None}
     try:
         data = load_dataset(DataConfig(**job.data))
-        r = train(arch_from_dict(job.arch), data, t, out=job.workdir, on_report=on_report)
-        result = {**base, **r.to_dict()}
+        if job.task == "supernet":
+            from archlab import supernet
+
+            result = {**base, **supernet.run_job(job, data, t, on_report)}
+        else:
+            result = {**base, **train(arch_from_dict(job.arch), data, t, out=job.workdir, on_report=on_report).to_dict()}
     except Exception as e:  # noqa: BLE001 - any failure of one training is a result, not a crash of the batch
         log.exception("%s failed", job.key)
         result = {**base, "status": "failed", "reason": f"{type(e).__name__}: {e}"[:500], "seconds": time.time() - start}

@@ -6,7 +6,7 @@ from archlab.cost import block_cost, count_macs, ladder_cost, network_cost
 from archlab.verdict import Verdict, direction
 from archlab.decompose import BlockSpec, decompose
 from archlab.ladder import load_ladder
-from archlab.unet import UNet
+from archlab.models import UNet
 from conftest import LADDER, tiny_dict
 
 VARIANTS = [

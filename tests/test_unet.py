@@ -5,7 +5,7 @@ from archlab.config import ArchConfig, with_width
 from archlab.decompose import decompose
 from archlab.ladder import load_ladder
 from archlab.space import load_space
-from archlab.unet import UNet
+from archlab.models import UNet
 from conftest import LADDER, SPACE, tiny_dict
 
 
