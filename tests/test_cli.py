@@ -123,13 +123,40 @@ def test_directory_is_not_a_file(tmp_path):
 def test_every_preset_setting_is_a_flag_that_overrides_the_preset():
     """The training flags are made from TrainConfig's fields: none is missing, each overrides the preset."""
     from archlab import presets
-    from archlab.cli import _build_parser, _train_config
+    from archlab.cli import build_parser
+    from archlab.cli.common import train_config
     from archlab.train_config import preset_settings
 
-    parser = _build_parser()
+    parser = build_parser()
     for command in (["train", "x.yaml"], ["search"], ["ablate", "x.yaml"]):
         args = parser.parse_args(command + ["--proxy", "smoke", "--weight-decay", "0.5", "--init", "sequential"])
         assert set(preset_settings()) <= set(vars(args)), command
-        t = _train_config(args, threads=1)
+        t = train_config(args, threads=1)
         assert t.weight_decay == 0.5 and t.init == "sequential"
         assert t.steps == presets.get("smoke").train_config().steps  # not given: the preset's
+
+
+def test_a_default_the_help_states_is_the_settings_default():
+    """Flags left to a settings dataclass (no default of their own) state that dataclass's default."""
+    import argparse
+    import dataclasses
+    import re
+
+    from archlab.ablate import AblateSettings
+    from archlab.cli import build_parser
+    from archlab.fidelity import FidelitySettings
+    from archlab.search import SearchSettings
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    checked = 0
+    for command, cls in (("search", SearchSettings), ("ablate", AblateSettings), ("fidelity", FidelitySettings)):
+        fields = {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+                  for f in dataclasses.fields(cls)}
+        for action in sub.choices[command]._actions:
+            said = re.search(r"\(default ([^;)]+)\)", action.help or "")
+            if action.default is None and action.dest in fields and said:
+                value = fields[action.dest]
+                assert said.group(1) == (",".join(map(str, value)) if isinstance(value, list) else str(value)), \
+                    (command, action.dest)
+                checked += 1
+    assert checked >= 5

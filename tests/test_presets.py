@@ -5,7 +5,9 @@ import sys
 
 import pytest
 
-from archlab import cli, presets
+from archlab import presets
+from archlab.cli import build_parser
+from archlab.cli.common import data_config, train_config
 from archlab.errors import ArchlabError
 from conftest import LADDER
 
@@ -22,16 +24,16 @@ def test_the_labs_presets_parse_and_the_reference_is_8x_the_cpu_preset():
 
 
 def _args(argv):
-    return cli._build_parser().parse_args(["train", str(LADDER)] + argv)
+    return build_parser().parse_args(["train", str(LADDER)] + argv)
 
 
 def test_flags_override_the_preset_and_the_rest_comes_from_it():
-    t = cli._train_config(_args(["--proxy", "smoke", "--steps", "7", "--seed", "2"]), 1)
+    t = train_config(_args(["--proxy", "smoke", "--steps", "7", "--seed", "2"]), 1)
     smoke = presets.get("smoke").train_config()
     assert (t.steps, t.seed, t.batch, t.lr, t.width_mult) == (7, 2, smoke.batch, smoke.lr, smoke.width_mult)
-    assert cli._data_config(_args(["--proxy", "smoke"])).resolution == presets.get("smoke").image_size
-    assert cli._data_config(_args(["--proxy", "smoke", "--image-size", "32"])).resolution == 32
-    assert cli._train_config(_args([]), 1).steps == presets.get("cpu").train_config().steps  # the default preset
+    assert data_config(_args(["--proxy", "smoke"])).resolution == presets.get("smoke").image_size
+    assert data_config(_args(["--proxy", "smoke", "--image-size", "32"])).resolution == 32
+    assert train_config(_args([]), 1).steps == presets.get("cpu").train_config().steps  # the default preset
 
 
 def test_a_preset_file_of_ones_own(tmp_path):
