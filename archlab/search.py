@@ -41,6 +41,8 @@ from archlab.space import SearchSpace, load_space
 log = logging.getLogger(__name__)
 
 OBJECTIVES = ("val_loss", "fid", "kid")
+EVALUATORS = ("train", "supernet")
+INHERITED = "inherited_val_loss"  # the user attribute of a candidate scored with a supernet's weights
 SAMPLERS = ("tpe", "nsga2", "random")
 LATENCY = "predicted_ms"
 LATENCY_FLAG = "latency_flag"  # set when the prediction leaves what the table covers
@@ -171,11 +173,8 @@ class Proposer(_proposer_base()):
                 trial.set_user_attr("job", job.key)
                 self.live[trial_id] = (trial.number, job, trial)
                 return {"job": payload(job, self._cluster)}
-            trial.set_user_attr("rejected", f"predicted {ms:.1f} ms > budget {self.candidates.budget_ms:g} ms")
-            self.study.tell(trial, state=TrialState.PRUNED)
-            self.on_event("rejected", {"trial": trial.number, LATENCY: ms})
-        self.message = (f"no candidate within the latency budget in {self.max_rejections} draws in a row: "
-                        "stopping the search")
+            reject(self.study, trial, ms, self.candidates.budget_ms, self.on_event)
+        self.message = no_candidate(self.max_rejections)
         return Searcher.FINISHED
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
@@ -202,6 +201,17 @@ class Proposer(_proposer_base()):
                             "stopping the search")
 
 
+def reject(study: optuna.Study, trial: optuna.Trial, ms: float, budget_ms: float, on_event) -> None:
+    """Tell Optuna of a candidate over the budget, never trained: PRUNED, with the reason."""
+    trial.set_user_attr("rejected", f"predicted {ms:.1f} ms > budget {budget_ms:g} ms")
+    study.tell(trial, state=TrialState.PRUNED)
+    on_event("rejected", {"trial": trial.number, LATENCY: ms})
+
+
+def no_candidate(draws: int) -> str:
+    return f"no candidate within the latency budget in {draws} draws in a row: stopping the search"
+
+
 def tell(study: optuna.Study, number: int, trial: optuna.Trial | None, result: dict | None, objectives: list[str]):
     """Tell Optuna how a candidate's job ended: COMPLETE with its scores, FAIL (diverged or raised),
     or PRUNED (no result: stopped early by ASHA). Returns the state told."""
@@ -221,9 +231,10 @@ def tell(study: optuna.Study, number: int, trial: optuna.Trial | None, result: d
 
 
 def finished(study: optuna.Study) -> int:
-    """Trials that count toward the total: trained, stopped early or failed (not rejected, not interrupted)."""
+    """Trials that count toward the total: trained (or scored by a supernet), stopped early or failed (not
+    rejected, not interrupted)."""
     return sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
-               if not t.user_attrs.get("rejected") and "job" in t.user_attrs)
+               if not t.user_attrs.get("rejected") and ("job" in t.user_attrs or INHERITED in t.user_attrs))
 
 
 # ---- outputs ------------------------------------------------------------------------------------
@@ -237,7 +248,7 @@ def trials_frame(study: optuna.Study, objectives: list[str]):
         rejected = bool(t.user_attrs.get("rejected"))
         values = t.values if (t.values and not rejected) else [None] * len(objectives)
         reason = t.user_attrs.get("reason", "")
-        if t.state == TrialState.FAIL and "job" not in t.user_attrs and not rejected:
+        if t.state == TrialState.FAIL and "job" not in t.user_attrs and INHERITED not in t.user_attrs and not rejected:
             reason = INTERRUPTED  # closed on resume: it was being drawn when the search stopped
         row = {"number": t.number, "state": "REJECTED" if rejected else t.state.name, LATENCY: t.user_attrs.get(LATENCY),
                LATENCY_FLAG: t.user_attrs.get(LATENCY_FLAG, ""),
@@ -322,11 +333,22 @@ class SearchSettings(TrialSettings):
     asha: bool = True
     max_rejections: int = setting(2000, valid=at_least(1), rule=">= 1")
     max_failed_share: float = setting(0.5, valid=lambda v: 0 < v <= 1, rule="in (0, 1]")
+    evaluator: str = setting("train", choices=EVALUATORS)  # train: a proxy training per candidate; supernet: inherited
+    supernet: str | None = None  # the trained supernet folder (--evaluator supernet)
+    eval_images: int = setting(128, valid=at_least(1), rule=">= 1")  # held-out images of an inherited score
+    retrain: int = setting(0, valid=at_least(0), rule=">= 0")  # the best K candidates trained standalone after
 
     def validate(self) -> None:
         self.validate_trials()
         if self.objective != "val_loss" and not self.train_config.samples:
             raise ArchlabError(f"--objective {self.objective} needs generated images: --samples must be > 0")
+        if self.evaluator == "supernet":
+            if not self.supernet:
+                raise ArchlabError("--supernet: required with --evaluator supernet (a folder of `archlab supernet train`)")
+            if self.objective != "val_loss":
+                raise ArchlabError(f"--objective {self.objective}: the supernet evaluator scores the validation loss only")
+        elif self.supernet or self.retrain:
+            raise ArchlabError(f"{'--supernet' if self.supernet else '--retrain'}: only with --evaluator supernet")
 
     @property
     def metrics(self) -> list[str]:
@@ -415,11 +437,8 @@ def _recover(study: optuna.Study, candidates: Candidates, job_for, objectives: l
 
 def run_search(settings: SearchSettings | None, run_dir: str | Path, resume: bool = False, on_event=None) -> dict:
     """Run (or resume) a search in `run_dir`; writes the outputs there and returns the summary.
-    `on_event(kind, info)`: a candidate rejected, a trial started or ended (for progress lines)."""
-    from ray.tune.schedulers import ASHAScheduler
-
+    `on_event(kind, info)`: a candidate rejected, scored, a trial started or ended (for progress lines)."""
     from archlab.train import prepare
-    from archlab.trials import tune_jobs
 
     run_dir = Path(run_dir).resolve()
     saved = run_dir / "search.json"
@@ -433,18 +452,35 @@ def run_search(settings: SearchSettings | None, run_dir: str | Path, resume: boo
         settings.space, settings.table = str(Path(settings.space).resolve()), str(Path(settings.table).resolve())
         if settings.data["spec"] != "synthetic":
             settings.data = {**settings.data, "spec": str(Path(settings.data["spec"]).resolve())}
+        if settings.supernet:
+            settings.supernet = str(Path(settings.supernet).resolve())
     settings.validate()
     candidates = Candidates(settings.space, settings.table, settings.budget_ms)
     candidates.predictor  # a missing or stale table fails now
-    prepare(settings.data_config, settings.train_config)
+    if settings.evaluator == "train" or settings.retrain:
+        prepare(settings.data_config, settings.train_config)
     if not resume:
         write_atomic(saved, json.dumps(asdict(settings), indent=1) + "\n")
 
     study = _study(settings, run_dir, create=True)
+    emit = on_event or (lambda kind, info: None)
+    search = _search_inherited if settings.evaluator == "supernet" else _search_trained
+    message = search(settings, run_dir, study, candidates, emit)
+    summary = write_outputs(settings, run_dir)
+    if message:
+        summary["stopped"] = message
+    return summary
+
+
+def _search_trained(settings: SearchSettings, run_dir: Path, study: optuna.Study, candidates: Candidates, emit) -> str:
+    """Every candidate within the budget trained as a Ray Tune trial (the `Proposer` hands them out)."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    from archlab.trials import tune_jobs
+
     job_for = _jobs(settings, run_dir)
     pending = _recover(study, candidates, job_for, settings.metrics)
     remaining = settings.trials - finished(study)
-    emit = on_event or (lambda kind, info: None)
     proposer = Proposer(study, candidates, job_for, settings.metrics, settings, pending=pending,
                         max_rejections=settings.max_rejections, max_failed_share=settings.max_failed_share,
                         on_event=emit)
@@ -457,10 +493,74 @@ def run_search(settings: SearchSettings | None, run_dir: str | Path, resume: boo
                                       max_t=iterations, grace_period=max(2, iterations // 4), reduction_factor=3)
         tune_jobs(settings, run_dir, "search", searcher=proposer, num_samples=remaining, scheduler=scheduler,
                   on_event=lambda kind, job, info: emit(kind, {"job": job.key, **job.meta, "result": info}))
-    summary = write_outputs(settings, run_dir)
-    if proposer.message:
-        summary["stopped"] = proposer.message
-    return summary
+    return proposer.message
+
+
+def _search_inherited(settings: SearchSettings, run_dir: Path, study: optuna.Study, candidates: Candidates, emit) -> str:
+    """Every candidate within the budget scored with the supernet's weights, in this process (seconds
+    each: a Ray trial per candidate would cost more than the score); then the best `retrain` candidates
+    trained standalone as Ray Tune trials."""
+    from archlab.supernet import Supernet
+
+    sn = Supernet(settings.supernet, device=settings.train_config.device, threads=settings.cpus_per_trial)
+    _check_same_space(sn, candidates.space, settings)
+    for ft in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):  # a stop between score and tell
+        value = ft.user_attrs.get(INHERITED)
+        if value is None:
+            study.tell(ft.number, state=TrialState.FAIL, skip_if_finished=True)
+        else:
+            study.tell(ft.number, [value, ft.user_attrs[LATENCY]] if settings.multi else value, skip_if_finished=True)
+    rejections = 0
+    while finished(study) < settings.trials:
+        trial = study.ask()
+        try:
+            cfg, ms = candidates.propose(trial)
+            if ms > settings.budget_ms:
+                reject(study, trial, ms, settings.budget_ms, emit)
+                rejections += 1
+                if rejections >= settings.max_rejections:
+                    return no_candidate(settings.max_rejections)
+                continue
+            rejections = 0
+            score = sn.score(cfg, settings.eval_images)
+        except BaseException:
+            study.tell(trial, state=TrialState.FAIL)  # never leave a trial RUNNING
+            raise
+        value = score["val_loss"]
+        trial.set_user_attr("score_seconds", round(score["seconds"], 3))
+        if not math.isfinite(value):
+            trial.set_user_attr("reason", f"non-finite inherited val_loss {value}")
+            study.tell(trial, state=TrialState.FAIL)
+        else:
+            trial.set_user_attr(INHERITED, value)
+            study.tell(trial, [value, ms] if settings.multi else value)
+        emit("scored", {"trial": trial.number, LATENCY: ms, "val_loss": value, "seconds": score["seconds"],
+                        "finished": finished(study), "trials": settings.trials})
+    if settings.retrain:
+        _retrain(settings, run_dir, study, candidates.space, emit)
+    return ""
+
+
+def _check_same_space(sn, space: SearchSpace, settings: SearchSettings) -> None:
+    """The supernet must be the one of the searched space (its choices and its fixed part)."""
+    theirs = sn.settings.search_space()
+    if theirs.params != space.params or theirs.base.digest() != load_space(settings.space).base.digest():
+        raise ArchlabError(f"--supernet: {settings.supernet} holds the supernet of the space "
+                           f"{sn.settings.space_path or theirs.name!r}, not of --space {settings.space}")
+
+
+def _retrain(settings: SearchSettings, run_dir: Path, study: optuna.Study, space: SearchSpace, emit) -> None:
+    """The `retrain` best candidates by inherited score, trained standalone (results in `trials/`)."""
+    from archlab.trials import run_jobs
+
+    job_for = _jobs(settings, run_dir)
+    scored = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if INHERITED in t.user_attrs]
+    best = sorted(scored, key=lambda t: t.user_attrs[INHERITED])[:settings.retrain]
+    jobs = [job_for(t.number, space.config(space.point_from(t.params), name=f"{space.name}-trial{t.number}"),
+                    {LATENCY: t.user_attrs[LATENCY], INHERITED: t.user_attrs[INHERITED], "rank": rank})
+            for rank, t in enumerate(best, 1)]
+    run_jobs(jobs, settings, run_dir, "retrain", on_event=lambda kind, job, info: emit(kind, {"job": job.key, **job.meta,
+                                                                                            "result": info}))
 
 
 def write_outputs(settings: SearchSettings, run_dir: Path) -> dict:
@@ -470,11 +570,20 @@ def write_outputs(settings: SearchSettings, run_dir: Path) -> dict:
 
     study = optuna.load_study(study_name=run_dir.name, storage=_storage(settings, run_dir))
     df = trials_frame(study, settings.metrics)
+    inherited = settings.evaluator == "supernet"
+    retrained = f"retrained_{settings.objective}"
+    if inherited:  # the retrained candidates' results are the jobs of their trial numbers
+        df["score_seconds"] = [t.user_attrs.get("score_seconds") for t in study.get_trials(deepcopy=False)]
+        df[retrained] = None
+        df.loc[[(run_dir / "trials" / f"trial{n:04d}.json").is_file() for n in df["number"]], "job"] = \
+            df["number"].map(lambda n: f"trial{n:04d}")
     for i, r in df.iterrows():
         result = read(run_dir / "trials" / f"{r['job']}.json") if r["job"] else None
         if result:
             df.loc[i, ["status", "train_seconds", "score_seconds"]] = [result.get("status"), result.get("seconds"),
                                                                        result.get("score_seconds")]
+            if inherited:
+                df.loc[i, retrained] = result.get(settings.objective)
             if result.get("status") != "ok" and not r["reason"]:
                 df.loc[i, "reason"] = f"{result.get('status')}: {result.get('reason', '')}"[:300]
     trained = df[df["state"] == "COMPLETE"]
@@ -488,13 +597,18 @@ def write_outputs(settings: SearchSettings, run_dir: Path) -> dict:
         df.astype({c: str for c in mixed}).to_parquet(tmp, index=False)  # kv_heads: 2 or "mqa"
     n = counts(df)
     summary = {"run_dir": str(run_dir), "settings": asdict(settings), **n, "asha": asha_note(settings)}
+    if inherited:
+        seconds = trained["score_seconds"].dropna()
+        summary["inherited"] = {"scored": len(trained), "retrained": int(trained[retrained].notna().sum()),
+                                "median_score_seconds": float(seconds.median()) if len(seconds) else None}
+    rank_by = retrained if inherited and trained[retrained].notna().any() else settings.objective
     if len(trained):
         pareto_plot(df, settings.objective, settings.budget_ms, run_dir / "pareto.png")
         best = export_best(df, load_space(settings.space).at_resolution(Candidates(
-            settings.space, settings.table, settings.budget_ms).predictor.resolution), settings.objective, run_dir / "best")
-        top = trained.sort_values(settings.objective).iloc[0]
-        summary["best"] = {"trial": int(top["number"]), settings.objective: float(top[settings.objective]),
-                           LATENCY: float(top[LATENCY]), "config": str(best[0])}
+            settings.space, settings.table, settings.budget_ms).predictor.resolution), rank_by, run_dir / "best")
+        top = trained[trained[rank_by].notna()].sort_values(rank_by).iloc[0]
+        summary["best"] = {"trial": int(top["number"]), settings.objective: float(top[rank_by]),
+                           LATENCY: float(top[LATENCY]), "config": str(best[0]), "ranked_by": rank_by}
     write_atomic(run_dir / "summary.md", summary_markdown(summary, df, settings))
     write_atomic(run_dir / "summary.json", json.dumps(summary, indent=1, default=str) + "\n")
     return summary
@@ -524,9 +638,15 @@ def summary_markdown(summary: dict, df, settings: SearchSettings) -> str:
              f"- trained to the end: {summary['trained']}; stopped early by ASHA: {summary['stopped_early']}; "
              f"failed: {summary['failed']}; interrupted while being drawn: {summary['interrupted']}",
              f"- early stopping (ASHA): {summary['asha']}"]
+    if "inherited" in summary:
+        i = summary["inherited"]
+        lines[-2:] = [f"- scored with the weights of the supernet `{settings.supernet}` ({settings.eval_images} held-out "
+                      f"images, median {i['median_score_seconds'] or 0:.1f} s a candidate): {i['scored']}; retrained "
+                      f"standalone (the best {settings.retrain} by inherited {o}): {i['retrained']}"]
     if "best" in summary:
         b = summary["best"]
-        lines += [f"- best: trial {b['trial']}, {o} {b[o]:.4g}, predicted {b[LATENCY]:.1f} ms -> `{b['config']}`", "",
+        lines += [f"- best: trial {b['trial']}, {b['ranked_by'].replace('_', ' ')} {b[o]:.4g}, predicted {b[LATENCY]:.1f} "
+                  f"ms -> `{b['config']}`", "",
                   "![Pareto front](pareto.png)", ""]
     failed = df[(df["state"] == "FAIL") & (df["reason"] != INTERRUPTED)]
     if len(failed):

@@ -6,8 +6,10 @@ proxy scale. Each step draws sub-networks by a sampling rule and trains them all
 - `sandwich` (the default; BigNAS, SnapGen++): the largest sub-net, the smallest, and `random_subnets`
   drawn uniformly from the space; `uniform`: only random ones. Largest and smallest are by parameters.
 - in-place distillation (sandwich only): every sub-net but the largest also regresses the largest's
-  prediction, detached. `fixed`: task + w * kd; `adaptive`: SnapGen's scaling with a(t) = 1/2,
-  (task + (task / kd) * kd) / 2, the kd term rescaled to the task loss's size; `none`.
+  prediction, detached. `fixed` (the default): task + w * kd; `adaptive`: task + min(w, task / kd) * kd,
+  SnapGen's rescaling of the kd term to the task loss's size, capped at w: uncapped, a sub-net that
+  shares its weights with the teacher sits close to it (a tiny kd), the ratio explodes, and the
+  supernet did not learn (docs/weight-sharing.md); `none`.
 - the sub-nets' losses are averaged into one update (AdamW, gradient clipping, EMA as `archlab.train`).
 
 Everything of step k is a function of (seed, k): the batch (`archlab.train.draw_batch`) and the
@@ -34,7 +36,7 @@ from archlab.io import save_atomic, write_atomic
 from archlab.schema import at_least, build, setting
 
 RULES = ("sandwich", "uniform")
-DISTILL = ("adaptive", "fixed", "none")
+DISTILL = ("fixed", "adaptive", "none")
 SETTINGS = "supernet.json"
 
 
@@ -47,7 +49,7 @@ class SupernetSettings(TrialSettings):
     proxy: str = "cpu"  # the preset `train` and the image size came from (for people)
     rule: str = setting("sandwich", choices=RULES)
     random_subnets: int = setting(2, valid=at_least(0), rule=">= 0")
-    distill: str = setting("adaptive", choices=DISTILL)
+    distill: str = setting("fixed", choices=DISTILL)
     distill_weight: float = setting(1.0, valid=at_least(0), rule=">= 0")
     snapshot_every: int = setting(0, valid=at_least(0), rule=">= 0")  # keep the EMA weights every N steps (0: no)
 
@@ -196,8 +198,10 @@ def _train(settings, data, t, out, progress, on_report) -> dict:
             loss = task
             if teacher is not None and settings.distill != "none":
                 kd = torch.mean((pred - teacher) ** 2)
-                loss = (task + settings.distill_weight * kd if settings.distill == "fixed"
-                        else 0.5 * task + 0.5 * (task.detach() / kd.detach().clamp_min(1e-12)) * kd)
+                w = settings.distill_weight
+                if settings.distill == "adaptive":
+                    w = min(w, float(task.detach() / kd.detach().clamp_min(1e-12)))
+                loss = task + w * kd
             if not torch.isfinite(loss) or loss.item() > DIVERGED_LOSS:
                 status, reason = "diverged", f"the {who} sub-net's loss is {loss.item():.4g} at step {step}"
                 break
@@ -227,7 +231,8 @@ def _train(settings, data, t, out, progress, on_report) -> dict:
             if on_report:
                 on_report(step, {"train_loss": next(iter(smooth.values())), **{f"loss_{k}": v for k, v in smooth.items()}})
         if out and settings.snapshot_every and step % settings.snapshot_every == 0:
-            save_atomic({"step": step, "ema": ema.state_dict()}, out / "snapshots" / f"ema-{step}.pt")
+            save_atomic({"step": step, "ema": ema.state_dict(), "seconds": before + time.time() - start},
+                        out / "snapshots" / f"ema-{step}.pt")
         if step % t.checkpoint_every == 0 or step == t.steps:
             ckpt.save(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=step,
                       history=history, smooth=smooth, seconds=before + time.time() - start)
@@ -274,23 +279,25 @@ def read_settings(folder: str | Path) -> SupernetSettings:
 
 class Supernet:
     """A trained supernet folder: its space at proxy scale, its data, and its EMA weights (the final
-    ones, or a snapshot's at `step`). `score(cfg)` is a design's inherited validation loss."""
+    ones, or a snapshot's at `step`), on `device` with `threads` torch threads (default: as trained).
+    `score(cfg)` is a design's inherited validation loss."""
 
-    def __init__(self, folder: str | Path, step: int | None = None, device: str = "cpu"):
+    def __init__(self, folder: str | Path, step: int | None = None, device: str = "cpu", threads: int | None = None):
         import torch
 
         from archlab.data import load_dataset
         from archlab.train import TrainConfig
 
         self.folder, self.settings = Path(folder), read_settings(folder)
-        self.train = TrainConfig(**{**self.settings.train, "device": device})
+        self.train = TrainConfig(**{**self.settings.train, "device": device,
+                                    "threads": threads or self.settings.train.get("threads")})
         path = self.folder / ("checkpoint.pt" if step is None else f"snapshots/ema-{step}.pt")
         if not path.is_file():
             held = sorted(int(p.stem.split("-")[1]) for p in (self.folder / "snapshots").glob("ema-*.pt"))
             raise ArchlabError(f"{path}: no such {'checkpoint' if step is None else 'snapshot'} "
                                f"(snapshots at steps: {', '.join(map(str, held)) or 'none'})")
         state = torch.load(path, map_location=device, weights_only=False)
-        self.step = state["step"]
+        self.step, self.seconds = state["step"], state.get("seconds")  # seconds: training time to this step
         self.data = load_dataset(self.settings.data_config)
         self.space = proxy_space(self.settings.search_space(), self.data.resolution, self.train)
         self.model = supernet_model(self.space, self.data.num_classes, self.train.seed).to(device)
@@ -341,10 +348,15 @@ def make_settings(space_path: str | Path, base: TrialSettings, proxy: str, **opt
     from archlab.config import read_yaml
     from archlab.space import load_space
 
-    load_space(space_path)  # a bad space fails now, with its file's name
+    from archlab.config import DiTConfig
+    from archlab.elastic import Elastic
+
+    space = load_space(space_path)  # a bad space fails now, with its file's name
     fields = {**asdict(base), "train": {**base.train, "samples": 0}}  # sub-nets are scored by validation loss
     s = SupernetSettings(**fields, space=read_yaml(space_path), space_path=str(space_path), proxy=proxy, **options)
     s.validate()
+    held = proxy_space(space, s.data_config.resolution, s.train_config)  # a space it cannot hold fails here, not in a trial
+    Elastic("dit" if isinstance(held.base, DiTConfig) else "unet", held.block_variants())
     return s
 
 

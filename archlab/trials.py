@@ -95,7 +95,7 @@ def run_job(job: Job, on_report: Callable[[int, dict], None] | None = None) -> d
 
     if is_done(job.result):
         return read(job.result)
-    if is_done(cached(job)):
+    if job.task == "train" and is_done(cached(job)):  # a supernet's result is nothing without its weights
         result = {**_content(read(cached(job))), **job.meta, "key": job.key, "reused": str(cached(job))}
         write_atomic(job.result, json.dumps(result, indent=1) + "\n")
         return result
@@ -117,7 +117,7 @@ def run_job(job: Job, on_report: Callable[[int, dict], None] | None = None) -> d
     result["finished_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     text = json.dumps(result, indent=1) + "\n"
     write_atomic(job.result, text)
-    if result["status"] != "failed":
+    if result["status"] != "failed" and job.task == "train":
         _file(job, result)
     return result
 
@@ -158,14 +158,13 @@ def _ray_trial(config: dict) -> None:
 
     job = Job(**config["job"])
     # timesteps_total: TensorBoard's x-axis is the training step, not Ray's report count
-    result = run_job(job, on_report=lambda step, m: tune.report({"train_loss": m["train_loss"], "step": step,
-                                                                 "timesteps_total": step}))
+    result = run_job(job, on_report=lambda step, m: tune.report({**m, "step": step, "timesteps_total": step}))
     tune.report({**{k: v for k, v in result.items() if isinstance(v, (int, float, str)) and v is not None},
                  "timesteps_total": result.get("steps") or 0})
 
 
-Event = Callable[[str, Job, dict | None], None]  # (kind, job, info): start (meta), scoring (steps, samples: training
-# is done, validation and sampling run), done (its result), stopped, error
+Event = Callable[[str, Job, dict | None], None]  # (kind, job, info): start (meta), report (a training report: step,
+# losses), scoring (steps, samples: training is done, validation and sampling run), done (its result), stopped, error
 
 
 def _progress(on_event: Event):
@@ -181,6 +180,8 @@ def _progress(on_event: Event):
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             job = job_of(trial)
+            if result.get("step") is not None:
+                on_event("report", job, result)
             if result.get("step") is not None and result["step"] == job.train.get("steps"):  # the last training report
                 on_event("scoring", job, {"steps": result["step"], "samples": job.train.get("samples", 0)})
 

@@ -244,3 +244,100 @@ def test_a_folder_with_other_settings_is_refused(tmp_path):
     open_folder(_settings(space, steps=12), tmp_path / "sn")  # more steps: the same run, trained on
     with pytest.raises(ArchlabError, match="in-place distillation needs the largest sub-net"):
         _settings(space, rule="uniform")
+
+
+# ---- the commands ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """`archlab supernet train` on a tiny space (a real Ray Tune trial), a latency table covering it."""
+    from archlab.latency.predictor import fit, predictor_path
+    from test_latency_predictor import RES, write_synthetic
+
+    d = tmp_path_factory.mktemp("supernet")
+    space_path = unet_space(d)
+    space = load_space(space_path).at_resolution(RES)
+    table = d / "t.csv"
+    write_synthetic(table, space.block_signatures(), [c for _, c in space.sample(4, seed=1)], resolution=RES)
+    fit(table).save(predictor_path(table))
+    out = d / "sn"
+    p = subprocess.run([sys.executable, "-m", "archlab.cli", "supernet", "train", str(space_path), "--dataset", "synthetic",
+                        "--image-size", "8", "--classes", "3", "--per-class", "8", "--val-per-class", "4", "--proxy",
+                        "smoke", "--steps", "3", "--batch", "4", "--width-mult", "0.25", "--val-images", "8",
+                        "--cpus-per-trial", "1", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return space_path, table, out, p
+
+
+def test_supernet_train_runs_as_a_ray_trial_and_says_so(trained):
+    space_path, table, out, p = trained
+    assert "supernet: step 3/3: training loss largest" in p.stderr
+    result = json.loads((out / "result.json").read_text())
+    assert result["status"] == "ok" and result["steps"] == 3 and result["threads"] == 1
+    assert f"{out}: ok after 3 steps" in p.stdout and "archlab supernet eval" in p.stdout
+
+
+def test_supernet_eval_scores_a_ladder_and_refuses_a_design_outside(trained, tmp_path, capsys):
+    from archlab.cli import main
+
+    space_path, table, out, _ = trained
+    space = load_space(space_path)
+    inside, outside = space.sample(2, seed=0)[0][1], space.base.with_values({"stages.1.expansion": 3})
+    ladder = tmp_path / "ladder.yaml"
+    ladder.write_text(yaml.safe_dump({"name": "l", "base": inside.to_dict(),
+                                      "rows": [{"name": "a"}, {"name": "b", "set": {"stages.1.ffn_ratio": 4}}]}))
+    assert main(["supernet", "eval", str(out), str(ladder), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [r["name"] for r in rows] == ["a", "b"] and all(r["val_loss"] > 0 for r in rows)
+    bad = tmp_path / "outside.yaml"
+    bad.write_text(outside.to_yaml())
+    assert main(["supernet", "eval", str(out), str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "down.1.0.res: expansion=3 is more than the supernet holds" in err
+
+
+def test_search_with_the_supernet_evaluator_scores_and_retrains(trained, tmp_path):
+    import pandas as pd
+
+    from archlab.search import Candidates
+
+    from test_latency_predictor import RES
+
+    space_path, table, out, _ = trained
+    space = load_space(space_path).at_resolution(RES)
+    every = sorted(Candidates(space_path, table, 1.0).predictor.predict_many([c for _, c in space.sample(16, seed=0)]))
+    budget = every[len(every) // 2]
+    run = tmp_path / "run"
+    p = subprocess.run([sys.executable, "-m", "archlab.cli", "search", "--evaluator", "supernet", "--supernet", str(out),
+                        "--space", str(space_path), "--table", str(table), "--budget-ms", str(budget), "--trials", "12",
+                        "--eval-images", "8", "--retrain", "1", "--sampler", "random", "--dataset", "synthetic",
+                        "--image-size", "8", "--classes", "3", "--per-class", "8", "--val-per-class", "4", "--steps", "2",
+                        "--batch", "4", "--width-mult", "0.25", "--samples", "0", "--cpus-per-trial", "1", "--out", str(run)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "12 scored with inherited weights" in p.stdout and "1 retrained standalone" in p.stdout
+    df = pd.read_csv(run / "trials.csv")
+    scored = df[df["state"] == "COMPLETE"]
+    assert len(scored) == 12 and (scored["predicted_ms"] <= budget).all() and scored["score_seconds"].notna().all()
+    retrained = scored[scored["retrained_val_loss"].notna()]
+    assert len(retrained) == 1 and retrained["val_loss"].iloc[0] == scored["val_loss"].min()  # the best inherited
+    assert "retrained val loss" in (run / "summary.md").read_text() and (run / "best" / "best-1.yaml").is_file()
+
+
+def test_a_supernet_of_another_space_or_a_space_too_big_is_one_line(trained, tmp_path, capsys, monkeypatch):
+    from archlab import space as space_module
+    from archlab.cli import main
+
+    space_path, table, out, _ = trained
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump({"name": "other", "base": yaml.safe_load(space_path.read_text())["base"],
+                                     "params": {"stages.1.ffn_ratio": [2, 4]}}))
+    code = main(["search", "--evaluator", "supernet", "--supernet", str(out), "--space", str(other), "--table", str(table),
+                 "--budget-ms", "1e9", "--trials", "2", "--dataset", "synthetic", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and "holds the supernet of the space" in err
+    monkeypatch.setattr(space_module, "MAX_ENUMERATION", 10)
+    code = main(["supernet", "train", str(space_path), "--dataset", "synthetic", "--steps", "1", "--out", str(tmp_path / "s")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and "to enumerate (limit 10)" in err

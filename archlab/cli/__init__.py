@@ -12,11 +12,11 @@ import os
 import sys
 from typing import Sequence
 
-from archlab.cli import ablate, cost, data, fidelity, latency, report, search, train
+from archlab.cli import ablate, cost, data, fidelity, latency, report, search, supernet, train
 from archlab.cli.common import Parser
 from archlab.errors import ArchlabError
 
-COMMANDS = (cost, train, search, ablate, fidelity, report, data, latency)
+COMMANDS = (cost, train, search, ablate, fidelity, report, data, latency, supernet)
 
 
 def build_parser() -> argparse.ArgumentParser:

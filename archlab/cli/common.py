@@ -106,17 +106,19 @@ def train_args(p: argparse.ArgumentParser, threads: bool = False) -> None:
                             "machine 2 threads ran up to 10x slower)")
 
 
-def trial_args(p: argparse.ArgumentParser, concurrency_help: str, cpus_per_trial: int | None = None,
+def trial_args(p: argparse.ArgumentParser, concurrency_help: str | None, cpus_per_trial: int | None = None,
                concurrency: int | None = None, device: bool = False, examples: bool = True) -> None:
     """--cpus-per-trial, --gpus-per-trial, --concurrency and --address (TRIAL_FLAGS): a default left None
-    is TrialSettings'. `device` adds the trials' --device before --address (for a command without
-    `train_args`); `examples` ends the GPU and address help with examples."""
+    is TrialSettings'. No --concurrency where `concurrency_help` is None (a command of one trial).
+    `device` adds the trials' --device before --address (for a command without `train_args`);
+    `examples` ends the GPU and address help with examples."""
     from archlab.train_config import TrainConfig
 
     p.add_argument("--cpus-per-trial", type=int, default=cpus_per_trial)
     p.add_argument("--gpus-per-trial", type=float,
                    help="GPUs per trial (with --device cuda" + ("; fractions share one)" if examples else ")"))
-    p.add_argument("--concurrency", type=int, default=concurrency, help=concurrency_help)
+    if concurrency_help is not None:
+        p.add_argument("--concurrency", type=int, default=concurrency, help=concurrency_help)
     if device:
         p.add_argument("--device", default=defaults(TrainConfig)["device"], help="torch device of every training")
     p.add_argument("--address", help="attach to a running Ray cluster" + (" (e.g. auto or HOST:6379)" if examples else ""))

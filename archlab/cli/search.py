@@ -14,7 +14,8 @@ from archlab.cli.common import (TRIAL_FLAGS, data_config, dataset_args, folder, 
 from archlab.errors import ArchlabError
 
 # flags whose defaults are SearchSettings' (archlab/search.py)
-SETTINGS_FLAGS = ("trials", "objective", "sampler", "storage", *TRIAL_FLAGS)
+SETTINGS_FLAGS = ("trials", "objective", "sampler", "storage", "evaluator", "supernet", "eval_images", "retrain",
+                  *TRIAL_FLAGS)
 
 
 def add_parser(sub) -> None:
@@ -29,6 +30,12 @@ def add_parser(sub) -> None:
     trial_args(se, concurrency_help="trials at once")
     se.add_argument("--storage", help="Optuna storage URL (default: a journal file in the run folder)")
     se.add_argument("--no-asha", action="store_true", help="no early stopping on the training curve")
+    se.add_argument("--evaluator", help="train (default): a proxy training per candidate; supernet: the validation loss "
+                                        "with the weights inherited from --supernet, seconds a candidate")
+    se.add_argument("--supernet", metavar="DIR", help="a folder of `archlab supernet train` over --space")
+    se.add_argument("--eval-images", type=int, help="held-out images of an inherited score (default 128)")
+    se.add_argument("--retrain", type=int, metavar="K", help="then train the K best candidates standalone with --proxy "
+                                                             "(--evaluator supernet; default 0)")
     se.add_argument("--out", type=folder, help="run folder (default runs/search-<date>-<time>)")
     se.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted search (all other flags come from it)")
     dataset_args(se)
@@ -37,13 +44,22 @@ def add_parser(sub) -> None:
     se.set_defaults(run=cmd_search)
 
 
-def _search_printer():
-    rejected = [0]
+def _search_printer(every: int = 25):
+    rejected, best = [0], [None]
     jobs = job_printer(lambda info: f"trial {info['trial']} ({info.get('predicted_ms') or 0:.0f} ms predicted)")
 
     def on_event(kind: str, info: dict) -> None:
         if kind == "rejected":
             rejected[0] += 1
+            return
+        if kind == "scored":  # a candidate scored with inherited weights: a line every `every`
+            if best[0] is None or info["val_loss"] < best[0][0]:
+                best[0] = (info["val_loss"], info["trial"], info["predicted_ms"])
+            if info["finished"] % every == 0 or info["finished"] == info["trials"]:
+                v, n, ms = best[0]
+                print(f"scored {info['finished']}/{info['trials']} ({rejected[0]} over the budget rejected): best "
+                      f"inherited val_loss {v:.4f} (trial {n}, {ms:.0f} ms predicted); {info['seconds']:.1f} s a candidate",
+                      file=sys.stderr, flush=True)
             return
         if kind == "start" and rejected[0]:
             print(f"  {rejected[0]} candidate(s) over the budget rejected before training", file=sys.stderr)
@@ -82,11 +98,17 @@ def cmd_search(args: argparse.Namespace) -> int:
         return 1 if "stopped" in summary else 0
     run = Path(summary["run_dir"])
     o = summary["settings"]["objective"]
-    print(f"{run}: {summary['trained']} trained, {summary['rejected_over_budget']} rejected over the budget, "
-          f"{summary['stopped_early']} stopped early, {summary['failed']} failed; early stopping {summary['asha']}")
+    if "inherited" in summary:
+        i = summary["inherited"]
+        print(f"{run}: {i['scored']} scored with inherited weights, {summary['rejected_over_budget']} rejected over the "
+              f"budget, {summary['failed']} failed; {i['retrained']} retrained standalone")
+    else:
+        print(f"{run}: {summary['trained']} trained, {summary['rejected_over_budget']} rejected over the budget, "
+              f"{summary['stopped_early']} stopped early, {summary['failed']} failed; early stopping {summary['asha']}")
     if "best" in summary:
         b = summary["best"]
-        print(f"best: trial {b['trial']}, {o} {b[o]:.4g} at {b[LATENCY]:.0f} ms predicted -> {b['config']}")
+        print(f"best: trial {b['trial']}, {b['ranked_by'].replace('_', ' ')} {b[o]:.4g} at {b[LATENCY]:.0f} ms "
+              f"predicted -> {b['config']}")
     print(f"files: {run / 'summary.md'}, {run / 'trials.csv'}, {run / 'pareto.png'}, {run / 'best'}/ "
           f"({_size(run) / 2 ** 20:.1f} MB in the run folder)")
     print(f"study: optuna-dashboard {run / 'optuna.journal'}; training curves: tensorboard --logdir {run / 'ray'}")
