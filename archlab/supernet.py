@@ -154,27 +154,18 @@ def _train(settings, data, t, out, progress, on_report) -> dict:
     from tqdm import tqdm
 
     from archlab.data import to_model
-    from archlab.train import DIVERGED_LOSS, Checkpoint, draw_batch, validation_loss
+    from archlab.train import DIVERGED_LOSS, Checkpoint, draw_batch, optimizer, update, validation_loss
 
     space = proxy_space(settings.search_space(), data.resolution, t)
     extreme = extremes(space)
     model = supernet_model(space, data.num_classes, t.seed).to(t.device)
     ema = copy.deepcopy(model).requires_grad_(False)
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.dim() < 2 or name.startswith("classes") else decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=t.lr, betas=(0.9, 0.99))
+    opt = optimizer(model, t)
     ckpt = Checkpoint(out, {"supernet": settings.identity(), "data": data.key})
     step, history, smooth, before = 0, [], {}, 0.0
-    state = ckpt.load()
+    state = ckpt.resume(t, model, ema, opt)
     resumed_from = 0 if state is None else state["step"]
     if state is not None:
-        if state["step"] > t.steps:
-            raise ArchlabError(f"{ckpt.path}: the checkpoint is at step {state['step']}, past --steps {t.steps}")
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
         step, history, smooth, before = state["step"], state["history"], state["smooth"], state["seconds"]
 
     names = (["largest", "smallest"] if settings.rule == "sandwich" else []) + ["random"] * settings.random_subnets
@@ -211,15 +202,10 @@ def _train(settings, data, t, out, progress, on_report) -> dict:
             losses.setdefault(who, []).append(task.item())
         if status != "ok":
             break
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        if not torch.isfinite(norm):
-            status, reason = "diverged", f"gradient norm is {float(norm)} at step {step}"
+        reason = update(model, ema, opt, t, step)
+        if reason:
+            status = "diverged"
             break
-        opt.step()
-        d = min(t.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - d)
         step += 1
         for who, values in losses.items():
             v = sum(values) / len(values)

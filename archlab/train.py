@@ -277,6 +277,40 @@ class Checkpoint:
             return
         save_atomic({"settings": self.settings, **state}, self.path)
 
+    def resume(self, t: TrainConfig, model: nn.Module, ema: nn.Module, opt) -> dict | None:
+        """Load the checkpoint's weights, EMA and optimizer state into these; its state, or None without one."""
+        state = self.load()
+        if state is not None:
+            if state["step"] > t.steps:
+                raise ArchlabError(f"{self.path}: the checkpoint is at step {state['step']}, past --steps {t.steps}")
+            model.load_state_dict(state["model"])
+            ema.load_state_dict(state["ema"])
+            opt.load_state_dict(state["opt"])
+        return state
+
+
+def optimizer(model: nn.Module, t: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the model: weight decay on matrices and kernels, none on biases, norms, the class embedding."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.dim() < 2 or name.startswith("classes") else decay).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=t.lr, betas=(0.9, 0.99))
+
+
+def update(model: nn.Module, ema: nn.Module, opt, t: TrainConfig, step: int) -> str:
+    """After backward: clip the gradients, step, move the EMA towards the weights. Returns why the run
+    diverged (a non-finite gradient norm), or ''."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+    if not torch.isfinite(norm):
+        return f"gradient norm is {float(norm)} at step {step}"
+    opt.step()
+    d = min(t.ema, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for pe, pm in zip(ema.parameters(), model.parameters()):
+            pe.lerp_(pm, 1 - d)
+    return ""
+
 
 @contextlib.contextmanager
 def torch_threads(n: int | None):
@@ -319,24 +353,15 @@ def _train(arch, data, t, out, progress, on_report, with_scores, init) -> TrainR
     if init is not None:
         model.load_state_dict(init)
     ema = copy.deepcopy(model).requires_grad_(False)
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.dim() < 2 or name.startswith("classes") else decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=t.lr, betas=(0.9, 0.99))
+    opt = optimizer(model, t)
     settings = {"arch": proxy.to_dict(), "data": data.key, "train": t.training_identity()}
     if init is not None:  # a checkpoint resumes only the run that started from the same weights
         settings["init"] = hashlib.sha256(b"".join(v.cpu().numpy().tobytes() for v in init.values())).hexdigest()[:16]
     ckpt = Checkpoint(Path(out) if out else None, settings)
     step, history, smooth, before = 0, [], None, 0.0
-    state = ckpt.load()
+    state = ckpt.resume(t, model, ema, opt)
     resumed_from = 0 if state is None else state["step"]
     if state is not None:
-        if state["step"] > t.steps:
-            raise ArchlabError(f"{ckpt.path}: the checkpoint is at step {state['step']}, past --steps {t.steps}")
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
         step, history, smooth, before = state["step"], state["history"], state["smooth"], state["seconds"]
 
     start = time.time()
@@ -354,15 +379,10 @@ def _train(arch, data, t, out, progress, on_report, with_scores, init) -> TrainR
             break
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        if not torch.isfinite(norm):
-            status, reason = "diverged", f"gradient norm is {float(norm)} at step {step}"
+        reason = update(model, ema, opt, t, step)
+        if reason:
+            status = "diverged"
             break
-        opt.step()
-        d = min(t.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - d)
         step += 1
         value = loss.item()
         smooth = value if smooth is None else 0.95 * smooth + 0.05 * value

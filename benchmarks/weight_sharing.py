@@ -77,6 +77,18 @@ def score_all(sn, designs, images: int, finetune: int, cache: dict, key: str, sa
     return done
 
 
+def time_scores(sn, designs, images: int) -> dict:
+    """Seconds to score each panel design with inherited weights (extraction included), timed now: run alone."""
+    import platform
+
+    from archlab.config import arch_from_dict
+    from archlab.latency.table import cpu_model
+
+    seconds = [sn.score(arch_from_dict(d.config), images)["seconds"] for d in designs]
+    return {"images": images, "threads": sn.train.threads or 1, "median_seconds": statistics.median(seconds),
+            "seconds": seconds, "host": f"{cpu_model()} ({platform.node()})"}
+
+
 def analyse(args) -> dict:
     from archlab.stats import rank_agreement
     from archlab.supernet import Supernet
@@ -100,29 +112,31 @@ def analyse(args) -> dict:
            "cpu_minutes_per_training": statistics.median(cpu_minutes), "supernets": []}
     finals = {}
     for folder in map(Path, args.supernet):
-        result = json.loads((folder / "result.json").read_text())
+        done = (folder / "result.json").is_file()  # still training: score the snapshots it has kept
+        result = json.loads((folder / "result.json").read_text()) if done else None
         steps = sorted(int(p.stem.split("-")[1]) for p in (folder / "snapshots").glob("ema-*.pt"))
-        entry = {"folder": str(folder), "seed": None, "steps": result["steps"], "hardware": result.get("hardware"),
-                 "threads": None, "lengths": []}
-        for step in steps + [None]:
-            if step == result["steps"]:
-                continue  # the last snapshot is the final weights
+        entry = {"folder": str(folder), "seed": None, "steps": result["steps"] if done else None,
+                 "hardware": result.get("hardware") if done else None, "threads": None, "lengths": []}
+        for step in [k for k in steps if not done or k != result["steps"]] + ([None] if done else []):
             sn = Supernet(folder, step=step, threads=args.threads)
             entry["seed"], entry["threads"] = sn.train.seed, sn.settings.train.get("threads") or 1
-            seconds = sn.seconds if sn.seconds is not None else result["seconds"] * sn.step / result["steps"]
-            length = {"step": sn.step, "cpu_minutes": seconds * entry["threads"] / 60, "by_images": {}}
+            length = {"step": sn.step, "cpu_minutes": sn.seconds * entry["threads"] / 60 if sn.seconds is not None
+                      else (result["seconds"] * sn.step / result["steps"] * entry["threads"] / 60 if done else None),
+                      "by_images": {}}
             for images in args.images:
                 scores = score_all(sn, designs, images, 0, cache, score_key(folder, sn.step, images, 0), save)
-                length["by_images"][images] = {**versus_reference(scores),
-                                               "median_score_seconds": statistics.median(s["seconds"] for s in scores.values())}
+                length["by_images"][images] = versus_reference(scores)
             entry["lengths"].append(length)
-        if args.finetune:
+        if args.finetune and done:
             images = max(args.images)
             scores = score_all(sn, designs, images, args.finetune, cache, score_key(folder, sn.step, images, args.finetune),
                                save)
             entry["finetune"] = {"steps": args.finetune, "images": images, **versus_reference(scores),
                                  "median_seconds": statistics.median(s["seconds"] for s in scores.values())}
-        finals[folder] = cache[score_key(folder, sn.step, max(args.images), 0)]
+        if done:
+            finals[folder] = cache[score_key(folder, sn.step, max(args.images), 0)]
+            if args.timing and folder == Path(args.supernet[0]):
+                out["timing"] = time_scores(sn, designs, min(args.images))
         out["supernets"].append(entry)
     if len(finals) >= 2:
         (a, sa), (b, sb) = list(finals.items())[:2]
@@ -130,20 +144,19 @@ def analyse(args) -> dict:
                              **rank_agreement([sa[n]["val_loss"] for n in names], [sb[n]["val_loss"] for n in names],
                                               boot=args.boot)}
     first = out["supernets"][0]
-    final = first["lengths"][-1]
-    small = final["by_images"][min(args.images)]
-    per_candidate = small["median_score_seconds"] * first["threads"]  # CPU-seconds
-    amortised = per_candidate + final["cpu_minutes"] * 60 / SEARCH_CANDIDATES
-    trained = out["cpu_minutes_per_training"] * 60
-    out["throughput"] = {"images": min(args.images), "cpu_seconds_per_candidate": per_candidate,
-                         "candidates_per_cpu_hour": 3600 / per_candidate,
-                         "amortised_over": SEARCH_CANDIDATES, "amortised_candidates_per_cpu_hour": 3600 / amortised,
-                         "train_candidates_per_cpu_hour": 3600 / trained,
-                         "candidates_per_cpu_hour_ratio": trained / amortised}
-    out["kendall_tau"], out["kendall_tau_ci"] = final["by_images"][max(args.images)]["kendall_tau"], \
-        final["by_images"][max(args.images)]["kendall_tau_ci"]
+    if "timing" in out:  # candidates per CPU-hour, from scores timed alone (--timing)
+        per_candidate = out["timing"]["median_seconds"] * out["timing"]["threads"]  # CPU-seconds
+        amortised = per_candidate + first["lengths"][-1]["cpu_minutes"] * 60 / SEARCH_CANDIDATES
+        trained = out["cpu_minutes_per_training"] * 60
+        out["throughput"] = {"images": out["timing"]["images"], "cpu_seconds_per_candidate": per_candidate,
+                             "candidates_per_cpu_hour": 3600 / per_candidate, "amortised_over": SEARCH_CANDIDATES,
+                             "amortised_candidates_per_cpu_hour": 3600 / amortised,
+                             "train_candidates_per_cpu_hour": 3600 / trained,
+                             "candidates_per_cpu_hour_ratio": trained / amortised}
+        out["candidates_per_cpu_hour_ratio"] = out["throughput"]["candidates_per_cpu_hour_ratio"]
+    final = first["lengths"][-1]["by_images"][max(args.images)]
+    out["kendall_tau"], out["kendall_tau_ci"] = final["kendall_tau"], final["kendall_tau_ci"]
     out["cpu_preset_kendall_tau"] = out["cpu_preset"]["kendall_tau"]
-    out["candidates_per_cpu_hour_ratio"] = out["throughput"]["candidates_per_cpu_hour_ratio"]
     return out
 
 
@@ -166,16 +179,20 @@ def render(r: dict) -> str:
     for s in r["supernets"]:
         for length in s["lengths"]:
             for images, v in length["by_images"].items():
+                minutes = "not yet" if length["cpu_minutes"] is None else f"{length['cpu_minutes']:.0f} once"
                 lines.append(f"| supernet `{Path(s['folder']).name}` (seed {s['seed']}), {length['step']} steps | "
-                             f"{length['cpu_minutes']:.0f} once | {images} | {_tau(v)} |")
+                             f"{minutes} | {images} | {_tau(v)} |")
         if "finetune" in s:
             f = s["finetune"]
             lines.append(f"| the same, each design fine-tuned {f['steps']} steps from its inherited weights | "
                          f"{f['median_seconds'] * s['threads'] / 60:.1f} per design | {f['images']} | {_tau(f)} |")
     if "seed_noise" in r:
         lines += ["", f"Two supernet seeds against each other (final weights): Kendall tau {_tau(r['seed_noise'])}."]
+    if "throughput" not in r:
+        return "\n".join(lines + ["", "Candidates per CPU-hour: not yet (run with --timing, alone).", ""])
     t = r["throughput"]
-    lines += ["", "| candidates per CPU-hour | supernet | `cpu` preset training |", "|---|---|---|",
+    lines += ["", f"Scoring timed alone on {r['timing']['host']}, {r['timing']['threads']} thread(s).", "",
+              "| candidates per CPU-hour | supernet | `cpu` preset training |", "|---|---|---|",
               f"| scoring only ({t['images']} images, {t['cpu_seconds_per_candidate']:.1f} CPU-s a candidate) | "
               f"{t['candidates_per_cpu_hour']:.0f} | {t['train_candidates_per_cpu_hour']:.1f} |",
               f"| with the supernet's training amortised over {t['amortised_over']} candidates | "
@@ -196,6 +213,7 @@ def main() -> int:
     p.add_argument("--images", default="128,500", type=lambda s: [int(x) for x in s.split(",")])
     p.add_argument("--finetune", type=int, default=0, help="also fine-tune each design N steps (final weights)")
     p.add_argument("--threads", type=int, default=1, help="torch threads while scoring")
+    p.add_argument("--timing", action="store_true", help="also time the scoring of the panel (run alone)")
     p.add_argument("--boot", type=int, default=2000)
     p.add_argument("--out", default="reports")
     args = p.parse_args()
