@@ -10,6 +10,12 @@ later run only adds what is missing); and a comparison (`summary.md`, `summary.j
 `comparison.png`) with the difference between the samplers and its 95% interval over seeds.
 
     python benchmarks/search_benchmark.py --dataset ../shared/data/tiny-imagenet-100
+
+With `--evaluator supernet --supernet DIR` the searches score candidates with inherited weights
+(`archlab search --evaluator supernet`, hundreds per search) and their picks are judged the same way:
+
+    python benchmarks/search_benchmark.py --dataset ../shared/data/tiny-imagenet-100 --evaluator supernet \
+        --supernet runs/supernet-unet-s0 --trials 300 --retrain 3 --report reports/search-benchmark-supernet
 """
 
 from __future__ import annotations
@@ -29,10 +35,12 @@ REFERENCE_SEED = 2000  # the reference retraining's seed: no search trial trains
 
 
 def search_argv(args, sampler: str, seed: int, run_dir: Path) -> list[str]:
+    inherited = ["--evaluator", "supernet", "--supernet", args.supernet, "--eval-images", str(args.eval_images),
+                 "--retrain", str(args.retrain)] if args.evaluator == "supernet" else []
     return ["--space", args.space, "--table", args.table, "--budget-ms", str(args.budget_ms), "--trials", str(args.trials),
             "--sampler", sampler, "--seed", str(seed), "--dataset", args.dataset, "--proxy", args.proxy,
             "--val-per-class", str(args.val_per_class), "--cpus-per-trial", str(args.cpus_per_trial),
-            "--concurrency", str(args.concurrency), "--out", str(run_dir)]
+            "--concurrency", str(args.concurrency), *inherited, "--out", str(run_dir)]
 
 
 KEPT = ("trials.csv", "pareto.png", "summary.md", "summary.json")  # a finished search's outputs, committed
@@ -122,6 +130,8 @@ def report(args, runs: dict, refs: dict, command: str) -> dict:
     out = Path(args.report)
     out.mkdir(parents=True, exist_ok=True)
     summary = {"command": command, "objective": "val_loss", "budget_ms": args.budget_ms, "proxy": args.proxy,
+               "evaluator": args.evaluator, "supernet": args.supernet, "retrain": args.retrain,
+               "candidates_per_search": args.trials,
                "reference": args.reference, "trials": args.trials, "seeds": args.seeds, "searches": {}, "samplers": {}}
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=120)
     for (sampler, seed), run_dir in runs.items():
@@ -212,7 +222,11 @@ def markdown(args, summary: dict) -> str:
         f"seeds {', '.join(map(str, args.seeds))} per sampler, objective: validation loss after the `{args.proxy}` proxy "
         f"preset on `{Path(args.dataset).name}`, ASHA early stopping on the training loss. Each search's best design "
         f"is then trained once with the `{args.reference}` preset (8x the compute, a seed no trial used): that is the "
-        "quality the search delivers.", "", *status,
+        "quality the search delivers.", "",
+        *([f"Evaluator: the supernet `{args.supernet}`: every candidate within the budget scored by its inherited "
+           f"validation loss on {args.eval_images} held-out images (the `best proxy val loss` columns), the best "
+           f"{args.retrain} retrained with `{args.proxy}`; a search's pick is its best retrained design.", ""]
+          if args.evaluator == "supernet" else []), *status,
         "Regenerate (resumes the run folders in `runs/bench/` and trains only the reference runs "
         "`reference/` lacks):", "", "```", summary["command"], "```", "",
         "| sampler | seed | sampled | rejected over budget | trained | stopped early (ASHA) | failed | best proxy val "
@@ -246,13 +260,21 @@ def main() -> int:
     p.add_argument("--val-per-class", type=int, default=10)
     p.add_argument("--cpus-per-trial", type=int, default=1)
     p.add_argument("--concurrency", type=int, default=2)
-    p.add_argument("--runs", default="runs/bench", help="run folders (resumed if present)")
+    p.add_argument("--evaluator", default="train", choices=("train", "supernet"))
+    p.add_argument("--supernet", help="with --evaluator supernet: the trained supernet folder")
+    p.add_argument("--eval-images", type=int, default=128)
+    p.add_argument("--retrain", type=int, default=3, help="with --evaluator supernet: candidates retrained per search")
+    p.add_argument("--runs", help="run folders (resumed if present; default runs/bench, with --evaluator supernet "
+                                  "runs/bench-supernet)")
     p.add_argument("--report", default="reports/search-benchmark")
     p.add_argument("--report-only", action="store_true",
                    help="run and train nothing: write the comparison of the searches and reference trainings finished "
                         "so far (the rest are listed as in progress)")
     args = p.parse_args()
     args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.runs = args.runs or ("runs/bench-supernet" if args.evaluator == "supernet" else "runs/bench")
+    if (args.evaluator == "supernet") != bool(args.supernet):
+        p.error("--supernet DIR goes with --evaluator supernet")
     command = "python benchmarks/search_benchmark.py " + shlex.join(a for a in sys.argv[1:] if a != "--report-only")
     from archlab.cluster import TrialSettings
     from archlab.trials import read, run_jobs

@@ -44,9 +44,13 @@ def test_attention_macs_follow_the_formula():
 
 
 def test_cost_is_cached_by_signature(tiny):
-    specs = decompose(tiny)
-    a, b = specs[-2], specs[-2]
-    assert block_cost(a) is block_cost(b)
+    """Two equal blocks at different places (different objects, different names) share one cost."""
+    pairs = [(a, b) for i, a in enumerate(decompose(tiny)) for b in decompose(tiny)[i + 1:]
+             if a.signature == b.signature and a.name != b.name]
+    a, b = pairs[0]
+    assert a is not b and block_cost(a) is block_cost(b)
+    other = next(s for s in decompose(tiny) if s.signature != a.signature)
+    assert block_cost(other) is not block_cost(a)
 
 
 def test_direction_ignores_tiny_changes():
