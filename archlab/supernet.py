@@ -182,7 +182,7 @@ def _train(settings, data, t, out, progress, on_report) -> dict:
         opt.zero_grad(set_to_none=True)
         teacher, losses = None, {}
         points = draw_subnets(space, settings, t.seed, step, extreme)
-        for k, (who, point) in enumerate(zip(names, points)):
+        for who, point in zip(names, points):
             model.unet.activate(space.config(point))
             pred = model(xt, tt, labels)
             task = torch.mean((pred - target) ** 2)

@@ -341,3 +341,33 @@ def test_a_supernet_of_another_space_or_a_space_too_big_is_one_line(trained, tmp
     code = main(["supernet", "train", str(space_path), "--dataset", "synthetic", "--steps", "1", "--out", str(tmp_path / "s")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0 and "to enumerate (limit 10)" in err
+
+
+def test_an_inherited_search_stopped_while_scoring_resumes_with_every_score_kept(trained, tmp_path, monkeypatch):
+    import pandas as pd
+
+    from archlab.search import SearchSettings, run_search
+    from archlab.supernet import Supernet
+
+    space_path, table, out, _ = trained
+    settings = SearchSettings(space=str(space_path), table=str(table), budget_ms=1e9, trials=10, sampler="tpe",
+                              evaluator="supernet", supernet=str(out), eval_images=8, cpus_per_trial=1,
+                              data={"spec": "synthetic", "resolution": 8, "classes": 3, "per_class": 8,
+                                    "val_per_class": 4, "seed": 0})
+    real, calls = Supernet.score, []
+
+    def stop_on_the_sixth(self, cfg, images=None):
+        calls.append(cfg.name)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return real(self, cfg, images)
+
+    monkeypatch.setattr(Supernet, "score", stop_on_the_sixth)
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run_search(settings, run)
+    monkeypatch.setattr(Supernet, "score", real)
+    summary = run_search(None, run, resume=True)
+    df = pd.read_csv(run / "trials.csv")
+    assert summary["inherited"]["scored"] == 10 and (df["state"] == "COMPLETE").sum() == 10
+    assert summary["interrupted"] == 1 and df["state"].tolist()[5] == "FAIL"  # the 6th: stopped, not lost or counted
