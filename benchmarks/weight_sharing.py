@@ -71,6 +71,7 @@ def score_all(sn, designs, images: int, finetune: int, cache: dict, key: str, sa
         cfg = arch_from_dict(d.config)
         done[d.name] = sn.finetune(cfg, finetune, images) if finetune else sn.score(cfg, images)
         done[d.name].pop("val_loss_t", None)
+        done[d.name]["threads"] = sn.train.threads or 1
         print(f"{key}: {i + 1}/{len(designs)} {d.name} val_loss {done[d.name]['val_loss']:.4f} "
               f"({done[d.name]['seconds']:.1f} s)", file=sys.stderr, flush=True)
         save()
@@ -110,7 +111,6 @@ def analyse(args) -> dict:
            "reference": args.reference, "cpu_preset": rank_agreement([cpu[n] for n in names], [ref[n] for n in names],
                                                                       boot=args.boot),
            "cpu_minutes_per_training": statistics.median(cpu_minutes), "supernets": []}
-    finals = {}
     for folder in map(Path, args.supernet):
         done = (folder / "result.json").is_file()  # still training: score the snapshots it has kept
         result = json.loads((folder / "result.json").read_text()) if done else None
@@ -127,22 +127,26 @@ def analyse(args) -> dict:
                 scores = score_all(sn, designs, images, 0, cache, score_key(folder, sn.step, images, 0), save)
                 length["by_images"][images] = versus_reference(scores)
             entry["lengths"].append(length)
-        if args.finetune and done:
+        if args.finetune and done and folder == Path(args.supernet[0]):  # fine-tuned: the first supernet
             images = max(args.images)
             scores = score_all(sn, designs, images, args.finetune, cache, score_key(folder, sn.step, images, args.finetune),
                                save)
             entry["finetune"] = {"steps": args.finetune, "images": images, **versus_reference(scores),
-                                 "median_seconds": statistics.median(s["seconds"] for s in scores.values())}
+                                 "median_cpu_seconds": statistics.median(s["seconds"] * s.get("threads", 1)
+                                                                         for s in scores.values())}
         if done:
-            finals[folder] = cache[score_key(folder, sn.step, max(args.images), 0)]
             if args.timing and folder == Path(args.supernet[0]):
                 out["timing"] = time_scores(sn, designs, min(args.images))
         out["supernets"].append(entry)
-    if len(finals) >= 2:
-        (a, sa), (b, sb) = list(finals.items())[:2]
-        out["seed_noise"] = {"supernets": [str(a), str(b)],
-                             **rank_agreement([sa[n]["val_loss"] for n in names], [sb[n]["val_loss"] for n in names],
-                                              boot=args.boot)}
+    if len(args.supernet) >= 2:  # the supernet's own seed noise, at the longest length both have
+        a, b = map(Path, args.supernet[:2])
+        steps = [e["step"] for e in out["supernets"][0]["lengths"]], [e["step"] for e in out["supernets"][1]["lengths"]]
+        common = max(set(steps[0]) & set(steps[1]), default=None)
+        if common is not None:
+            sa, sb = (cache[score_key(f, common, max(args.images), 0)] for f in (a, b))
+            out["seed_noise"] = {"supernets": [str(a), str(b)], "step": common, "images": max(args.images),
+                                 **rank_agreement([sa[n]["val_loss"] for n in names], [sb[n]["val_loss"] for n in names],
+                                                  boot=args.boot)}
     first = out["supernets"][0]
     if "timing" in out:  # candidates per CPU-hour, from scores timed alone (--timing)
         per_candidate = out["timing"]["median_seconds"] * out["timing"]["threads"]  # CPU-seconds
@@ -185,9 +189,11 @@ def render(r: dict) -> str:
         if "finetune" in s:
             f = s["finetune"]
             lines.append(f"| the same, each design fine-tuned {f['steps']} steps from its inherited weights | "
-                         f"{f['median_seconds'] * s['threads'] / 60:.1f} per design | {f['images']} | {_tau(f)} |")
+                         f"{f['median_cpu_seconds'] / 60:.1f} per design | {f['images']} | {_tau(f)} |")
     if "seed_noise" in r:
-        lines += ["", f"Two supernet seeds against each other (final weights): Kendall tau {_tau(r['seed_noise'])}."]
+        n = r["seed_noise"]
+        lines += ["", f"Two supernet seeds against each other ({n['step']} steps, {n['images']} images): Kendall tau "
+                      f"{_tau(n)}."]
     if "throughput" not in r:
         return "\n".join(lines + ["", "Candidates per CPU-hour: not yet (run with --timing, alone).", ""])
     t = r["throughput"]
