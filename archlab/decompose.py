@@ -43,7 +43,7 @@ class BlockSpec:
     @property
     def key(self) -> str:
         """Readable, unique string form of the signature (the row key of latency tables)."""
-        args = ",".join(f"{k}={_fmt(v)}" for k, v in self.hp)
+        args = ",".join(f"{k}={format_value(v)}" for k, v in self.hp)
         return f"{self.kind}({args})@{self.hw[0]}x{self.hw[1]}"
 
     @classmethod
@@ -106,7 +106,8 @@ def _parse(kind: str, name: str, value: str) -> Any:
     return value
 
 
-def _fmt(v: Any) -> str:
+def format_value(v: Any) -> str:
+    """A hyper-parameter as block keys write it (bools 1/0, whole floats as integers)."""
     if isinstance(v, bool):
         return "1" if v else "0"
     if isinstance(v, float) and v.is_integer():

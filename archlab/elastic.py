@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from archlab.config import Config, DiTConfig
-from archlab.decompose import BlockSpec, _fmt, decompose
+from archlab.decompose import BlockSpec, decompose, format_value as _fmt
 from archlab.errors import ArchlabError
 from archlab.kinds import KINDS
 from archlab.models import module_name, run_dit, run_unet
@@ -84,41 +84,14 @@ class Elastic(nn.Module):
     def __init__(self, family: str, variants: dict[str, list[BlockSpec]], seed: int = 0):
         super().__init__()
         self.family, self.variants = family, variants
-        shapes: dict[str, tuple[int, ...]] = {}
-        for specs in variants.values():
-            for spec in specs:
-                for param, shape in _skeleton(spec)[1]:
-                    key = weight_key(spec, param)
-                    old = shapes.setdefault(key, shape)
-                    shapes[key] = tuple(map(max, old, shape))
-        self.keys = sorted(shapes)
+        sources = holds(variants)
+        self.keys = sorted(sources)
         self.index = {k: i for i, k in enumerate(self.keys)}
-        self.weights = nn.ParameterList([nn.Parameter(w) for w in self._initial(shapes, seed)])
+        self.weights = nn.ParameterList([nn.Parameter(w) for w in _initial(sources, seed)])
         self._held = {name: _held(specs) for name, specs in variants.items()}
         self._plans: dict[str, tuple] = {}
         self._active: tuple | None = None
         self._run = run_dit if family == "dit" else run_unet
-
-    def _initial(self, shapes: dict[str, tuple[int, ...]], seed: int) -> list[torch.Tensor]:
-        init: dict[str, torch.Tensor] = {}
-        for specs in self.variants.values():
-            for spec in specs:
-                wanted = [(p, weight_key(spec, p)) for p, shape in _skeleton(spec)[1]
-                          if weight_key(spec, p) not in init and shapes[weight_key(spec, p)] == shape]
-                if not wanted:
-                    continue
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(int.from_bytes(hashlib.sha256(f"{seed}|{spec.name}|{spec.key}".encode())
-                                                     .digest()[:8], "little"))
-                    module = spec.build()
-                params = dict(module.named_parameters())
-                for p, key in wanted:
-                    init[key] = params[p].detach().clone()
-        missing = [k for k in shapes if k not in init]
-        if missing:
-            raise ArchlabError(f"{missing[0]}: no block of the space has this weight at its largest shape "
-                               f"{shapes[missing[0]]}, so the supernet cannot hold the space")
-        return [init[k] for k in sorted(shapes)]
 
     # ---- sub-networks ---------------------------------------------------------------------------
     def plan(self, cfg: Config) -> tuple[list[BlockSpec], list[tuple]]:
@@ -164,9 +137,10 @@ class Elastic(nn.Module):
         if self._active is None:
             raise RuntimeError("Elastic.forward: activate(cfg) a sub-network first")
         specs, plan = self._active
-        return self._run(specs, [self._block(module, params) for module, params in plan], x, t, context)
+        return self._run(specs, [self.block(module, params) for module, params in plan], x, t, context)
 
-    def _block(self, module: nn.Module, params: Sequence[tuple]):
+    def block(self, module: nn.Module, params: Sequence[tuple]):
+        """One block of a plan as a callable: its module run with its slices of the supernet's weights."""
         def run(*args, **kwargs):
             weights = {p: take(self.weights[i], shape, halves) for p, i, shape, halves in params}
             return torch.func.functional_call(module, weights, args, kwargs)
@@ -180,6 +154,45 @@ class Elastic(nn.Module):
 
     def __getstate__(self):  # plans hold meta modules and configs: rebuilt on demand
         return {**super().__getstate__(), "_plans": {}, "_active": None}
+
+
+def holds(variants: dict[str, list[BlockSpec]]) -> dict[str, BlockSpec]:
+    """Each weight of the supernet of `variants` and the first block that has it at its full size (its
+    initial values come from that block); raises if no block has a weight at full size: the supernet
+    cannot hold those variants. Nothing is built."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for specs in variants.values():
+        for spec in specs:
+            for param, shape in _skeleton(spec)[1]:
+                old = shapes.setdefault(weight_key(spec, param), shape)
+                shapes[weight_key(spec, param)] = tuple(map(max, old, shape))
+    sources: dict[str, BlockSpec] = {}
+    for specs in variants.values():
+        for spec in specs:
+            for param, shape in _skeleton(spec)[1]:
+                if shapes[weight_key(spec, param)] == shape:
+                    sources.setdefault(weight_key(spec, param), spec)
+    missing = [k for k in shapes if k not in sources]
+    if missing:
+        raise ArchlabError(f"{missing[0]}: no block of the space has this weight at its largest shape "
+                           f"{shapes[missing[0]]}, so the supernet cannot hold the space")
+    return sources
+
+
+def _initial(sources: dict[str, BlockSpec], seed: int) -> list[torch.Tensor]:
+    """The initial weights (sorted by key): each from its source block, built with torch's usual
+    initialisers under a generator seeded by (seed, the block's position and key)."""
+    built: dict[str, dict[str, torch.Tensor]] = {}  # by position and key (equal specs at two positions differ)
+    out = []
+    for key in sorted(sources):
+        spec = sources[key]
+        where = f"{spec.name}|{spec.key}"
+        if where not in built:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int.from_bytes(hashlib.sha256(f"{seed}|{where}".encode()).digest()[:8], "little"))
+                built[where] = dict(spec.build().named_parameters())
+        out.append(built[where][key.split(":", 2)[2].split("|", 1)[0]].detach().clone())
+    return out
 
 
 def _held(specs: list[BlockSpec]) -> dict[str, dict[str, set]]:

@@ -510,8 +510,8 @@ def _search_inherited(settings: SearchSettings, run_dir: Path, study: optuna.Stu
             study.tell(ft.number, state=TrialState.FAIL, skip_if_finished=True)
         else:
             study.tell(ft.number, [value, ft.user_attrs[LATENCY]] if settings.multi else value, skip_if_finished=True)
-    rejections = 0
-    while finished(study) < settings.trials:
+    rejections, done = 0, finished(study)
+    while done < settings.trials:
         trial = study.ask()
         try:
             cfg, ms = candidates.propose(trial)
@@ -528,14 +528,16 @@ def _search_inherited(settings: SearchSettings, run_dir: Path, study: optuna.Stu
             raise
         value = score["val_loss"]
         trial.set_user_attr("score_seconds", round(score["seconds"], 3))
-        if not math.isfinite(value):
+        if not math.isfinite(value):  # scored, and failed: it counts toward the total (None: no score)
             trial.set_user_attr("reason", f"non-finite inherited val_loss {value}")
+            trial.set_user_attr(INHERITED, None)
             study.tell(trial, state=TrialState.FAIL)
         else:
             trial.set_user_attr(INHERITED, value)
             study.tell(trial, [value, ms] if settings.multi else value)
+        done += 1
         emit("scored", {"trial": trial.number, LATENCY: ms, "val_loss": value, "seconds": score["seconds"],
-                        "finished": finished(study), "trials": settings.trials})
+                        "finished": done, "trials": settings.trials})
     if settings.retrain:
         _retrain(settings, run_dir, study, candidates.space, emit)
     return ""

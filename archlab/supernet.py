@@ -242,12 +242,15 @@ def _train(settings, data, t, out, progress, on_report) -> dict:
 def subnet(model, cfg):
     """The sub-network of `cfg` (proxy scale) extracted from a supernet `ProxyModel`: an ordinary
     `ProxyModel` with the inherited weights."""
+    import torch
+
     from archlab.train import ProxyModel
 
-    sub = ProxyModel(cfg, model.num_classes)
+    with torch.device("meta"):
+        sub = ProxyModel(cfg, model.num_classes)
     state = {f"unet.{k}": v for k, v in model.unet.extract(cfg).items()}
-    sub.load_state_dict({**state, "classes.weight": model.classes.weight.detach().clone()})
-    return sub.to(model.classes.weight.device)
+    sub.load_state_dict({**state, "classes.weight": model.classes.weight.detach().clone()}, assign=True)
+    return sub
 
 
 # ---- a trained supernet -------------------------------------------------------------------------
@@ -334,15 +337,13 @@ def make_settings(space_path: str | Path, base: TrialSettings, proxy: str, **opt
     from archlab.config import read_yaml
     from archlab.space import load_space
 
-    from archlab.config import DiTConfig
-    from archlab.elastic import Elastic
+    from archlab.elastic import holds
 
     space = load_space(space_path)  # a bad space fails now, with its file's name
     fields = {**asdict(base), "train": {**base.train, "samples": 0}}  # sub-nets are scored by validation loss
     s = SupernetSettings(**fields, space=read_yaml(space_path), space_path=str(space_path), proxy=proxy, **options)
     s.validate()
-    held = proxy_space(space, s.data_config.resolution, s.train_config)  # a space it cannot hold fails here, not in a trial
-    Elastic("dit" if isinstance(held.base, DiTConfig) else "unet", held.block_variants())
+    holds(proxy_space(space, s.data_config.resolution, s.train_config).block_variants())  # fails here, not in a trial
     return s
 
 

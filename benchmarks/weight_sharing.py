@@ -91,7 +91,7 @@ def time_scores(sn, designs, images: int) -> dict:
 
 
 def analyse(args) -> dict:
-    from archlab.stats import rank_agreement
+    from archlab.stats import kendall, rank_agreement
     from archlab.supernet import Supernet
 
     designs = panel_designs(args)
@@ -105,9 +105,12 @@ def analyse(args) -> dict:
         write_atomic(cache_path, json.dumps(cache, indent=1, sort_keys=True) + "\n")
 
     def versus_reference(scores: dict) -> dict:
-        return rank_agreement([scores[n]["val_loss"] for n in names], [ref[n] for n in names], boot=args.boot)
+        ours = [scores[n]["val_loss"] for n in names]
+        return {**rank_agreement(ours, [ref[n] for n in names], boot=args.boot),
+                "kendall_tau_vs_cpu_preset": kendall(ours, [cpu[n] for n in names])}
 
     out = {"command": " ".join(["python", "benchmarks/weight_sharing.py", *sys.argv[1:]]), "designs": names,
+           "training_shared_the_machine": args.training_shared,
            "reference": args.reference, "cpu_preset": rank_agreement([cpu[n] for n in names], [ref[n] for n in names],
                                                                       boot=args.boot),
            "cpu_minutes_per_training": statistics.median(cpu_minutes), "supernets": []}
@@ -176,20 +179,25 @@ def render(r: dict) -> str:
              "What the numbers mean and how they were made: `docs/weight-sharing.md`.", "",
              f"Panel: {len(r['designs'])} designs ({', '.join(r['designs'])}), ranked against the `{r['reference']}` "
              "trainings' validation loss (mean over their seeds).", "",
-             "| evaluator | CPU-minutes | held-out images | Kendall tau vs reference [95% CI] |",
-             "|---|---|---|---|",
+             "| evaluator | CPU-minutes | held-out images | Kendall tau vs reference [95% CI] | tau vs `cpu` preset |",
+             "|---|---|---|---|---|",
              f"| `cpu` preset, each design trained (mean of its seeds) | {r['cpu_minutes_per_training']:.1f} per design | "
-             f"500 | {_tau(r['cpu_preset'])} |"]
+             f"500 | {_tau(r['cpu_preset'])} | 1 |"]
     for s in r["supernets"]:
         for length in s["lengths"]:
             for images, v in length["by_images"].items():
                 minutes = "not yet" if length["cpu_minutes"] is None else f"{length['cpu_minutes']:.0f} once"
                 lines.append(f"| supernet `{Path(s['folder']).name}` (seed {s['seed']}), {length['step']} steps | "
-                             f"{minutes} | {images} | {_tau(v)} |")
+                             f"{minutes} | {images} | {_tau(v)} | {v['kendall_tau_vs_cpu_preset']:.2f} |")
         if "finetune" in s:
             f = s["finetune"]
             lines.append(f"| the same, each design fine-tuned {f['steps']} steps from its inherited weights | "
-                         f"{f['median_cpu_seconds'] / 60:.1f} per design | {f['images']} | {_tau(f)} |")
+                         f"{f['median_cpu_seconds'] / 60:.1f} per design | {f['images']} | {_tau(f)} | "
+                         f"{f['kendall_tau_vs_cpu_preset']:.2f} |")
+    hosts = ", ".join(sorted({s["hardware"] or "not recorded" for s in r["supernets"]}))
+    lines += ["", f"Supernet CPU-minutes: training wall time x threads as its folder records it, on {hosts}"
+                  + ("; these trainings shared the machine with other work, so they are upper bounds."
+                     if r["training_shared_the_machine"] else ", measured alone.")]
     if "seed_noise" in r:
         n = r["seed_noise"]
         lines += ["", f"Two supernet seeds against each other ({n['step']} steps, {n['images']} images): Kendall tau "
@@ -220,6 +228,8 @@ def main() -> int:
     p.add_argument("--finetune", type=int, default=0, help="also fine-tune each design N steps (final weights)")
     p.add_argument("--threads", type=int, default=1, help="torch threads while scoring")
     p.add_argument("--timing", action="store_true", help="also time the scoring of the panel (run alone)")
+    p.add_argument("--training-shared", action="store_true",
+                   help="say that the supernets were trained beside other work (their minutes are upper bounds)")
     p.add_argument("--boot", type=int, default=2000)
     p.add_argument("--out", default="reports")
     args = p.parse_args()

@@ -146,7 +146,7 @@ def test_a_skipped_block_is_the_identity(unet):
     x, t, c = inputs(shallow)
     specs, plan = net.plan(deep)
     skipped = [s.stage == 1 and s.name.endswith("transformer1") for s in specs]
-    blocks = [(lambda tokens, context, hw: tokens) if skip else net._block(m, p) for skip, (m, p) in zip(skipped, plan)]
+    blocks = [(lambda tokens, context, hw: tokens) if skip else net.block(m, p) for skip, (m, p) in zip(skipped, plan)]
     assert sum(skipped) == 3  # each layer of stage 1 (1 down, 2 up)
     with torch.no_grad():
         assert torch.equal(run_unet(specs, blocks, x, t, c), net.activate(shallow)(x, t, c))

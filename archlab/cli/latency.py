@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from archlab.cli import latency_predictor
+from archlab.cli.latency_predictor import add_parsers as add_predictor_parsers
 from archlab.cli.common import Parser, defaults, export_jobs_arg, folder, out_file, positive_int
 from archlab.errors import ArchlabError
 from archlab.io import progress_bar
@@ -45,7 +45,7 @@ def add_parser(sub) -> None:
     _timing_args(ms)
     ms.add_argument("--json", action="store_true", help="print the table's rows as JSON")
     ms.set_defaults(run=cmd_latency_measure)
-    latency_predictor.add_parsers(lsub)
+    add_predictor_parsers(lsub)
 
 
 def _selection_args(p: argparse.ArgumentParser) -> None:
