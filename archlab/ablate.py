@@ -140,10 +140,7 @@ def open_run(settings: AblateSettings, run_dir: Path) -> tuple[AblateSettings, L
     settings.ladder = str(Path(settings.ladder).resolve())
     settings.table = str(Path(settings.table).resolve())
     settings.ladder_sha = ladder_sha(ladder)
-    if settings.data["spec"] != "synthetic":
-        settings.data = {**settings.data, "spec": str(Path(settings.data["spec"]).resolve())}
-        if not Path(settings.data["spec"]).exists():
-            raise ArchlabError(f"--dataset: {settings.data['spec']} does not exist")
+    settings.locate_data()
     settings.validate(ladder)
     saved, history = run_dir / "ablate.json", []
     if saved.is_file():

@@ -9,7 +9,10 @@ mounts. With GPUs, Ray gives each trial its own devices (CUDA_VISIBLE_DEVICES), 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import threading
 from pathlib import Path
 from dataclasses import asdict, dataclass, field
 
@@ -33,12 +36,44 @@ def init_ray(address: str | None) -> str | None:
         return None
     env = {"ARCHLAB_CACHE": str(cache_dir().resolve()), "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1"}
     kwargs = {"address": address} if address else {"address": "local", "num_cpus": os.cpu_count()}
+    session = None
+    with held_interrupts() as held:
+        try:
+            ctx = ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False,
+                           runtime_env={"env_vars": env}, **kwargs)
+            session = None if address else ctx.address_info.get("session_dir")
+        except ConnectionError as e:
+            raise ArchlabError(f"--address: cannot join a Ray cluster at {address!r}: {str(e).splitlines()[0][:200]}") from None
+        except SystemExit as e:  # ray.init's own SIGTERM handler (sys.exit(15)) ran while Ray started
+            if e.code != signal.SIGTERM:
+                raise
+            ray.shutdown()
+            held.append(signal.SIGTERM)
+    if held:  # Ctrl-C came while Ray started: stop it, then interrupt
+        shutdown_ray(session)
+        signal.getsignal(held[0])(held[0], None)
+    return session
+
+
+@contextlib.contextmanager
+def held_interrupts():
+    """Hold SIGINT and SIGTERM for the block: the signals that came are in the list it yields, and
+    the caller acts on them once the block is done. ray.init interrupted part-way (KeyboardInterrupt
+    inside its start-up) could leave the driver waiting on a half-started Ray for minutes: 1 of 4
+    Ctrl-Cs at start-up did here, sent to the process group as a terminal sends it."""
+    held: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield held
+        return
+    old = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig, handler in old.items():
+        if callable(handler):  # not an ignored signal (a background job's SIGINT stays ignored)
+            signal.signal(sig, lambda signum, frame: held.append(signum))
     try:
-        ctx = ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False,
-                       runtime_env={"env_vars": env}, **kwargs)
-    except ConnectionError as e:
-        raise ArchlabError(f"--address: cannot join a Ray cluster at {address!r}: {str(e).splitlines()[0][:200]}") from None
-    return None if address else ctx.address_info.get("session_dir")
+        yield held
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 def shutdown_ray(session_dir: str | None) -> None:
@@ -84,6 +119,15 @@ class TrialSettings:
     @property
     def data_config(self) -> DataConfig:
         return build(DataConfig, self.data, "data")
+
+    def locate_data(self) -> None:
+        """Trials run in their own folders, maybe on other machines: the data folder becomes an absolute
+        path, which must exist."""
+        spec = self.data["spec"]
+        if spec != "synthetic":
+            if not Path(spec).exists():
+                raise ArchlabError(f"--dataset: {spec} does not exist")
+            self.data = {**self.data, "spec": str(Path(spec).resolve())}
 
     def validate_trials(self) -> None:
         """Every field in its range (named by its flag), the data and training settings, the resources."""

@@ -355,10 +355,7 @@ def run(settings: FidelitySettings, results: str | Path, work: str | Path, only:
     from archlab.trials import remember, run_jobs
 
     settings.validate()
-    if settings.data["spec"] != "synthetic":
-        settings.data = {**settings.data, "spec": str(Path(settings.data["spec"]).resolve())}
-        if not Path(settings.data["spec"]).exists():
-            raise ArchlabError(f"--dataset: {settings.data['spec']} does not exist")
+    settings.locate_data()
     designs = panel(settings.ladder, settings.space, settings.space_samples, settings.panel_seed)
     results, work = Path(results).resolve(), Path(work).resolve()  # trials run in their own folders
     open_results(settings, designs, results)

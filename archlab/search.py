@@ -401,6 +401,12 @@ def _study(settings: SearchSettings, run_dir: Path, create: bool) -> optuna.Stud
     return study
 
 
+def open_study(run_dir: str | Path) -> optuna.Study:
+    """The study of the search in `run_dir`, as far as it got (for analysis; `run_search` resumes it)."""
+    run_dir = Path(run_dir)
+    return _study(read_settings(run_dir / "search.json"), run_dir, create=False)
+
+
 def _jobs(settings: SearchSettings, run_dir: Path):
     """The trials-engine job of Optuna trial `number`: its result in `trials/`, its checkpoint beside it."""
     from archlab.trials import Job
@@ -450,8 +456,7 @@ def run_search(settings: SearchSettings | None, run_dir: str | Path, resume: boo
         raise ArchlabError(f"--out: {run_dir} already holds a search: resume it with --resume {run_dir}, or pick another folder")
     else:  # trials run in their own folders (and maybe other machines): absolute paths only
         settings.space, settings.table = str(Path(settings.space).resolve()), str(Path(settings.table).resolve())
-        if settings.data["spec"] != "synthetic":
-            settings.data = {**settings.data, "spec": str(Path(settings.data["spec"]).resolve())}
+        settings.locate_data()
         if settings.supernet:
             settings.supernet = str(Path(settings.supernet).resolve())
     settings.validate()

@@ -335,14 +335,14 @@ class Supernet:
 def make_settings(space_path: str | Path, base: TrialSettings, proxy: str, **options: Any) -> SupernetSettings:
     """The settings of a new supernet training of the space at `space_path`."""
     from archlab.config import read_yaml
-    from archlab.space import load_space
-
     from archlab.elastic import holds
+    from archlab.space import load_space
 
     space = load_space(space_path)  # a bad space fails now, with its file's name
     fields = {**asdict(base), "train": {**base.train, "samples": 0}}  # sub-nets are scored by validation loss
     s = SupernetSettings(**fields, space=read_yaml(space_path), space_path=str(space_path), proxy=proxy, **options)
     s.validate()
+    s.locate_data()
     holds(proxy_space(space, s.data_config.resolution, s.train_config).block_variants())  # fails here, not in a trial
     return s
 

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import yaml
 
 from archlab.decompose import decompose
 from archlab.latency.predictor import fit, predictor_path
-from archlab.search import Candidates, counts, export_best, make_sampler, pareto_front, pareto_plot, trials_frame
+from archlab.search import Candidates, counts, export_best, make_sampler, open_study, pareto_front, pareto_plot, trials_frame
 from archlab.space import load_space
 from conftest import kill_when, tiny_dict
 from test_latency_predictor import RES, write_synthetic
@@ -145,13 +146,6 @@ def test_outputs_pareto_plot_and_best_configs(setup, tmp_path):
                         rel_tol=1e-9)
 
 
-def _study(run):
-    from archlab.search import SearchSettings, _storage
-
-    settings = SearchSettings(**json.loads((run / "search.json").read_text()))
-    return optuna.load_study(study_name=run.name, storage=_storage(settings, run))
-
-
 def _trained(study):
     return {t.number: (t.values, t.datetime_complete) for t in study.get_trials(deepcopy=False)
             if t.state.name == "COMPLETE" and not t.user_attrs.get("rejected")}
@@ -168,12 +162,12 @@ def test_search_runs_on_ray_and_resumes_after_sigkill(setup, tmp_path):
                    "--dataset", "synthetic", "--image-size", "8", "--classes", "3", "--per-class", "8",
                    "--val-per-class", "4", "--steps", "6", "--batch", "4", "--width-mult", "1", "--samples", "0",
                    "--cpus-per-trial", "1", "--out", str(run)]
-    kill_when(argv, lambda: (run / "optuna.journal").exists() and bool(_trained(_study(run))), timeout=240)
-    before = _trained(_study(run))
+    kill_when(argv, lambda: (run / "optuna.journal").exists() and bool(_trained(open_study(run))), timeout=240)
+    before = _trained(open_study(run))
     assert 1 <= len(before) < 4
     done = subprocess.run(base + ["--resume", str(run)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    after = _trained(_study(run))
+    after = _trained(open_study(run))
     assert len(after) == 4
     assert all(after[k] == v for k, v in before.items())  # finished trials kept, not told again
     for name in ("trials.csv", "trials.parquet", "pareto.png", "summary.md", "best/best-1.yaml"):
@@ -185,9 +179,13 @@ def test_search_runs_on_ray_and_resumes_after_sigkill(setup, tmp_path):
     assert "rejected over the budget" in (run / "summary.md").read_text()
 
 
-def test_ctrl_c_says_how_to_resume(setup, tmp_path):
-    """Ctrl-C reaches archlab (not Ray Tune's handler, which would suggest Tuner.restore): exit 130 and
-    the `--resume` command, with the study intact."""
+@pytest.mark.parametrize("moment, sig", [("start-up", "SIGINT"), ("mid-trial", "SIGINT"), ("mid-trial", "SIGTERM")])
+def test_ctrl_c_says_how_to_resume(setup, tmp_path, moment, sig):
+    """Ctrl-C as a terminal sends it (SIGINT to the whole process group, Ray's gcs_server and raylet
+    included), while Ray starts or mid-trial, and SIGTERM to the driver (`kill PID`): archlab (not Ray
+    Tune's handler, which would suggest Tuner.restore) exits 130 (143 for SIGTERM) with the `--resume`
+    command, the study intact. Any moment must give this, so the test does not depend on how fast the
+    machine is."""
     import signal
     import time
 
@@ -199,18 +197,20 @@ def test_ctrl_c_says_how_to_resume(setup, tmp_path):
             "--width-mult", "1", "--samples", "0", "--cpus-per-trial", "1", "--out", str(run)]
     # long trials with early checkpoints: the first checkpoint means a trial is mid-training when Ctrl-C comes (with
     # 400 steps a fast machine could finish every trial between the checkpoint and the signal)
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ready = {"start-up": lambda: (run / "optuna.journal").is_file(),  # the study exists: Ray is about to start
+             "mid-trial": lambda: bool(list((run / "trials").glob("trial*/checkpoint.pt")))}[moment]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None and not list((run / "trials").glob("trial*/checkpoint.pt")):
-            time.sleep(0.2)
-        assert proc.poll() is None, "the search ended before Ctrl-C"
-        proc.send_signal(signal.SIGINT)
+        while time.time() < deadline and proc.poll() is None and not ready():
+            time.sleep(0.05)
+        assert proc.poll() is None, "the search ended before the signal"
+        (os.killpg if sig == "SIGINT" else os.kill)(proc.pid, getattr(signal, sig))
         out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, err[-2000:]
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == (130 if sig == "SIGINT" else 143), err[-2000:]
     assert f"archlab search --resume {run}" in err and "Tuner.restore" not in err + out
     assert (run / "optuna.journal").is_file() and (run / "search.json").is_file()
 
@@ -227,15 +227,15 @@ def test_resume_without_ray_state_runs_only_the_remaining_trials(setup, tmp_path
                    "--cpus-per-trial", "1", "--out", str(run)]
     first = subprocess.run(argv, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-2000:]
-    before = _trained(_study(run))
+    before = _trained(open_study(run))
     assert len(before) == 2
     shutil.rmtree(run / "ray")
-    _study(run).ask()  # a trial the killed driver had created but not yet filled in: no params at all
+    open_study(run).ask()  # a trial the killed driver had created but not yet filled in: no params at all
     settings = json.loads((run / "search.json").read_text())
     (run / "search.json").write_text(json.dumps({**settings, "trials": 3}))
     done = subprocess.run(base + ["--resume", str(run)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    after = _trained(_study(run))
+    after = _trained(open_study(run))
     assert len(after) == 3 and all(after[k] == v for k, v in before.items())
     summary = json.loads((run / "summary.json").read_text())
     assert summary["interrupted"] == 1 and summary["running"] == 0 and (run / "best" / "best-1.yaml").is_file()

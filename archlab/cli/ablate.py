@@ -35,7 +35,7 @@ def add_parser(sub) -> None:
     dataset_args(ab)
     train_args(ab)
     ab.add_argument("--json", action="store_true", help="print the runs' results as JSON")
-    ab.set_defaults(run=cmd_ablate)
+    ab.set_defaults(run=cmd_ablate, resumes=True)
 
 
 def _resolutions(text: str) -> list[int]:

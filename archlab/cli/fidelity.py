@@ -37,7 +37,7 @@ def add_parser(sub) -> None:
                examples=False)
     dataset_args(fi, image_size=False)
     fi.add_argument("--json", action="store_true", help="print the analysis as JSON")
-    fi.set_defaults(run=cmd_fidelity)
+    fi.set_defaults(run=cmd_fidelity, resumes=True)
 
 
 def _names(text: str) -> list[str]:

@@ -88,11 +88,8 @@ def cmd_search(args: argparse.Namespace) -> int:
                                   **given(args, *SETTINGS_FLAGS))
         settings = replace(settings, train=asdict(train_config(args, threads=settings.cpus_per_trial)))
         out = args.out or f"runs/search-{dt.datetime.now():%Y%m%d-%H%M%S}"
-    try:
-        summary = run_search(settings, out, resume=bool(args.resume), on_event=_search_printer())
-    except KeyboardInterrupt:
-        print(f"archlab: interrupted; continue with: archlab search --resume {out}", file=sys.stderr)
-        return 130
+    args.resume_command = f"archlab search --resume {out}"  # what an interrupted search says
+    summary = run_search(settings, out, resume=bool(args.resume), on_event=_search_printer())
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
         return 1 if "stopped" in summary else 0

@@ -38,7 +38,7 @@ def add_parser(sub) -> None:
     trial_args(tr, concurrency_help=None)
     tr.add_argument("--out", type=folder, required=True, help="the supernet's folder (resumes; more --steps trains on)")
     tr.add_argument("--json", action="store_true", help="print the result as JSON")
-    tr.set_defaults(run=cmd_train)
+    tr.set_defaults(run=cmd_train, resumes=True)
 
     ev = ssub.add_parser("eval", help="score designs with the weights they inherit from a trained supernet")
     ev.add_argument("supernet", metavar="DIR", help="a folder of `archlab supernet train`")
@@ -80,13 +80,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
+        if result["status"] != "ok":
+            print(f"archlab: the supernet training {result['status']}: {result.get('reason', 'no reason recorded')}",
+                  file=sys.stderr)
+            return 1
         minutes = (result["seconds"] + result.get("score_seconds", 0)) * (result.get("threads") or 1) / 60
-        print(f"{args.out}: {result['status']} after {result['steps']} steps ({minutes:.0f} CPU-minutes on "
-              f"{result.get('hardware', '?')}){' ' + result['reason'] if result.get('reason') else ''}")
-        if result["status"] == "ok":
-            print(f"  largest sub-net: val_loss {result['val_loss_largest']:.4f} ({result['params_largest']:,} params); "
-                  f"smallest: {result['val_loss_smallest']:.4f} ({result['params_smallest']:,})")
-            print(f"  score designs: archlab supernet eval {args.out} CONFIG_OR_LADDER")
+        print(f"{args.out}: trained {result['steps']} steps ({minutes:.0f} CPU-minutes on {result.get('hardware', '?')})")
+        print(f"  largest sub-net: val_loss {result['val_loss_largest']:.4f} ({result['params_largest']:,} params); "
+              f"smallest: {result['val_loss_smallest']:.4f} ({result['params_smallest']:,})")
+        print(f"  score designs: archlab supernet eval {args.out} CONFIG_OR_LADDER")
     return 0 if result["status"] == "ok" else 1
 
 

@@ -29,6 +29,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from archlab.ladder import load_ladder
     from archlab.train import train
 
+    args.resumes = args.out is not None  # an interrupted training continues from its folder
     ladder = load_ladder(args.target)
     row = ladder.row(args.row) if args.row is not None else ladder.rows[-1]
     tcfg = train_config(args, args.threads)
