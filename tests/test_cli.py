@@ -160,3 +160,31 @@ def test_a_default_the_help_states_is_the_settings_default():
                     (command, action.dest)
                 checked += 1
     assert checked >= 5
+
+
+def test_sigterm_stops_a_training_as_ctrl_c_does(tmp_path):
+    """SIGTERM (`kill PID`, a scheduler's stop) to a training with a run folder: exit 143 and the command
+    that continues it, as Ctrl-C gives (the search's Ctrl-C and SIGTERM: test_search)."""
+    import signal
+    import time
+
+    import yaml
+
+    cfg, out = tmp_path / "tiny.yaml", tmp_path / "run"
+    cfg.write_text(yaml.safe_dump(tiny_dict()))
+    argv = [sys.executable, "-m", "archlab.cli", "train", str(cfg), "--dataset", "synthetic", "--image-size", "8",
+            "--classes", "3", "--per-class", "8", "--val-per-class", "4", "--steps", "20000", "--checkpoint-every", "5",
+            "--batch", "4", "--width-mult", "1", "--samples", "0", "--out", str(out)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and not (out / "checkpoint.pt").exists():
+            time.sleep(0.05)
+        assert proc.poll() is None, "the training ended before the signal"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err[-2000:]
+    assert f"archlab: interrupted; continue with: archlab train {cfg}" in err and str(out) in err
