@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import random
+import shlex
 import shutil
 import signal
 import subprocess
@@ -206,7 +207,7 @@ def main() -> int:
             cases.append(c)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    report = {"command": "python benchmarks/interrupts.py " + " ".join(sys.argv[1:]), "host": f"{cpu_model()}, "
+    report = {"command": shlex.join(["python", "benchmarks/interrupts.py", *sys.argv[1:]]), "host": f"{cpu_model()}, "
               f"{os.cpu_count()} CPUs", "beside": args.beside, "spans_s": spans, "cases": cases,
               "met_goal": sum(map(ok, [c for c in cases if "skipped" not in c])),
               "counted": sum("skipped" not in c for c in cases)}
