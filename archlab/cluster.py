@@ -49,9 +49,12 @@ def init_ray(address: str | None) -> str | None:
                 raise
             ray.shutdown()
             held.append(signal.SIGTERM)
-    if held:  # Ctrl-C came while Ray started: stop it, then interrupt
+    if held:  # Ctrl-C or SIGTERM came while Ray started: stop it, then let the signal's handler act
         shutdown_ray(session)
-        signal.getsignal(held[0])(held[0], None)
+        handler = signal.getsignal(held[0])
+        if callable(handler):
+            handler(held[0], None)
+        raise SystemExit(128 + held[0])  # SIGTERM with no handler of ours: exit as it would have
     return session
 
 
