@@ -275,7 +275,7 @@ def test_supernet_train_runs_as_a_ray_trial_and_says_so(trained):
     assert "supernet: step 3/3: training loss largest" in p.stderr
     result = json.loads((out / "result.json").read_text())
     assert result["status"] == "ok" and result["steps"] == 3 and result["threads"] == 1
-    assert f"{out}: ok after 3 steps" in p.stdout and "archlab supernet eval" in p.stdout
+    assert f"{out}: trained 3 steps" in p.stdout and "largest sub-net: val_loss" in p.stdout and "archlab supernet eval" in p.stdout
 
 
 def test_supernet_eval_scores_a_ladder_and_refuses_a_design_outside(trained, tmp_path, capsys):
