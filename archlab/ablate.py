@@ -32,7 +32,7 @@ from pathlib import Path
 
 from archlab.cluster import TrialSettings
 from archlab.errors import ArchlabError
-from archlab.io import write_atomic
+from archlab.io import folder_lock, write_atomic
 from archlab.ladder import Ladder, load_ladder
 from archlab.schema import at_least, build, require_mapping, setting
 from archlab.trials import RUN_ONLY, Job, read, run_job, run_jobs
@@ -306,8 +306,14 @@ def results(settings: AblateSettings, ladder: Ladder, run_dir: Path) -> list[dic
 
 def run_ablation(settings: AblateSettings, run_dir: str | Path, progress: bool = False, on_event=None) -> dict:
     """Cost, time and train every selected row; returns what `archlab report` reads. `on_event`:
-    the trials engine's progress events (a training started or ended)."""
+    the trials engine's progress events (a training started or ended). One run at a time holds the
+    folder."""
     run_dir = Path(run_dir).resolve()
+    with folder_lock(run_dir):
+        return _run_ablation(settings, run_dir, progress, on_event)
+
+
+def _run_ablation(settings: AblateSettings, run_dir: Path, progress: bool, on_event) -> dict:
     settings, ladder = open_run(settings, run_dir)
     selected = settings.selected(ladder)
     cost = cost_rows(ladder, selected, run_dir, progress)

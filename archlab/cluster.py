@@ -34,6 +34,8 @@ def init_ray(address: str | None) -> str | None:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster
     if ray.is_initialized():
         return None
+    if address:
+        check_reachable(address)
     env = {"ARCHLAB_CACHE": str(cache_dir().resolve()), "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1"}
     kwargs = {"address": address} if address else {"address": "local", "num_cpus": os.cpu_count()}
     session = None
@@ -56,6 +58,22 @@ def init_ray(address: str | None) -> str | None:
             handler(held[0], None)
         raise SystemExit(128 + held[0])  # SIGTERM with no handler of ours: exit as it would have
     return session
+
+
+def check_reachable(address: str, timeout: float = 10.0) -> None:
+    """A HOST:PORT cluster address must answer (a TCP connect to its GCS) before Ray is asked to join
+    it: given a dead or mistyped address, ray.init retries for minutes, printing warnings. `auto` and
+    `ray://` addresses are left to Ray, which fails fast on those."""
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if not sep or "://" in address or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ArchlabError(f"--address: nothing answers at {address} ({e.strerror or type(e).__name__}); is the "
+                           "cluster's head running (ray start --head)?") from None
 
 
 @contextlib.contextmanager
@@ -111,6 +129,7 @@ class TrialSettings:
     cpus_per_trial: int = setting(2, valid=at_least(1), rule=">= 1")
     gpus_per_trial: float = setting(0, valid=at_least(0), rule=">= 0")
     concurrency: int = setting(1, valid=at_least(1), rule=">= 1")
+    retries: int = setting(2, valid=at_least(0), rule=">= 0")  # restarts of a trial whose process or node was lost
     address: str | None = None
     data: dict = field(default_factory=lambda: asdict(DataConfig()))
     train: dict = field(default_factory=lambda: asdict(TrainConfig()))

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from archlab.cluster import TrialSettings
 from archlab.errors import ArchlabError
-from archlab.io import write_atomic
+from archlab.io import folder_lock, write_atomic
 from archlab.schema import at_least, setting
 from archlab.trials import Job, read
 
@@ -351,13 +351,19 @@ def panel_digest(designs: list[Design]) -> str:
 def run(settings: FidelitySettings, results: str | Path, work: str | Path, only: list[str] | None = None,
         on_event=None) -> dict:
     """Train whatever the results folder lacks (`only`: just these presets, e.g. the reference on a
-    GPU), then analyse everything it holds. `on_event`: the trials engine's progress events."""
-    from archlab.trials import remember, run_jobs
-
+    GPU), then analyse everything it holds. `on_event`: the trials engine's progress events. One run
+    at a time holds the `work` folder."""
     settings.validate()
     settings.locate_data()
     designs = panel(settings.ladder, settings.space, settings.space_samples, settings.panel_seed)
     results, work = Path(results).resolve(), Path(work).resolve()  # trials run in their own folders
+    with folder_lock(work, "--work"):
+        return _run(settings, designs, results, work, only, on_event)
+
+
+def _run(settings: FidelitySettings, designs: list[Design], results: Path, work: Path, only, on_event) -> dict:
+    from archlab.trials import remember, run_jobs
+
     open_results(settings, designs, results)
     every = jobs(settings, designs, results, work)
     remember(every)  # results committed with the report serve any batch that asks for the same training

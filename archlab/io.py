@@ -1,5 +1,5 @@
 """I/O helpers: atomic writes (a crash never leaves a half-written file: write a temp file, then
-rename), the cache folder, and progress bars for long loops."""
+rename), run-folder locks, the cache folder, and progress bars for long loops."""
 
 from __future__ import annotations
 
@@ -54,6 +54,38 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | Path, flag: str = "--out") -> Iterator[None]:
+    """Hold `folder` for one run: a second run on it while this one lives is refused in one line
+    (ArchlabError naming `flag`). The lock is the kernel's (flock on `folder/.lock`), so a run that is
+    killed, even with kill -9, leaves nothing stuck. Where flock is missing (Windows) nothing is held."""
+    import datetime as dt
+    import socket
+
+    from archlab.errors import ArchlabError
+
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise ArchlabError(f"{flag}: {folder} is in use by another archlab run ({holder}); wait for it to end "
+                               "or stop it, or pick another folder") from None
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, since "
+                f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M:%S} UTC\n")
+        f.flush()
+        yield  # closing the file releases the lock
 
 
 def write_atomic(path: str | Path, text: str) -> Path:

@@ -34,7 +34,7 @@ from optuna.trial import TrialState
 
 from archlab.cluster import TrialSettings
 from archlab.errors import ArchlabError
-from archlab.io import atomic_path, write_atomic
+from archlab.io import atomic_path, folder_lock, write_atomic
 from archlab.schema import at_least, build, positive, setting
 from archlab.space import SearchSpace, load_space
 
@@ -443,10 +443,16 @@ def _recover(study: optuna.Study, candidates: Candidates, job_for, objectives: l
 
 def run_search(settings: SearchSettings | None, run_dir: str | Path, resume: bool = False, on_event=None) -> dict:
     """Run (or resume) a search in `run_dir`; writes the outputs there and returns the summary.
-    `on_event(kind, info)`: a candidate rejected, scored, a trial started or ended (for progress lines)."""
+    `on_event(kind, info)`: a candidate rejected, scored, a trial started or ended (for progress lines).
+    One run at a time holds the folder: a second is refused while the first runs."""
+    run_dir = Path(run_dir).resolve()
+    with folder_lock(run_dir, "--resume" if resume else "--out"):
+        return _run_search(settings, run_dir, resume, on_event)
+
+
+def _run_search(settings: SearchSettings | None, run_dir: Path, resume: bool, on_event) -> dict:
     from archlab.train import prepare
 
-    run_dir = Path(run_dir).resolve()
     saved = run_dir / "search.json"
     if resume:
         if not saved.is_file():

@@ -366,6 +366,21 @@ def run_job(job, data, t, on_report) -> dict:
     return train_supernet(settings, data, job.workdir, on_report=on_report)
 
 
+def run(settings: SupernetSettings, out: str | Path, on_event=None) -> dict | None:
+    """Train the supernet in `out` as a Ray Tune trial, resuming what the folder holds; returns its
+    result, or None when it stopped before finishing. One run at a time holds the folder. `on_event`:
+    the trials engine's progress events."""
+    from archlab.io import folder_lock
+    from archlab.trials import read, tune_jobs
+
+    with folder_lock(out):
+        open_folder(settings, out)
+        the_job = job(settings, out)
+        if read(the_job.result) is None:
+            tune_jobs(settings, out, "supernet", jobs=[the_job], on_event=on_event)
+        return read(the_job.result)
+
+
 def open_folder(settings: SupernetSettings, out: str | Path) -> None:
     """Write `supernet.json` in a new folder; in a folder that has one, refuse other settings (the step
     count and the bookkeeping may change: a longer run continues from the checkpoint)."""

@@ -36,7 +36,7 @@ from torch import nn
 from archlab.config import ArchConfig, Config
 from archlab.data import ImageSet, to_model, to_uint8
 from archlab.errors import ArchlabError
-from archlab.io import atomic_path, save_atomic, write_atomic
+from archlab.io import atomic_path, folder_lock, save_atomic, write_atomic
 from archlab.train_config import TrainConfig
 from archlab.models import build_model
 
@@ -330,7 +330,7 @@ def train(arch: Config, data: ImageSet, t: TrainConfig, out: str | Path | None =
     """Train `arch` at proxy scale on `data` for `t.steps` steps, then score it.
 
     `out`: a folder for the checkpoint (resumed from if present, also to train a run for longer),
-    `result.json` and the generated images (`samples.pt`, `samples.png`).
+    `result.json` and the generated images (`samples.pt`, `samples.png`); one training at a time holds it.
     `on_report(step, {"train_loss"})` is called every `t.report_every` steps (Ray Tune reports here).
     `init`: start from these weights (a `ProxyModel` state dict, e.g. inherited from a supernet) instead
     of fresh ones.
@@ -340,7 +340,7 @@ def train(arch: Config, data: ImageSet, t: TrainConfig, out: str | Path | None =
         from archlab.metrics import extractor
 
         extractor(t.fid_extractor)  # a missing FID network fails now, not after training
-    with torch_threads(t.threads):
+    with torch_threads(t.threads), (folder_lock(out) if out else contextlib.nullcontext()):
         return _train(arch, data, t, out, progress, on_report, with_scores, init)
 
 

@@ -66,6 +66,14 @@ def hardware(device: str) -> str:
     return cpu_model()
 
 
+def ray_node() -> str | None:
+    """The Ray node this process runs on (its node id), or None outside Ray."""
+    import sys
+
+    ray = sys.modules.get("ray")  # never import Ray only to ask
+    return ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else None
+
+
 RUN_ONLY = ("device", "threads", "report_every", "checkpoint_every")  # do not change what a training learns
 
 
@@ -102,7 +110,7 @@ def run_job(job: Job, on_report: Callable[[int, dict], None] | None = None) -> d
     t = TrainConfig(**job.train)
     start = time.time()
     base = {**job.meta, "key": job.key, "hardware": hardware(t.device), "device": t.device, "threads": t.threads,
-            "finished_at": None}
+            "node": ray_node(), "finished_at": None}
     try:
         data = load_dataset(DataConfig(**job.data))
         if job.task == "supernet":
@@ -164,10 +172,11 @@ def _ray_trial(config: dict) -> None:
 
 
 Event = Callable[[str, Job, dict | None], None]  # (kind, job, info): start (meta), report (a training report: step,
-# losses), scoring (steps, samples: training is done, validation and sampling run), done (its result), stopped, error
+# losses), scoring (steps, samples: training is done, validation and sampling run), done (its result), stopped, error,
+# retry (its process or node was lost; restarted from its checkpoint: attempt, of)
 
 
-def _progress(on_event: Event):
+def _progress(on_event: Event, retries: int):
     """A Ray Tune callback (public API) that turns trial events into job events for `on_event`."""
     from ray.tune import Callback
 
@@ -191,11 +200,19 @@ def _progress(on_event: Event):
             on_event("done" if result else "stopped", job, result)
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            lines = str(getattr(trial, "error", "") or "").strip().splitlines()
-            on_event("error", job_of(trial), {"reason": lines[-1][:300] if lines else "the trial raised"})
+            on_event("error", job_of(trial), {"reason": _reason(trial)})
+
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            on_event("retry", job_of(trial), {"reason": _reason(trial), "attempt": trial.num_failures, "of": retries})
 
     return Progress()
 
+
+def _reason(trial) -> str:
+    """The last line of a Ray trial's error file (a lost node: its actor died unexpectedly)."""
+    path = trial.error_file
+    lines = Path(path).read_text(errors="replace").strip().splitlines() if path and Path(path).is_file() else []
+    return lines[-1].strip()[:300] if lines else "the trial's process failed"
 
 def tune_jobs(cluster, run_dir: str | Path, name: str, *, jobs: list[Job] | None = None, searcher=None,
               num_samples: int = 1, scheduler=None, on_event: Event | None = None):
@@ -220,7 +237,9 @@ def tune_jobs(cluster, run_dir: str | Path, name: str, *, jobs: list[Job] | None
                            run_config=tune.RunConfig(name=f"{name}-{dt.datetime.now():%Y%m%d-%H%M%S}",
                                                      storage_path=str(Path(run_dir).resolve() / "ray"),
                                                      verbose=0 if on_event else 1,
-                                                     callbacks=[_progress(on_event)] if on_event else None))
+                                                     # a lost process or node: the trial restarts (from its checkpoint)
+                                                     failure_config=tune.FailureConfig(max_failures=cluster.retries),
+                                                     callbacks=[_progress(on_event, cluster.retries)] if on_event else None))
         return tuner.fit()
     finally:
         shutdown_ray(session)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 # the flags of `TrialSettings` (archlab/cluster.py): where a command's Ray trials run
-TRIAL_FLAGS = ("cpus_per_trial", "gpus_per_trial", "concurrency", "address")
+TRIAL_FLAGS = ("cpus_per_trial", "gpus_per_trial", "concurrency", "retries", "address")
 
 
 class Parser(argparse.ArgumentParser):
@@ -108,7 +108,7 @@ def train_args(p: argparse.ArgumentParser, threads: bool = False) -> None:
 
 def trial_args(p: argparse.ArgumentParser, concurrency_help: str | None, cpus_per_trial: int | None = None,
                concurrency: int | None = None, device: bool = False, examples: bool = True) -> None:
-    """--cpus-per-trial, --gpus-per-trial, --concurrency and --address (TRIAL_FLAGS): a default left None
+    """--cpus-per-trial, --gpus-per-trial, --concurrency, --retries and --address (TRIAL_FLAGS): a default left None
     is TrialSettings'. No --concurrency where `concurrency_help` is None (a command of one trial).
     `device` adds the trials' --device before --address (for a command without `train_args`);
     `examples` ends the GPU and address help with examples."""
@@ -121,6 +121,8 @@ def trial_args(p: argparse.ArgumentParser, concurrency_help: str | None, cpus_pe
         p.add_argument("--concurrency", type=int, default=concurrency, help=concurrency_help)
     if device:
         p.add_argument("--device", default=defaults(TrainConfig)["device"], help="torch device of every training")
+    p.add_argument("--retries", type=int, help="restarts of a trial whose process or node is lost, each from its last "
+                                               "checkpoint (default 2); a training that raises is not retried")
     p.add_argument("--address", help="attach to a running Ray cluster" + (" (e.g. auto or HOST:6379)" if examples else ""))
 
 
@@ -187,7 +189,9 @@ def job_printer(label=lambda info: info["job"]):
                            + (f", {r['samples']} samples for FID/KID)" if r.get("samples") else ")"),
                 "done": f"{what}: {r.get('status')} {_scores(r)} ({_minutes(r)}){' ' + r.get('reason', '') if r.get('status') != 'ok' else ''}",
                 "stopped": f"{what}: stopped early (ASHA)",
-                "error": f"{what}: failed: {r.get('reason', '')}"}.get(kind)
+                "error": f"{what}: failed: {r.get('reason', '')}",
+                "retry": f"{what}: its process was lost ({r.get('reason', '')}); restarting it from its last checkpoint "
+                         f"(retry {r.get('attempt')} of {r.get('of')})"}.get(kind)
         if line:
             print(line, file=sys.stderr, flush=True)
     return on_event

@@ -59,8 +59,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from dataclasses import asdict, replace
 
     from archlab.cluster import TrialSettings
-    from archlab.supernet import job, make_settings, open_folder
-    from archlab.trials import read, tune_jobs
+    from archlab.supernet import make_settings, run
 
     base = TrialSettings(data=asdict(data_config(args)), **given(args, *CLUSTER_FLAGS))
     t = train_config(args, threads=base.cpus_per_trial)
@@ -68,11 +67,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         t = replace(t, steps=STEPS_PER_PRESET_STEP * t.steps)
     options = given(args, *SETTINGS_FLAGS)
     settings = make_settings(args.space, replace(base, train=asdict(t)), args.proxy or "cpu", **options)
-    open_folder(settings, args.out)
-    the_job = job(settings, args.out)
-    if read(the_job.result) is None:
-        tune_jobs(settings, args.out, "supernet", jobs=[the_job], on_event=_printer(t.steps))
-    result = read(the_job.result)
+    result = run(settings, args.out, on_event=_printer(t.steps))
     if result is None:
         print(f"archlab: the supernet did not finish; continue with the same command (it resumes from {args.out})",
               file=sys.stderr)
