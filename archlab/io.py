@@ -72,20 +72,33 @@ def folder_lock(folder: str | Path, flag: str = "--out") -> Iterator[None]:
         yield
         return
     folder = Path(folder)
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "a+") as f:
+    path = folder / ".lock"
+    while True:
+        f = open(path, "a+")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "another process"
+            f.close()
             raise ArchlabError(f"{flag}: {folder} is in use by another archlab run ({holder}); wait for it to end "
                                "or stop it, or pick another folder") from None
+        if path.exists() and os.path.samestat(os.fstat(f.fileno()), path.stat()):
+            break  # else the holder removed the file as we opened it: lock the new one
+        f.close()
+    try:
         f.truncate(0)
         f.write(f"pid {os.getpid()} on {socket.gethostname()}, since "
                 f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M:%S} UTC\n")
         f.flush()
-        yield  # closing the file releases the lock
+        yield
+    finally:  # the folder is left as it was: no lock file, and a folder made only for the lock removed
+        path.unlink(missing_ok=True)
+        f.close()
+        if created and not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def write_atomic(path: str | Path, text: str) -> Path:

@@ -446,6 +446,8 @@ def run_search(settings: SearchSettings | None, run_dir: str | Path, resume: boo
     `on_event(kind, info)`: a candidate rejected, scored, a trial started or ended (for progress lines).
     One run at a time holds the folder: a second is refused while the first runs."""
     run_dir = Path(run_dir).resolve()
+    if resume and (run_dir / "search.json").is_file():
+        read_settings(run_dir / "search.json")  # a damaged folder is refused before anything is written there
     with folder_lock(run_dir, "--resume" if resume else "--out"):
         return _run_search(settings, run_dir, resume, on_event)
 
