@@ -214,6 +214,7 @@ def _reason(trial) -> str:
     lines = Path(path).read_text(errors="replace").strip().splitlines() if path and Path(path).is_file() else []
     return lines[-1].strip()[:300] if lines else "the trial's process failed"
 
+
 def tune_jobs(cluster, run_dir: str | Path, name: str, *, jobs: list[Job] | None = None, searcher=None,
               num_samples: int = 1, scheduler=None, on_event: Event | None = None):
     """Run jobs as Ray Tune trials: a fixed grid (`jobs`), or the jobs a Ray Tune `Searcher` hands out
