@@ -87,7 +87,10 @@ def complete(command: str, out: Path) -> bool:
 
 def start(argv: list[str], marker: str, cache: Path) -> subprocess.Popen:
     env = {**os.environ, "ARCHLAB_INTERRUPT_CASE": marker, "ARCHLAB_CACHE": str(cache)}
+    # a terminal's foreground job: its own process group, Ctrl-C's default action (a shell gives a background
+    # job SIGINT ignored, and every child inherits that)
     return subprocess.Popen(CLI + argv, cwd=ROOT, env=env, start_new_session=True, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 

@@ -42,10 +42,18 @@ def tiny() -> ArchConfig:
     return ArchConfig.from_dict(tiny_dict())
 
 
+def terminal_job(argv: list[str], **kw) -> subprocess.Popen:
+    """Start `argv` as a terminal starts a foreground job: its own process group, and Ctrl-C's default
+    action. A shell gives a background job (`pytest ... &`) SIGINT ignored, which every child inherits:
+    a search started from such a pytest would ignore the test's Ctrl-C and train on."""
+    return subprocess.Popen(argv, start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+                            **kw)
+
+
 def kill_when(argv: list[str], ready, timeout: float = 300, poll: float = 0.2) -> None:
     """Start `argv` in its own process group, wait until `ready()` is true, then SIGKILL the whole group
     (the driver, Ray and its workers): what a crash or a reboot does to a run."""
-    proc = subprocess.Popen(argv, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = terminal_job(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + timeout
         while time.time() < deadline and proc.poll() is None and not ready():

@@ -17,7 +17,7 @@ from archlab.decompose import decompose
 from archlab.latency.predictor import fit, predictor_path
 from archlab.search import Candidates, counts, export_best, make_sampler, open_study, pareto_front, pareto_plot, trials_frame
 from archlab.space import load_space
-from conftest import kill_when, tiny_dict
+from conftest import kill_when, terminal_job, tiny_dict
 from test_latency_predictor import RES, write_synthetic
 
 
@@ -198,7 +198,7 @@ def test_ctrl_c_says_how_to_resume(setup, tmp_path, moment):
     # 400 steps a fast machine could finish every trial between the checkpoint and the signal)
     ready = {"start-up": lambda: (run / "optuna.journal").is_file(),  # the study exists: Ray is about to start
              "mid-trial": lambda: bool(list((run / "trials").glob("trial*/checkpoint.pt")))}[moment]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = terminal_job(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 240
         while time.time() < deadline and proc.poll() is None and not ready():
