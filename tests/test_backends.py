@@ -11,7 +11,7 @@ import torch
 
 from archlab import cli
 from archlab.config import arch_from_dict
-from archlab.decompose import decompose
+from archlab.decompose import BlockSpec, decompose
 from archlab.errors import ArchlabError
 from archlab.latency import backends, timing
 from archlab.latency.export import export_bundle
@@ -60,7 +60,7 @@ def test_a_bundle_is_timed_only_by_its_own_backend(tmp_path):
         export_bundle(out, [], resolution=RES, backend="executorch-xnnpack")
 
 
-def test_executorch_bundle_runs_what_torch_runs_and_names_undelegated_ops(tmp_path):
+def test_executorch_bundle_runs_what_torch_runs_and_names_undelegated_ops(tmp_path, monkeypatch):
     pytest.importorskip("executorch", reason="executorch is an optional extra: pip install -e '.[executorch]'")
     from executorch.runtime import Runtime
 
@@ -73,6 +73,8 @@ def test_executorch_bundle_runs_what_torch_runs_and_names_undelegated_ops(tmp_pa
     assert "rope=1" in rope.key and "kv_heads=1" in rope.key  # its angles (constants) and strided slices, GQA's broadcast
     blocks += [rope, up]  # up: its nearest-neighbour upsample, an op XNNPACK does not take
     out = tmp_path / "bundle"
+    built, runnable = {}, BlockSpec.runnable  # the modules and inputs the bundle exported, to check its .pte files
+    monkeypatch.setattr(BlockSpec, "runnable", lambda spec, **kw: built.setdefault(spec.key, runnable(spec, **kw)))
     manifest = export_bundle(out, blocks, resolution=RES, backend="executorch-xnnpack")
     assert manifest["backend"] == "executorch-xnnpack" and manifest["opset"] is None
     from executorch.exir.backend.utils import is_same_node
@@ -82,11 +84,9 @@ def test_executorch_bundle_runs_what_torch_runs_and_names_undelegated_ops(tmp_pa
     # GroupNorm (the reference res block's), LayerNorm, RMSNorm, attention, RoPE and chunk lowered to ops XNNPACK takes
     assert {k: it["undelegated"] for k, it in items.items() if it["undelegated"]} == {up.key: {"aten_upsample_nearest2d_vec": 1}}
 
-    for i, spec in enumerate(blocks):  # a .pte computes what its block computes
-        module, inputs = spec.runnable()
-        (tmp_path / str(i)).mkdir()
-        file, _ = backends.export_pte(module, inputs, tmp_path / str(i), 20)
-        method = Runtime.get().load_program(tmp_path / str(i) / file).load_method("forward")
+    for spec in blocks:  # a .pte computes what its block computes
+        module, inputs = built[spec.key]
+        method = Runtime.get().load_program(out / items[spec.key]["file"]).load_method("forward")
         with torch.no_grad():
             torch.testing.assert_close(method.execute(list(inputs))[0], module(*inputs), rtol=1e-4, atol=1e-4)
 
