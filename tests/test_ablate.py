@@ -46,7 +46,16 @@ def _run(argv, timeout=600):
     return subprocess.run(CLI + argv, capture_output=True, text=True, timeout=timeout)
 
 
-def test_ablate_measures_trains_and_reports_then_resumes_without_redoing(tiny_lab, tmp_path):
+def _report(argv, capsys) -> tuple[int, str]:
+    """`archlab report` in this process (it starts no Ray): its exit status and stdout."""
+    from archlab import cli
+
+    capsys.readouterr()
+    code = cli.main(["report", *argv])
+    return code, capsys.readouterr().out
+
+
+def test_ablate_measures_trains_and_reports_then_resumes_without_redoing(tiny_lab, tmp_path, capsys):
     ladder, table = tiny_lab
     run, out = tmp_path / "run", tmp_path / "report"
     argv = ["ablate", str(ladder), "--seeds", "2", "--table", str(table), "--measure", str(RES), "--out", str(run)]
@@ -59,8 +68,7 @@ def test_ablate_measures_trains_and_reports_then_resumes_without_redoing(tiny_la
     assert len(results) == 4 and all(json.loads(p.read_text())["status"] == "ok" for p in results)
     stamps = {p: p.stat().st_mtime_ns for p in results}
 
-    rep = _run(["report", str(run), "--out", str(out)])
-    assert rep.returncode == 0, rep.stderr[-3000:]
+    assert _report([str(run), "--out", str(out)], capsys)[0] == 0
     csv = pd.read_csv(out / "ablation.csv")
     assert len(csv) == 4 and set(csv["name"]) == {"base", "separable"} and (csv["status"] == "ok").all()
     assert csv["measured_ms_8"].notna().all() and csv["predicted_ms"].gt(0).all() and csv["val_loss"].notna().all()
@@ -77,11 +85,11 @@ def test_ablate_measures_trains_and_reports_then_resumes_without_redoing(tiny_la
     assert {p: p.stat().st_mtime_ns for p in results} == stamps
     assert len(pd.read_csv(measured)) == len(pd.read_csv(measured).drop_duplicates("key"))
     before = (out / "ablation.csv").read_bytes()
-    rep = _run(["report", str(run), "--out", str(out), "--json"])
-    assert rep.returncode == 0 and [r["name"] for r in json.loads(rep.stdout)["rows"]] == ["base", "separable"]
+    code, stdout = _report([str(run), "--out", str(out), "--json"], capsys)
+    assert code == 0 and [r["name"] for r in json.loads(stdout)["rows"]] == ["base", "separable"]
     assert (out / "ablation.csv").read_bytes() == before  # the same folder gives the same tables
-    rep = _run(["report", str(run), "--out", str(out), "--name", "tiny_ablation"])
-    assert rep.returncode == 0 and (out / "tiny_ablation.csv").read_bytes() == before
+    assert _report([str(run), "--out", str(out), "--name", "tiny_ablation"], capsys)[0] == 0
+    assert (out / "tiny_ablation.csv").read_bytes() == before
     assert "![row-to-row changes](tiny_ablation_changes.png)" in (out / "tiny_ablation.md").read_text()
     assert (out / "tiny_ablation_latency_quality.png").is_file()
 
@@ -104,7 +112,7 @@ def test_an_ablation_killed_mid_row_resumes_that_training(tiny_lab, tmp_path):
     assert r["status"] == "ok" and r["steps"] == 150 and 30 <= r["resumed_from"] < 150
 
 
-def test_real_ladder_two_rows_with_committed_latency(tmp_path):
+def test_real_ladder_two_rows_with_committed_latency(tmp_path, capsys):
     """The CI-size version of the committed report: the real ladder's first two rows, paper-scale cost,
     measured latency looked up in the committed tables (nothing to measure), one tiny training each."""
     run, out = tmp_path / "run", tmp_path / "report"
@@ -112,7 +120,7 @@ def test_real_ladder_two_rows_with_committed_latency(tmp_path):
                 + ["--width-mult", "0.0625"])  # the proxy of a paper-width design, not the 716M-param network itself
     assert done.returncode == 0, done.stderr[-3000:]
     assert "measuring" not in done.stderr
-    assert _run(["report", str(run), "--out", str(out)]).returncode == 0
+    assert _report([str(run), "--out", str(out)], capsys)[0] == 0
     csv = pd.read_csv(out / "ablation.csv")
     assert list(csv["name"]) == ["baseline", "no-highres-sa"] and list(csv["paper_fid"]) == [3.76, 3.12]
     assert csv["params"].iloc[0] > 7e8 and csv["macs"].iloc[1] < csv["macs"].iloc[0]
