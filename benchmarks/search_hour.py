@@ -64,7 +64,7 @@ def main() -> int:
             "--budget-ms", str(args.budget_ms), "--trials", str(args.trials), "--retrain", str(args.retrain),
             "--proxy", args.proxy, "--dataset", args.dataset, "--val-per-class", str(args.val_per_class),
             "--sampler", args.sampler, "--seed", str(args.seed), "--cpus-per-trial", "1", "--out", str(run)]
-    print("$", shlex.join(argv[1:]), flush=True)
+    print("$ archlab", shlex.join(argv[3:]), flush=True)
     cpu0, t0 = busy_seconds(), time.monotonic()
     subprocess.run(argv, check=True, cwd=ROOT)
     cpu, wall = busy_seconds() - cpu0, time.monotonic() - t0
@@ -77,7 +77,7 @@ def main() -> int:
     retrained = [json.loads(f.read_text()) for f in sorted((run / "trials").glob("trial*.json"))]
     r = {
         "command": "python benchmarks/search_hour.py " + shlex.join(sys.argv[1:]),
-        "search_command": "archlab " + shlex.join(argv[4:]),
+        "search_command": "archlab " + shlex.join(argv[3:]),
         "host": f"{cpu_name()}, {os.cpu_count()} cores", "alone": True,
         "wall_minutes": round(wall / 60, 2), "cpu_minutes": round(cpu / 60, 2),
         "scored": int(len(scored)), "rejected_over_budget": int((df["state"] == "REJECTED").sum()),
